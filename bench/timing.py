@@ -1,0 +1,59 @@
+"""Timing, bandwidth and memory measurement shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    peak_mb: float | None  # peak device memory above the starting point (CUDA only)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20) -> Timing:
+    """Median wall time of `fn()` in ms (CUDA events on GPU) and its peak extra memory."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), peak)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 28) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device, warmup=3, reps=10)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def gbs(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9

@@ -1,0 +1,25 @@
+"""sts_kernels: fused kernels for the Sparse Training Scheme of multimodal LLMs.
+
+Visual Token Compressor: `token_pool`, `bipartite_merge`, `unmerge`.
+Layer Dynamic Skipper: `route`, `gather_rows`, `skip_residual`.
+"""
+
+from ._backend import available_backends, requested_backend, use_backend
+from ._types import MergeResult, RoutePlan
+from .ops import bipartite_merge, gather_rows, route, skip_residual, token_pool, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MergeResult",
+    "RoutePlan",
+    "available_backends",
+    "bipartite_merge",
+    "gather_rows",
+    "requested_backend",
+    "route",
+    "skip_residual",
+    "token_pool",
+    "unmerge",
+    "use_backend",
+]

@@ -1,0 +1,160 @@
+"""Input validation shared by the public ops: every error names the argument, the expected
+and the actual value, and is raised before any kernel runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._types import RoutePlan
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(name: str, t: object, ndim: int | None = None, min_ndim: int | None = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def floating(name: str, t: Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, float16, bfloat16, float64), got {t.dtype}"
+        )
+
+
+def same_device(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(
+                f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"
+            )
+
+
+def shape(name: str, t: Tensor, expected: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def positive_pair(name: str, value: object) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if value[0] <= 0 or value[1] <= 0:
+        raise ValueError(f"{name} must be positive, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def token_pool(x: Tensor, grid: object, window: object) -> tuple[int, int, int, int]:
+    """Returns (H, W, kh, kw)."""
+    tensor("x", x, ndim=3)
+    floating("x", x)
+    h, w = positive_pair("grid", grid)
+    if h * w != x.shape[1]:
+        raise ValueError(
+            f"grid {(h, w)} holds {h * w} tokens but x has N={x.shape[1]} (x: {tuple(x.shape)})"
+        )
+    kh, kw = positive_pair("window", window)
+    return h, w, kh, kw
+
+
+def bipartite_merge(
+    x: Tensor, r: object, metric: Tensor | None, size: Tensor | None, protected: object
+) -> None:
+    tensor("x", x, ndim=3)
+    floating("x", x)
+    b, n, _ = x.shape
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    if not isinstance(protected, int) or isinstance(protected, bool):
+        raise TypeError(f"protected must be an int, got {type(protected).__name__}")
+    if protected < 0 or (protected >= n and n > 0):
+        raise ValueError(f"protected must be in [0, N={n}), got {protected}")
+    if metric is not None:
+        tensor("metric", metric, ndim=3)
+        floating("metric", metric)
+        if tuple(metric.shape[:2]) != (b, n):
+            raise ValueError(f"metric must have shape [B={b}, N={n}, C], got {tuple(metric.shape)}")
+    if size is not None:
+        tensor("size", size, ndim=2)
+        floating("size", size)
+        shape("size", size, (b, n))
+    same_device("x", x, metric=metric, size=size)
+
+
+def unmerge(y: Tensor, index: Tensor) -> None:
+    tensor("y", y, ndim=3)
+    floating("y", y)
+    tensor("index", index, ndim=2)
+    if index.dtype != torch.int64:
+        raise TypeError(f"index must be int64, got {index.dtype}")
+    if index.shape[0] != y.shape[0]:
+        raise ValueError(f"index must have shape [B={y.shape[0]}, N], got {tuple(index.shape)}")
+    same_device("y", y, index=index)
+
+
+def mask(m: Tensor) -> None:
+    tensor("mask", m)
+    if m.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {m.dtype}")
+    if m.dim() not in (1, 2):
+        raise ValueError(f"mask must be [B] or [B, T], got shape {tuple(m.shape)}")
+
+
+def plan_for(name: str, t: Tensor, plan: object) -> None:
+    """`t` holds rows laid out as `plan.shape` followed by feature dims."""
+    if not isinstance(plan, RoutePlan):
+        raise TypeError(
+            f"plan must be a RoutePlan from sts_kernels.route, got {type(plan).__name__}"
+        )
+    if tuple(t.shape[: len(plan.shape)]) != plan.shape:
+        raise ValueError(
+            f"{name} must start with the mask's shape {plan.shape}, got {tuple(t.shape)}"
+        )
+    if plan.device != t.device:
+        raise ValueError(f"plan is on {plan.device} but {name} is on {t.device}")
+
+
+def gather_rows(x: Tensor, plan: object, padded: bool) -> None:
+    tensor("x", x, min_ndim=1)
+    plan_for("x", x, plan)
+    if padded and len(plan.shape) != 2:
+        raise ValueError(f"padded=True needs a [B, T] token mask, the plan's mask is {plan.shape}")
+
+
+def skip_residual(x: Tensor, delta: Tensor, plan: object, gate: Tensor | None) -> bool:
+    """Returns True when `delta` is in the padded layout [B, Kmax, ...]."""
+    tensor("x", x, min_ndim=1)
+    floating("x", x)
+    tensor("delta", delta)
+    floating("delta", delta)
+    plan_for("x", x, plan)
+    same_device("x", x, delta=delta, gate=gate)
+    feat = tuple(x.shape[len(plan.shape) :])
+    packed = (plan.num_active, *feat)
+    is_padded = len(plan.shape) == 2 and delta.dim() == len(feat) + 2
+    if is_padded:
+        shape("delta", delta, (plan.shape[0], plan.max_count, *feat))
+    else:
+        shape("delta", delta, packed)
+    if delta.dtype != x.dtype:
+        raise TypeError(f"delta must have x's dtype {x.dtype}, got {delta.dtype}")
+    if gate is not None:
+        tensor("gate", gate, ndim=1)
+        floating("gate", gate)
+        shape("gate", gate, (plan.num_active,))
+    return is_padded

@@ -1,0 +1,74 @@
+"""Result types shared by every backend."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class MergeResult(NamedTuple):
+    """Output of `bipartite_merge`."""
+
+    x: Tensor  # [B, N_out, D] merged tokens
+    size: Tensor  # [B, N_out] original tokens each output token stands for
+    index: Tensor  # [B, N] int64: output position of every input token
+
+
+@dataclass(frozen=True, eq=False)
+class RoutePlan:
+    """Which rows of the activations run a layer, from `route(mask)`.
+
+    A row is one entry of the mask: `shape == mask.shape` is `(B,)` (whole samples) or
+    `(B, T)` (single tokens). Rows are numbered in row-major order over `shape`.
+    """
+
+    index: Tensor  # [K] int64 flat row ids of the active rows, ascending
+    counts: Tensor  # [B] int64 active rows per sample
+    offsets: Tensor  # [B + 1] int64 exclusive cumulative sum of counts
+    shape: tuple[int, ...]  # the mask's shape
+
+    @property
+    def num_active(self) -> int:
+        """K, the number of rows that run the layer."""
+        return self.index.numel()
+
+    @property
+    def num_rows(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.index.device
+
+    @functools.cached_property
+    def max_count(self) -> int:
+        """Kmax, the most active rows of any sample (reads one number from the device)."""
+        return int(self.counts.max().item()) if self.counts.numel() else 0
+
+    @functools.cached_property
+    def padded_index(self) -> Tensor:
+        """[B, Kmax] flat row id of each sample's j-th active row, -1 past its count."""
+        b = self.counts.numel()
+        j = torch.arange(self.max_count, device=self.device)  # [Kmax]
+        valid = j[None, :] < self.counts[:, None]  # [B, Kmax]
+        src = (self.offsets[:-1, None] + j[None, :]).clamp_max(max(self.num_active - 1, 0))
+        if self.num_active == 0:
+            return torch.full((b, self.max_count), -1, dtype=torch.int64, device=self.device)
+        return torch.where(valid, self.index[src], -1)
+
+    @property
+    def valid(self) -> Tensor:
+        """[B, Kmax] bool, True where the padded layout holds a real row."""
+        return self.padded_index >= 0
+
+    @functools.cached_property
+    def positions(self) -> Tensor:
+        """[B, Kmax] int64 original position `t` of each kept token (0 on padding)."""
+        per_sample = self.num_rows // max(len(self.counts), 1)
+        b = torch.arange(self.counts.numel(), device=self.device)[:, None]
+        return torch.where(self.valid, self.padded_index - b * per_sample, 0)
