@@ -21,7 +21,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20) -> Timing:
+def measure(
+    fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20
+) -> Timing:
     """Median wall time of `fn()` in ms (CUDA events on GPU) and its peak extra memory."""
     for _ in range(warmup):
         fn()
