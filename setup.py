@@ -24,7 +24,9 @@ def _extensions():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     # OpenMP must reach the compiler and the linker, or at::parallel_for runs on one thread.
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # No -std flag: cpp_extension passes the standard this torch's headers need (C++20 from
+    # torch 2.14 on).
+    cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     force_cuda = os.environ.get("STS_FORCE_CUDA", "0") == "1"
     with_cuda = (
@@ -40,7 +42,7 @@ def _extensions():
             "sts_kernels._C",
             sources,
             define_macros=[("STS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=link_flags,
         )
     else:

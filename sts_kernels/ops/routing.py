@@ -1,23 +1,205 @@
-"""route / gather_rows: sparse routing of the rows that run a layer."""
+"""route / gather_rows: sparse routing of the rows that run a layer.
+
+Backends: "cpp" (the extension ops `sts::route`, `sts::gather_rows`, `sts::scatter_rows`, CPU
+and CUDA), "triton" (row gather/scatter kernels as the custom ops `sts::gather_rows_triton`,
+`sts::scatter_rows_triton`; route then uses the reference) and "reference". Gather and scatter
+copy whole rows as raw words, so they work for every dtype; row id -1 means "a zero row"
+(gather) or "no row" (scatter), which is how the padded layout marks the slots past a
+sample's count. Each is the other's backward.
+"""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from .. import _checks, reference
-from .._backend import select
+from .._backend import extension, select, triton_interpreter
+from .._triton import tl, triton
 from .._types import RoutePlan
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel
+
+
+@triton.jit
+def _copy_rows_kernel(
+    Src_ptr,
+    Dst_ptr,
+    Rows_ptr,
+    num_ids,
+    num_cols,
+    stride_src_row,
+    stride_dst_row,
+    SCATTER: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    """Row copy through a list of row ids, on rows of `num_cols` words.
+
+    gather:  dst[k, :] = src[rows[k], :]    (zeros where rows[k] = -1)
+    scatter: dst[rows[k], :] = src[k, :]    (nothing where rows[k] = -1)
+    """
+    pid_ids = tl.program_id(0).to(tl.int64)
+    pid_cols = tl.program_id(1).to(tl.int64)
+    # this program's block of ids and the row each one names
+    k = pid_ids * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    k_in = k < num_ids
+    row = tl.load(Rows_ptr + k, mask=k_in, other=-1)
+    # this program's block of words within a row
+    cols = pid_cols * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    cols_in = (cols < num_cols)[None, :]
+    has_row = (row >= 0)[:, None] & cols_in
+    if SCATTER:
+        # packed row k lands on row `row`; ids of -1 write nothing
+        words = tl.load(Src_ptr + k[:, None] * stride_src_row + cols[None, :], mask=has_row)
+        tl.store(Dst_ptr + row[:, None] * stride_dst_row + cols[None, :], words, mask=has_row)
+    else:
+        # row `row` lands on packed row k; ids of -1 give a zero row
+        words = tl.load(
+            Src_ptr + row[:, None] * stride_src_row + cols[None, :], mask=has_row, other=0
+        )
+        tl.store(
+            Dst_ptr + k[:, None] * stride_dst_row + cols[None, :],
+            words,
+            mask=k_in[:, None] & cols_in,
+        )
+
+
+_WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def _as_words(t: Tensor) -> Tensor:
+    """Contiguous non-empty `t` [N, ...] as [N, W] of the widest integer word dividing a row."""
+    row_bytes = math.prod(t.shape[1:]) * t.element_size()
+    word = next(w for w in _WORDS if row_bytes % w.itemsize == 0)
+    return t.view(torch.uint8).view(t.shape[0], row_bytes).view(word)
+
+
+def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> None:
+    """Gather (`dst[k] = src[rows[k]]`) or scatter (`dst[rows[k]] = src[k]`) whole rows."""
+    if src.numel() == 0 or dst.numel() == 0 or rows.numel() == 0:
+        return
+    src_words, dst_words = _as_words(src), _as_words(dst)  # [Ns, W], [Nd, W]
+    num_cols = src_words.shape[1]
+    # The interpreter pays per program, so it gets 16x bigger blocks.
+    block_words = 1 << 16 if triton_interpreter() else 1 << 12
+    block_cols = min(triton.next_power_of_2(num_cols), 1024)
+    block_rows = max(block_words // block_cols, 1)
+    grid = (triton.cdiv(rows.numel(), block_rows), triton.cdiv(num_cols, block_cols))
+    _copy_rows_kernel[grid](
+        src_words,
+        dst_words,
+        rows,
+        rows.numel(),
+        num_cols,
+        src_words.stride(0),
+        dst_words.stride(0),
+        SCATTER=scatter,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+@torch.library.custom_op("sts::gather_rows_triton", mutates_args=())
+def _gather_rows_triton(x: Tensor, rows: Tensor) -> Tensor:
+    """Triton twin of `sts::gather_rows`: `out[k] = x[rows[k]]`, a zero row for -1."""
+    src = x.contiguous()
+    shape = (rows.shape[0], *src.shape[1:])
+    # With no source rows every id is -1 and the kernel has nothing to read: all zeros.
+    out = src.new_zeros(shape) if src.numel() == 0 else src.new_empty(shape)
+    _launch_copy_rows(src, out, rows.contiguous(), scatter=False)
+    return out
+
+
+@torch.library.custom_op("sts::scatter_rows_triton", mutates_args=())
+def _scatter_rows_triton(src: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """Triton twin of `sts::scatter_rows`: zeros with `out[rows[k]] = src[k]`, -1 skipped."""
+    packed = src.contiguous()
+    out = packed.new_zeros((num_rows, *packed.shape[1:]))
+    _launch_copy_rows(packed, out, rows.contiguous(), scatter=True)
+    return out
+
+
+def _register(route: str | None, gather: str, scatter: str) -> None:
+    """Fake (meta) kernels and autograd for a gather/scatter pair (and the C++ route)."""
+    gather_op = getattr(torch.ops.sts, gather.split("::")[1])
+    scatter_op = getattr(torch.ops.sts, scatter.split("::")[1])
+
+    @torch.library.register_fake(gather)
+    def _gather_fake(x: Tensor, rows: Tensor) -> Tensor:
+        return x.new_empty((rows.shape[0], *x.shape[1:]))
+
+    @torch.library.register_fake(scatter)
+    def _scatter_fake(src: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+        return src.new_empty((num_rows, *src.shape[1:]))
+
+    def gather_setup(ctx, inputs, output) -> None:
+        x, rows = inputs
+        ctx.num_rows = x.shape[0]
+        ctx.save_for_backward(rows)
+
+    def gather_backward(ctx, grad: Tensor):
+        (rows,) = ctx.saved_tensors
+        return scatter_op(grad, rows, ctx.num_rows), None
+
+    def scatter_setup(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    def scatter_backward(ctx, grad: Tensor):
+        (rows,) = ctx.saved_tensors
+        return gather_op(grad, rows), None, None
+
+    torch.library.register_autograd(gather, gather_backward, setup_context=gather_setup)
+    torch.library.register_autograd(scatter, scatter_backward, setup_context=scatter_setup)
+
+    if route is not None:
+
+        @torch.library.register_fake(route)
+        def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            active = torch.library.get_ctx().new_dynamic_size()  # K depends on the mask's data
+            b = mask.shape[0]
+            return (
+                mask.new_empty((active,), dtype=torch.int64),
+                mask.new_empty((b,), dtype=torch.int64),
+                mask.new_empty((b + 1,), dtype=torch.int64),
+            )
+
+
+_register(None, "sts::gather_rows_triton", "sts::scatter_rows_triton")
+if extension() is not None:  # importing the extension defined the C++ ops
+    _register("sts::route", "sts::gather_rows", "sts::scatter_rows")
+
+_GATHER = {"cpp": "gather_rows", "triton": "gather_rows_triton"}
+
+# ---------------------------------------------------------------------------------------------
+# Public API
 
 
 def route(mask: Tensor) -> RoutePlan:
     """Compact a bool mask (`[B]` samples or `[B, T]` tokens) into a `RoutePlan`."""
     _checks.mask(mask)
-    select("route", mask.device, ())
-    return reference.route(mask)
+    if select("route", mask.device, ("cpp",)) == "reference":
+        return reference.route(mask)
+    index, counts, offsets = torch.ops.sts.route(mask)
+    return RoutePlan(index=index, counts=counts, offsets=offsets, shape=tuple(mask.shape))
 
 
 def gather_rows(x: Tensor, plan: RoutePlan, padded: bool = False) -> Tensor:
-    """The plan's active rows of `x`: `[K, ...]`, or `[B, Kmax, ...]` with `padded=True`."""
+    """The plan's active rows of `x`: `[K, ...]`, or `[B, Kmax, ...]` with `padded=True` (zeros
+    past each sample's count). Differentiable in `x`; rows outside the plan get zero gradient."""
     _checks.gather_rows(x, plan, padded)
-    select("gather_rows", x.device, ())
-    return reference.gather_rows(x, plan, padded)
+    impl = select("gather_rows", x.device, ("cpp", "triton"))
+    if impl == "reference":
+        return reference.gather_rows(x, plan, padded)
+    feat = tuple(x.shape[len(plan.shape) :])
+    flat = x.reshape(plan.num_rows, *feat)  # [R, ...]
+    rows = plan.padded_index.reshape(-1) if padded else plan.index  # [B * Kmax] or [K]
+    out = getattr(torch.ops.sts, _GATHER[impl])(flat, rows)
+    return out.view(*plan.padded_index.shape, *feat) if padded else out

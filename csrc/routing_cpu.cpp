@@ -1,0 +1,105 @@
+// CPU kernels of the routing ops, parallel with OpenMP through at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "sts.h"
+
+namespace sts {
+namespace {
+
+// Rows per block of the compaction: big enough to amortise a task, small enough to balance.
+constexpr int64_t kRouteBlock = 1 << 14;
+// Bytes a row-copy task moves at least.
+constexpr int64_t kCopyGrainBytes = 1 << 16;
+
+// Stream compaction in three passes: per-block counts (parallel), exclusive scan of the block
+// counts (serial, one entry per block), ids written from each block's start (parallel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& mask) {
+  check_mask(mask);
+  const auto flat = mask.contiguous();
+  const bool* flags = flat.data_ptr<bool>();
+  const int64_t num_rows = flat.numel();
+  const int64_t samples = flat.size(0);
+  const int64_t per_sample = samples == 0 ? 0 : num_rows / samples;
+  const int64_t blocks = (num_rows + kRouteBlock - 1) / kRouteBlock;
+
+  std::vector<int64_t> block_start(blocks + 1, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t lo = blk * kRouteBlock, hi = std::min(num_rows, lo + kRouteBlock);
+      block_start[blk + 1] = std::count(flags + lo, flags + hi, true);
+    }
+  });
+  std::partial_sum(block_start.begin(), block_start.end(), block_start.begin());
+
+  const auto long_opts = flat.options().dtype(at::kLong);
+  const int64_t active = block_start[blocks];
+  auto index = at::empty({active}, long_opts);
+  int64_t* ids = index.data_ptr<int64_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      int64_t out = block_start[blk];
+      const int64_t lo = blk * kRouteBlock, hi = std::min(num_rows, lo + kRouteBlock);
+      for (int64_t i = lo; i < hi; ++i) {
+        if (flags[i]) ids[out++] = i;
+      }
+    }
+  });
+
+  // offsets[b] = active rows before sample b's first row: a binary search in the sorted ids.
+  auto offsets = at::empty({samples + 1}, long_opts);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  at::parallel_for(0, samples + 1, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      off[b] = std::lower_bound(ids, ids + active, b * per_sample) - ids;
+    }
+  });
+  auto counts = offsets.narrow(0, 1, samples) - offsets.narrow(0, 0, samples);
+  return {index, counts, offsets};
+}
+
+void copy_rows_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows, bool scatter) {
+  const int64_t bytes = row_bytes(src);
+  const int64_t bound = scatter ? dst.size(0) : src.size(0);
+  const char* from = static_cast<const char*>(src.data_ptr());
+  char* to = static_cast<char*>(dst.data_ptr());
+  const int64_t* ids = rows.data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, kCopyGrainBytes / std::max<int64_t>(bytes, 1));
+  at::parallel_for(0, rows.numel(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t row = ids[k];
+      TORCH_CHECK(row >= -1 && row < bound, "sts::", scatter ? "scatter_rows" : "gather_rows",
+                  ": row id ", row, " out of range [-1, ", bound, ")");
+      if (scatter) {
+        if (row >= 0) std::memcpy(to + row * bytes, from + k * bytes, bytes);
+      } else if (row >= 0) {
+        std::memcpy(to + k * bytes, from + row * bytes, bytes);
+      } else {
+        std::memset(to + k * bytes, 0, bytes);
+      }
+    }
+  });
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& rows) {
+  return gather_rows_with(copy_rows_cpu, x, rows);
+}
+
+at::Tensor scatter_rows_cpu(const at::Tensor& src, const at::Tensor& rows, int64_t num_rows) {
+  return scatter_rows_with(copy_rows_cpu, src, rows, num_rows);
+}
+
+}  // namespace
+}  // namespace sts
+
+TORCH_LIBRARY_IMPL(sts, CPU, m) {
+  m.impl("route", &sts::route_cpu);
+  m.impl("gather_rows", &sts::gather_rows_cpu);
+  m.impl("scatter_rows", &sts::scatter_rows_cpu);
+}

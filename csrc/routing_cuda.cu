@@ -1,0 +1,173 @@
+// CUDA kernels of the routing ops. Compiled only when setup.py builds with CUDA
+// (STS_WITH_CUDA).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "sts.h"
+
+namespace sts {
+
+std::vector<std::string> cuda_archs() {
+  std::vector<std::string> archs;
+#ifdef __CUDA_ARCH_LIST__
+  // nvcc defines it as the compiled architectures, e.g. 800,900.
+  for (int arch : {__CUDA_ARCH_LIST__}) archs.push_back("sm_" + std::to_string(arch / 10));
+#endif
+  return archs;
+}
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Scatters each active row id to its slot: slot = (inclusive prefix count at i) - 1.
+__global__ void compact_kernel(const bool* __restrict__ flags, const int64_t* __restrict__ inclusive,
+                               int64_t num_rows, int64_t* __restrict__ index) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < num_rows;
+       i += stride) {
+    if (flags[i]) index[inclusive[i] - 1] = i;
+  }
+}
+
+// offsets[b] = active rows before sample b's first row, read off the inclusive prefix count.
+__global__ void sample_offsets_kernel(const int64_t* __restrict__ inclusive, int64_t samples,
+                                      int64_t per_sample, int64_t* __restrict__ offsets,
+                                      int64_t* __restrict__ counts) {
+  const auto before = [&](int64_t b) { return b * per_sample == 0 ? 0 : inclusive[b * per_sample - 1]; };
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b <= samples;
+       b += stride) {
+    offsets[b] = before(b);
+    if (b < samples) counts[b] = before(b + 1) - before(b);
+  }
+}
+
+int64_t grid_for(int64_t work, int64_t per_block) {
+  const int64_t max_blocks = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 16;
+  return std::max<int64_t>(1, std::min(max_blocks, (work + per_block - 1) / per_block));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& mask) {
+  check_mask(mask);
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const auto flat = mask.contiguous();
+  const int64_t num_rows = flat.numel();
+  const int64_t samples = flat.size(0);
+  const int64_t per_sample = samples == 0 ? 0 : num_rows / samples;
+  const auto long_opts = flat.options().dtype(at::kLong);
+
+  const auto inclusive = at::cumsum(flat.view({-1}), 0, at::kLong);  // [R] device-wide scan
+  // The one host synchronisation: K sizes the index.
+  const int64_t active = num_rows == 0 ? 0 : inclusive[num_rows - 1].item<int64_t>();
+  auto index = at::empty({active}, long_opts);
+  auto offsets = at::empty({samples + 1}, long_opts);
+  auto counts = at::empty({samples}, long_opts);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (num_rows > 0) {
+    compact_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
+        flat.data_ptr<bool>(), inclusive.data_ptr<int64_t>(), num_rows, index.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  sample_offsets_kernel<<<grid_for(samples + 1, kThreads), kThreads, 0, stream>>>(
+      inclusive.data_ptr<int64_t>(), samples, per_sample, offsets.data_ptr<int64_t>(),
+      counts.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {index, counts, offsets};
+}
+
+// Row copy in units of `Vec` (16 bytes when rows and pointers allow): threadIdx.x walks a
+// row's vectors, threadIdx.y picks one of the block's rows, blocks stride over the rows.
+template <typename Vec, bool kScatter>
+__global__ void copy_rows_kernel(const Vec* __restrict__ src, Vec* __restrict__ dst,
+                                 const int64_t* __restrict__ rows, int64_t num_ids,
+                                 int64_t row_vecs, int64_t bound) {
+  const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; k < num_ids;
+       k += row_stride) {
+    const int64_t row = rows[k];
+    CUDA_KERNEL_ASSERT(row >= -1 && row < bound);
+    if (kScatter) {
+      if (row < 0) continue;
+      const Vec* from = src + k * row_vecs;
+      Vec* to = dst + row * row_vecs;
+      for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) to[j] = from[j];
+    } else {
+      Vec* to = dst + k * row_vecs;
+      if (row < 0) {
+        for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) to[j] = Vec{};
+      } else {
+        const Vec* from = src + row * row_vecs;
+        for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) to[j] = from[j];
+      }
+    }
+  }
+}
+
+template <typename Vec>
+void launch_copy_rows(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows,
+                      bool scatter, int64_t bytes) {
+  const int64_t row_vecs = bytes / static_cast<int64_t>(sizeof(Vec));
+  int lanes = 1;
+  while (lanes < kThreads && lanes < row_vecs) lanes *= 2;
+  const dim3 block(lanes, kThreads / lanes);
+  const int64_t num_ids = rows.numel();
+  const int64_t grid = grid_for(num_ids, block.y);
+  const int64_t bound = scatter ? dst.size(0) : src.size(0);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto* from = static_cast<const Vec*>(src.data_ptr());
+  auto* to = static_cast<Vec*>(dst.data_ptr());
+  const auto* ids = rows.data_ptr<int64_t>();
+  if (scatter) {
+    copy_rows_kernel<Vec, true><<<grid, block, 0, stream>>>(from, to, ids, num_ids, row_vecs, bound);
+  } else {
+    copy_rows_kernel<Vec, false><<<grid, block, 0, stream>>>(from, to, ids, num_ids, row_vecs, bound);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void copy_rows_cuda(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows, bool scatter) {
+  const int64_t bytes = row_bytes(src);
+  if (rows.numel() == 0 || bytes == 0) return;
+  const c10::cuda::CUDAGuard guard(src.device());
+  const auto src_addr = reinterpret_cast<std::uintptr_t>(src.data_ptr());
+  const auto dst_addr = reinterpret_cast<std::uintptr_t>(dst.data_ptr());
+  // The widest access that every row start in both tensors is aligned to.
+  const auto fits = [&](int64_t width) {
+    return bytes % width == 0 && src_addr % width == 0 && dst_addr % width == 0;
+  };
+  if (fits(16)) {
+    launch_copy_rows<uint4>(src, dst, rows, scatter, bytes);
+  } else if (fits(8)) {
+    launch_copy_rows<uint2>(src, dst, rows, scatter, bytes);
+  } else if (fits(4)) {
+    launch_copy_rows<uint32_t>(src, dst, rows, scatter, bytes);
+  } else if (fits(2)) {
+    launch_copy_rows<uint16_t>(src, dst, rows, scatter, bytes);
+  } else {
+    launch_copy_rows<uint8_t>(src, dst, rows, scatter, bytes);
+  }
+}
+
+at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& rows) {
+  return gather_rows_with(copy_rows_cuda, x, rows);
+}
+
+at::Tensor scatter_rows_cuda(const at::Tensor& src, const at::Tensor& rows, int64_t num_rows) {
+  return scatter_rows_with(copy_rows_cuda, src, rows, num_rows);
+}
+
+}  // namespace
+}  // namespace sts
+
+TORCH_LIBRARY_IMPL(sts, CUDA, m) {
+  m.impl("route", &sts::route_cuda);
+  m.impl("gather_rows", &sts::gather_rows_cuda);
+  m.impl("scatter_rows", &sts::scatter_rows_cuda);
+}

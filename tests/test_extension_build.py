@@ -1,0 +1,114 @@
+"""The compiled extension `sts_kernels._C`: its CPU kernels here, and (slow) a CUDA build with a
+CUDA build of torch, checked for the CUDA kernels and the compiled architectures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sts_kernels import _backend
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS = ("sts::route", "sts::gather_rows", "sts::scatter_rows")
+CUDA_ARCHS = ["sm_80", "sm_90"]
+
+
+def test_cpu_extension_registers_cpu_kernels():
+    ext = _backend.extension()
+    if ext is None:
+        pytest.skip("sts_kernels._C is not built (pip install --no-build-isolation -e .)")
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+    info = ext.build_info()
+    assert set(info) == {
+        "with_cuda",
+        "cuda_archs",
+        "openmp",
+        "omp_max_threads",
+        "compiler",
+        "torch_version",
+    }
+    assert info["openmp"], "built without OpenMP: at::parallel_for would run on one thread"
+    assert info["omp_max_threads"] >= 1
+    assert torch.__version__.startswith(info["torch_version"])
+    if not info["with_cuda"]:
+        assert info["cuda_archs"] == []
+
+
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    bundled = Path(sys.prefix) / "lib"  # Triton ships one with its NVIDIA backend
+    hits = sorted(bundled.glob("python3*/site-packages/triton/backends/nvidia/bin/cuobjdump"))
+    return str(hits[0]) if hits else None
+
+
+@pytest.mark.slow
+def test_cuda_build_has_cuda_kernels_for_sm80_sm90(tmp_path):
+    python = os.environ.get("STS_CUDA_PYTHON")
+    if not python:
+        pytest.skip("STS_CUDA_PYTHON is unset (point it to a python with CUDA torch)")
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH")
+    repo = tmp_path / "repo"
+    shutil.copytree(
+        ROOT,
+        repo,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.so", "*.egg-info", "__pycache__", ".*_cache", "results"
+        ),
+    )
+    env = dict(os.environ, STS_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0;9.0", MAX_JOBS="2")
+    env.pop("STS_NO_EXT", None)
+    start = time.perf_counter()
+    build = subprocess.run(
+        [python, "setup.py", "build_ext", "--inplace"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    seconds = time.perf_counter() - start
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    print(f"CUDA extension build: {seconds:.0f} s")
+
+    probe = textwrap.dedent(
+        f"""
+        import json, torch
+        import sts_kernels._C as ext
+        ops = {list(OPS)!r}
+        print(json.dumps({{
+            "cuda": [torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in ops],
+            "cpu": [torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in ops],
+            "info": ext.build_info(),
+        }}))
+        """
+    )
+    run = subprocess.run(
+        [python, "-c", probe], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["cuda"] == [True] * len(OPS), result
+    assert result["cpu"] == [True] * len(OPS), result
+    assert result["info"]["with_cuda"] is True
+    assert sorted(result["info"]["cuda_archs"]) == CUDA_ARCHS
+
+    cuobjdump = _cuobjdump()
+    if cuobjdump is not None:
+        (so,) = (repo / "sts_kernels").glob("_C*.so")
+        listing = subprocess.run(
+            [cuobjdump, "--list-elf", str(so)], capture_output=True, text=True, check=True
+        ).stdout
+        assert all(arch in listing for arch in CUDA_ARCHS), listing
