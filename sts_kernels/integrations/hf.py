@@ -1,0 +1,522 @@
+"""One-call STS patch for Hugging Face LLaVA and Qwen2-VL (transformers 5.x).
+
+    handle = apply_sts(model, stage="align")      # VTC only; "instruct": LDS only; None: both
+    loss = model(**batch).loss                     # the same batches as dense training
+    handle.report.executed_fraction                # LM layer-FLOPs this step ran, vs dense
+    handle.remove()                                # the model is exactly as before
+
+What the patch does, on this instance only (no class is modified):
+
+- VTC: a forward pre-hook on the model runs the vision tower and projector itself
+  (`model.model.get_image_features`), compresses each image's projected tokens with the
+  `VisualTokenCompressor`, and calls the model with `mm_encoder_outputs` instead of
+  `pixel_values`. It removes the surplus image placeholders from `input_ids` (each image keeps
+  its first `kept` placeholders), drops the same columns from `attention_mask`, `labels`,
+  `mm_token_type_ids` and `position_ids`, and re-pads rows tightly on the side the batch was
+  padded on. Llava positions are renumbered; Qwen2-VL M-RoPE positions are rebuilt by the model
+  from the shrunk ids and the pooled grid (any `position_ids` passed in are dropped).
+  The returned logits are those of the shrunk sequence: use `out.loss`, or
+  `handle.last_inputs["labels"]` to align them.
+- LDS: every decoder layer of `model.model.language_model.layers` keeps its module object,
+  parameters and hooks; only its `forward` is replaced by an instance attribute that, in
+  training, calls the skipper's `SkippableLayer` for that depth, which runs the original forward
+  on the kept rows (samples, or tokens with their attention mask and rotary embeddings gathered).
+  The skipper (and the compressor) are attached as `model.sts_skipper` / `model.sts_compressor`
+  so they follow `.train()`, `.to()` and DDP; in the default configuration they hold no
+  parameters or buffers, so `state_dict()` is unchanged. Caching is switched off in training.
+
+In `eval()` (and with `handle.enabled = False`) the model runs exactly as unpatched, unless the
+compressor was built with `enabled_in_eval=True`. VTC is for training and plain forwards, not
+for `generate()`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SUPPORTED_MODELS", "StsHandle", "StsReport", "apply_sts"]
+
+SUPPORTED_MODELS = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+
+# stage -> (VTC on by default, LDS on by default); STS compresses during modality alignment
+# and skips layers during instruction tuning
+_STAGES = {None: (True, True), "align": (True, False), "instruct": (False, True)}
+
+_DEFAULT_COMPRESS = {"mode": "pool", "window": (2, 2)}
+_DEFAULT_SKIP = {"mode": "sample", "policy": "schedule", "p_max": 0.5, "keep_first_last": True}
+
+_HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class StsReport:
+    """What the last forward fed the language model."""
+
+    visual_tokens_in: int = 0  # visual tokens the projector produced
+    visual_tokens_kept: int = 0  # visual tokens the LM received
+    lm_tokens_in: int = 0  # B * T of the batch as passed
+    lm_tokens: int = 0  # B * T' the LM ran on (after placeholder removal)
+    layer_fraction: float = 1.0  # skipper: rows run / rows a dense pass runs, over all layers
+    rows_run: list[int] = field(default_factory=list)  # per layer, from the skipper
+    rows_total: list[int] = field(default_factory=list)
+
+    @property
+    def executed_fraction(self) -> float:
+        """LM layer-FLOPs executed relative to the dense, unpatched forward of the same batch
+        (layer cost taken as linear in tokens)."""
+        tokens = self.lm_tokens / self.lm_tokens_in if self.lm_tokens_in else 1.0
+        return tokens * self.layer_fraction
+
+
+class StsHandle:
+    """Returned by `apply_sts`: toggle with `enabled`, undo with `remove()`."""
+
+    def __init__(self, model: nn.Module, compressor: nn.Module | None, skipper: nn.Module | None):
+        self.model = model
+        self.compressor = compressor
+        self.skipper = skipper
+        self.enabled = True
+        self.report = StsReport()
+        self.last_inputs: dict[str, Any] | None = None  # kwargs the model last ran on
+        self._undo: list[Callable[[], None]] = []
+
+    def remove(self) -> None:
+        """Restore the model: same module objects, forwards, hooks and state_dict."""
+        while self._undo:
+            self._undo.pop()()
+        _HANDLES.pop(self.model, None)
+
+    def __enter__(self) -> StsHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        parts = [type(self.model).__name__, f"enabled={self.enabled}"]
+        parts.append(f"compressor={self.compressor!r}" if self.compressor is not None else "no VTC")
+        parts.append("LDS" if self.skipper is not None else "no LDS")
+        return f"StsHandle({', '.join(parts)})"
+
+
+def apply_sts(
+    model: nn.Module,
+    compress: None | bool | dict | nn.Module = None,
+    skip: None | bool | dict | nn.Module = None,
+    stage: str | None = None,
+) -> StsHandle:
+    """Patch a `LlavaForConditionalGeneration` or `Qwen2VLForConditionalGeneration` in place.
+
+    `compress` / `skip`: `None` follows `stage` (None: both on, "align": VTC only, "instruct":
+    LDS only); `False` off; a dict of constructor arguments (defaults: pool 2x2 / sample-mode
+    schedule with p_max=0.5, keep_first_last); or a ready `VisualTokenCompressor` /
+    `LayerDynamicSkipper` (the latter built on `model.model.language_model.layers`).
+    Build DDP/FSDP wrappers after this call.
+    """
+    kind = _model_kind(model)
+    if stage not in _STAGES:
+        raise ValueError(f"stage must be None, 'align' or 'instruct', got {stage!r}")
+    if model in _HANDLES:
+        raise RuntimeError("apply_sts: this model is already patched; call handle.remove() first")
+    compress_default, skip_default = _STAGES[stage]
+    inner = model.model
+    layers = inner.language_model.layers
+    text_config = model.config.text_config
+
+    compressor = _build_compressor(compress, compress_default)
+    if (
+        compressor is not None
+        and kind == "qwen2_vl"
+        and getattr(compressor, "mode", "pool") != "pool"
+    ):
+        raise ValueError(
+            "compress: Qwen2-VL needs mode='pool' (M-RoPE positions need the output grid; "
+            f"merge mode has none), got mode={compressor.mode!r}"
+        )
+    handle = StsHandle(model, compressor, None)
+    skipper, layer_calls = _build_skipper(skip, skip_default, layers, text_config.hidden_size)
+    handle.skipper = skipper
+    device = next(model.parameters()).device
+
+    for name, module in (("sts_compressor", compressor), ("sts_skipper", skipper)):
+        if module is not None and not _shares_parameters(module, model):
+            module.to(device)
+            setattr(model, name, module)
+            handle._undo.append(lambda name=name: delattr(model, name))
+    if skipper is not None:
+        for i, layer in enumerate(layers):
+            _patch_layer(handle, layer, i, layer_calls)
+
+    pre = model.register_forward_pre_hook(_make_pre_hook(handle, kind), with_kwargs=True)
+    post = model.register_forward_hook(_make_post_hook(handle))
+    handle._undo += [pre.remove, post.remove]
+    _HANDLES[model] = handle
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------
+# construction
+
+
+def _model_kind(model: nn.Module) -> str:
+    try:
+        from transformers import LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+    except ImportError as e:  # pragma: no cover - transformers is an optional dependency
+        raise ImportError("apply_sts needs transformers>=5: pip install 'sts_kernels[hf]'") from e
+    if isinstance(model, LlavaForConditionalGeneration):
+        return "llava"
+    if isinstance(model, Qwen2VLForConditionalGeneration):
+        return "qwen2_vl"
+    raise TypeError(
+        f"apply_sts: model must be one of {', '.join(SUPPORTED_MODELS)} (transformers 5.x), "
+        f"got {type(model).__name__}"
+    )
+
+
+def _build_compressor(compress, default_on: bool) -> nn.Module | None:
+    from ..nn import VisualTokenCompressor
+
+    if compress is False or (compress is None and not default_on):
+        return None
+    if isinstance(compress, VisualTokenCompressor):
+        return compress
+    if compress is None or compress is True:
+        return VisualTokenCompressor(**_DEFAULT_COMPRESS)
+    if isinstance(compress, dict):
+        return VisualTokenCompressor(**{**_DEFAULT_COMPRESS, **compress})
+    raise TypeError(
+        "compress must be None, a bool, a dict of VisualTokenCompressor arguments or a "
+        f"VisualTokenCompressor, got {type(compress).__name__}"
+    )
+
+
+class _LayerCall(nn.Module):
+    """Stands in for a decoder layer inside the skipper: calls the layer's own forward, without
+    going through the layer's `__call__` again (its hooks already ran on the outer call, and
+    output recorders such as `output_hidden_states` must see only full-batch outputs)."""
+
+    def __init__(self, forward: Callable[..., Tensor]):
+        super().__init__()
+        self.layer_forward = forward  # a bound method, not a submodule: no duplicate parameters
+
+    def forward(self, *args, **kwargs):
+        return self.layer_forward(*args, **kwargs)
+
+
+def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: int):
+    """Returns (skipper, per-layer callables the patched forwards route to)."""
+    from ..nn import LayerDynamicSkipper
+
+    if skip is False or (skip is None and not default_on):
+        return None, None
+    if isinstance(skip, LayerDynamicSkipper):
+        if len(skip.layers) != len(layers):
+            raise ValueError(
+                f"skip: the skipper wraps {len(skip.layers)} layers, the model has {len(layers)}"
+            )
+        return skip, list(skip.layers)
+    if skip is None or skip is True:
+        skip = {}
+    if not isinstance(skip, dict):
+        raise TypeError(
+            "skip must be None, a bool, a dict of LayerDynamicSkipper arguments or a "
+            f"LayerDynamicSkipper, got {type(skip).__name__}"
+        )
+    calls = nn.ModuleList(_LayerCall(layer.forward) for layer in layers)
+    kwargs = {**_DEFAULT_SKIP, **skip}
+    kwargs.setdefault("token_arg_builder", token_layer_args)
+    skipper = LayerDynamicSkipper(calls, hidden_size, **kwargs)
+    return skipper, list(skipper.layers)
+
+
+def _shares_parameters(module: nn.Module, model: nn.Module) -> bool:
+    own = {id(p) for p in model.parameters()}
+    return any(id(p) in own for p in module.parameters())
+
+
+def _patch_layer(handle: StsHandle, layer: nn.Module, idx: int, calls: list[nn.Module]) -> None:
+    """Route `layer`'s forward through the skipper in training; restore on remove()."""
+    had_own = "forward" in layer.__dict__
+    previous = layer.__dict__.get("forward")
+    original = layer.forward
+    inside = [False]  # a user-built skipper calls the real layer back: run it plainly then
+
+    def forward(*args, **kwargs):
+        if inside[0] or not (handle.enabled and layer.training):
+            return original(*args, **kwargs)
+        skippable = calls[idx]
+        if not skippable.training:  # a skipper not attached to the model follows it here
+            skippable.train()
+        inside[0] = True
+        try:
+            return skippable(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    layer.forward = forward
+
+    def undo():
+        if had_own:
+            layer.forward = previous
+        else:
+            del layer.forward
+
+    handle._undo.append(undo)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward hooks
+
+
+def _make_pre_hook(handle: StsHandle, kind: str):
+    model = handle.model
+    signature = inspect.signature(type(model).forward)
+    compress = _compress_llava if kind == "llava" else _compress_qwen2_vl
+
+    def pre_hook(module, args, kwargs):
+        if not handle.enabled:
+            return None
+        bound = signature.bind(module, *args, **kwargs)
+        kw = dict(bound.arguments)
+        kw.pop("self", None)
+        kw.update(kw.pop("kwargs", {}))
+        ids = kw.get("input_ids")
+        report = StsReport(lm_tokens_in=ids.numel() if ids is not None else 0)
+        report.lm_tokens = report.lm_tokens_in
+        compressor = handle.compressor
+        if (
+            compressor is not None
+            and (module.training or getattr(compressor, "enabled_in_eval", False))
+            and kw.get("pixel_values") is not None
+        ):
+            if ids is None:
+                raise ValueError("apply_sts: VTC needs input_ids (got inputs_embeds)")
+            kw = compress(model, compressor, kw, report)
+            report.lm_tokens = kw["input_ids"].numel()
+        if handle.skipper is not None and module.training:
+            kw["use_cache"] = False  # a subset of rows must not write a shared KV cache
+        handle.report = report
+        handle.last_inputs = kw
+        return (), kw
+
+    return pre_hook
+
+
+def _make_post_hook(handle: StsHandle):
+    def post_hook(module, args, output):
+        skipper = handle.skipper
+        if handle.enabled and skipper is not None and module.training:
+            skip_report = skipper.report
+            handle.report.rows_run = list(skip_report.rows_run)
+            handle.report.rows_total = list(skip_report.rows_total)
+            handle.report.layer_fraction = float(skip_report.executed_fraction)
+        return None
+
+    return post_hook
+
+
+# ---------------------------------------------------------------------------------------------
+# VTC: compress image features, then shrink the text side to match
+
+
+def _compress_llava(model, compressor, kw: dict, report: StsReport) -> dict:
+    config = model.config
+    strategy = kw.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+    image_sizes = kw.get("image_sizes")
+    features = model.model.get_image_features(
+        pixel_values=kw["pixel_values"],
+        vision_feature_layer=kw.get("vision_feature_layer"),
+        vision_feature_select_strategy=strategy,
+        image_sizes=image_sizes,
+        return_dict=True,
+    )
+    patch = config.vision_config.patch_size
+    if image_sizes is not None:
+        grids = [(int(h) // patch, int(w) // patch) for h, w in image_sizes.tolist()]
+    else:
+        side = config.vision_config.image_size // patch
+        grids = [(side, side)] * len(features.pooler_output)
+    cls = 1 if strategy == "full" else 0  # "full" keeps CLS first: it takes no part
+    compressed = []
+    for f, grid in zip(features.pooler_output, grids):  # f [cls + h*w, D]
+        out = compressor(f[None, cls:], grid=grid)
+        compressed.append(torch.cat([f[:cls], out.x[0]], 0))
+    return _finish(model, kw, features, compressed, report, extra={})
+
+
+def _compress_qwen2_vl(model, compressor, kw: dict, report: StsReport) -> dict:
+    merge = model.config.vision_config.spatial_merge_size
+    thw = kw["image_grid_thw"]  # [n_img, 3] raw-patch grids
+    features = model.model.get_image_features(kw["pixel_values"], thw, return_dict=True)
+    compressed, rope_grid = [], []
+    for f, (t, h, w) in zip(features.pooler_output, thw.tolist()):  # f [t*(h/m)*(w/m), D]
+        # the merger emits row-major (t, h/m, w/m): each frame is one grid, one batch row
+        out = compressor(f.view(t, (h // merge) * (w // merge), -1), grid=(h // merge, w // merge))
+        compressed.append(out.x.reshape(-1, f.shape[-1]))
+        gh, gw = out.grid
+        rope_grid.append((t, gh * merge, gw * merge))  # get_rope_index divides by merge again
+    # the model rebuilds M-RoPE positions from the shrunk ids and this grid
+    extra = {"image_grid_thw": torch.tensor(rope_grid, dtype=thw.dtype, device=thw.device)}
+    kw["position_ids"] = None
+    return _finish(model, kw, features, compressed, report, extra)
+
+
+def _finish(model, kw: dict, features, compressed: list[Tensor], report: StsReport, extra: dict):
+    n_in = [f.shape[0] for f in features.pooler_output]
+    n_out = [f.shape[0] for f in compressed]
+    report.visual_tokens_in, report.visual_tokens_kept = sum(n_in), sum(n_out)
+    features.pooler_output = compressed
+    pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
+    shrunk = shrink_placeholders(
+        kw["input_ids"],
+        model.config.image_token_id,
+        n_in,
+        n_out,
+        attention_mask=kw.get("attention_mask"),
+        labels=kw.get("labels"),
+        position_ids=kw.get("position_ids"),
+        mm_token_type_ids=kw.get("mm_token_type_ids"),
+        pad_token_id=pad_id,
+    )
+    kw.update(shrunk)
+    kw.update(extra)
+    kw["pixel_values"] = None
+    kw["image_sizes"] = None
+    mm = dict(kw.get("mm_encoder_outputs") or {})
+    mm["image"] = features
+    kw["mm_encoder_outputs"] = mm
+    return kw
+
+
+def shrink_placeholders(
+    input_ids: Tensor,
+    image_token_id: int,
+    n_in: list[int],
+    n_out: list[int],
+    attention_mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    mm_token_type_ids: Tensor | None = None,
+    pad_token_id: int = 0,
+) -> dict[str, Tensor | None]:
+    """Keep the first `n_out[k]` of image k's `n_in[k]` placeholders and drop the others.
+
+    Images are numbered in row-major order over `input_ids` [B, L] (the order the model fills
+    placeholders in). Padding (attention_mask == 0) is dropped too and rows are re-padded to
+    the longest one, on the left if any row of the batch starts with padding, else on the
+    right. `position_ids` [B or 1, L] are renumbered (each position minus the tokens removed
+    before it), or [3/4, B, L] dropped columns only. Returns the shrunk tensors by name; an
+    `attention_mask` is created when the input had none and rows end up of different lengths.
+    """
+    b, length = input_ids.shape
+    dev = input_ids.device
+    counts_in = torch.tensor(n_in, device=dev)
+    counts_out = torch.tensor(n_out, device=dev)
+    slots = (input_ids == image_token_id).reshape(-1).nonzero().squeeze(1)  # [sum n_in]
+    if slots.numel() != int(counts_in.sum()):
+        raise ValueError(
+            f"input_ids hold {slots.numel()} image placeholders (id {image_token_id}), the "
+            f"images need {int(counts_in.sum())}"
+        )
+    image_of = torch.repeat_interleave(torch.arange(len(n_in), device=dev), counts_in)
+    rank = torch.arange(slots.numel(), device=dev) - (counts_in.cumsum(0) - counts_in)[image_of]
+    dropped = torch.zeros(b * length, dtype=torch.bool, device=dev)
+    dropped[slots[rank >= counts_out[image_of]]] = True
+    dropped = dropped.view(b, length)
+    keep = ~dropped
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+    left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
+    row_len = keep.sum(1)  # [B]
+    new_len = int(row_len.max())
+    shift = (new_len - row_len)[:, None] if left else 0
+    dest = keep.long().cumsum(1) - 1 + shift  # [B, L] new column of each kept token
+    dest = torch.where(keep, dest, new_len)  # everything else lands in a scratch column
+
+    def move(t: Tensor, fill) -> Tensor:  # t [..., B, L] -> [..., B, new_len]
+        lead = t.shape[:-2]
+        out = torch.full((*lead, b, new_len + 1), fill, dtype=t.dtype, device=t.device)
+        out.scatter_(-1, dest.expand(*lead, b, length), t.expand(*lead, b, length))
+        return out[..., :new_len]
+
+    out: dict[str, Tensor | None] = {"input_ids": move(input_ids, pad_token_id)}
+    if attention_mask is not None:
+        out["attention_mask"] = move(attention_mask, 0)
+    elif bool((row_len != new_len).any()):
+        out["attention_mask"] = move(torch.ones_like(input_ids), 0)
+    else:
+        out["attention_mask"] = None
+    out["labels"] = None if labels is None else move(labels, -100)
+    out["mm_token_type_ids"] = None if mm_token_type_ids is None else move(mm_token_type_ids, 0)
+    if position_ids is None:
+        out["position_ids"] = None
+    elif position_ids.dim() == 2:  # [B or 1, L]: close the gaps left by the removed tokens
+        removed_before = dropped.long().cumsum(1) - dropped.long()
+        out["position_ids"] = move(position_ids.expand(b, length) - removed_before, 0)
+    else:
+        out["position_ids"] = move(position_ids, 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# LDS token mode: the arguments of an HF decoder layer restricted to each sample's kept tokens
+
+
+def token_layer_args(args: tuple, kwargs: dict, plan) -> tuple[tuple, dict]:
+    """`token_arg_builder` for Llama / Qwen2-VL decoder layers.
+
+    The layer runs on `[B, Kmax, D]` (each sample's kept tokens, padded). Rotary embeddings and
+    position ids are gathered at the kept tokens' original positions; the attention mask is the
+    original one (or causal on original positions when the model passed none) restricted to kept
+    query/key pairs, padding keys masked. Padding query rows may attend to themselves only
+    (their output is discarded) so no row is fully masked.
+    """
+    kwargs = dict(kwargs)
+    pos = plan.positions  # [B, Kmax] original t of each kept token
+    valid = plan.valid  # [B, Kmax]
+    b, kmax = pos.shape
+
+    def gather_t(x: Tensor, t_dim: int) -> Tensor:  # gather along the sequence dim
+        x = x.expand(*x.shape[:t_dim], b, *x.shape[t_dim + 1 :]) if x.shape[t_dim] == 1 else x
+        shape = [1] * x.dim()
+        shape[t_dim], shape[t_dim + 1] = b, kmax
+        index = pos.view(shape).expand(*x.shape[: t_dim + 1], kmax, *x.shape[t_dim + 2 :])
+        return x.gather(t_dim + 1, index)
+
+    cos, sin = kwargs["position_embeddings"]  # [1 or B, T, hd]
+    kwargs["position_embeddings"] = (gather_t(cos, 0), gather_t(sin, 0))
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = gather_t(kwargs["position_ids"], kwargs["position_ids"].dim() - 2)
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 4:
+        raise ValueError(
+            "LDS token mode needs a 4D attention mask (eager or sdpa attention), got "
+            f"attention_mask of shape {tuple(mask.shape)}"
+        )
+    if mask is None:  # sdpa without padding: causal on the original positions
+        allowed = pos[:, :, None] >= pos[:, None, :]
+    else:
+        m = mask[:, 0].expand(b, -1, -1)  # [B, T, T]
+        m = m.gather(1, pos[:, :, None].expand(-1, -1, m.shape[-1]))
+        m = m.gather(2, pos[:, None, :].expand(-1, kmax, -1))  # [B, Kmax, Kmax]
+        allowed = m if m.dtype == torch.bool else m == 0
+    eye = torch.eye(kmax, dtype=torch.bool, device=pos.device)
+    allowed = (allowed & valid[:, None, :]) | (~valid[:, :, None] & eye)
+    allowed = allowed | (eye & ~allowed.any(-1, keepdim=True))  # fully masked rows (left pad)
+    if mask is not None and mask.dtype != torch.bool:  # eager: additive float mask
+        additive = torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device)
+        kwargs["attention_mask"] = additive.masked_fill(~allowed, torch.finfo(mask.dtype).min)[
+            :, None
+        ]
+    else:
+        kwargs["attention_mask"] = allowed[:, None]
+    kwargs["cache"] = None
+    kwargs["use_cache"] = False
+    return args, kwargs
