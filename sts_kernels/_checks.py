@@ -123,7 +123,7 @@ def plan_for(name: str, t: Tensor, plan: object) -> None:
         )
     if tuple(t.shape[: len(plan.shape)]) != plan.shape:
         raise ValueError(
-            f"{name} must start with the mask's shape {plan.shape}, got {tuple(t.shape)}"
+            f"{name} must start with the mask's shape (plan.shape={plan.shape}), got {tuple(t.shape)}"
         )
     if plan.device != t.device:
         raise ValueError(f"plan is on {plan.device} but {name} is on {t.device}")

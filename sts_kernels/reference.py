@@ -8,6 +8,8 @@ ops in `sts_kernels` validate before dispatching here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,13 +35,14 @@ def token_pool(x: Tensor, grid: tuple[int, int], window: tuple[int, int] = (2, 2
     (h, w), (kh, kw) = grid, window
     b, _, d = x.shape
     oh, ow = -(-h // kh), -(-w // kw)
-    xs = x.float().view(b, h, w, d)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xs = x.to(acc).view(b, h, w, d)
     # zero-pad to whole windows; the divisor counts only real tokens
     xs = F.pad(xs, (0, 0, 0, ow * kw - w, 0, oh * kh - h))
     sums = xs.view(b, oh, kh, ow, kw, d).sum(dim=(2, 4))  # [B, oh, ow, D]
     rows = (torch.arange(oh, device=x.device) * kh).clamp_max(h)
     cols = (torch.arange(ow, device=x.device) * kw).clamp_max(w)
-    count = ((h - rows).clamp_max(kh)[:, None] * (w - cols).clamp_max(kw)[None, :]).float()
+    count = ((h - rows).clamp_max(kh)[:, None] * (w - cols).clamp_max(kw)[None, :]).to(acc)
     return (sums / count[None, :, :, None]).reshape(b, oh * ow, d).to(x.dtype)
 
 
@@ -70,8 +73,8 @@ def bipartite_merge(
     """ToMe bipartite soft matching + size-weighted average (STS_SPEC.md §1)."""
     b, n, d = x.shape
     dev = x.device
-    if size is None:
-        size = torch.ones(b, n, dtype=torch.float32, device=dev)
+    # sizes are counts, not parameters: no gradient flows to them
+    size = torch.ones(b, n, dtype=torch.float32, device=dev) if size is None else size.detach()
     r = min(r, (n - protected) // 2)
     if r <= 0:
         return MergeResult(x, size, torch.arange(n, device=dev).expand(b, n))
@@ -84,8 +87,9 @@ def bipartite_merge(
     merged_dst = match.gather(1, merged)  # [B, r] index into destinations
 
     # size-weighted sum into destinations, in fp32
-    w = size.float()
-    xw = x.float() * w[..., None]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = size.to(acc)
+    xw = x.to(acc) * w[..., None]
     xa, wa = xw[:, src], w[:, src]  # [B, |A|, D], [B, |A|]
     num = xw[:, dst].scatter_add(
         1,
@@ -151,15 +155,17 @@ def skip_residual(
     if delta.dim() == len(feat) + 2 and len(plan.shape) == 2:  # padded [B, Kmax, ...]
         delta = delta[plan.valid]
     flat = x.reshape(plan.num_rows, *feat)
-    upd = delta.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    upd = delta.to(acc)
     if gate is not None:
-        upd = upd * gate.float().view(-1, *([1] * len(feat)))
-    out = flat.float().index_add(0, plan.index, upd)
+        upd = upd * gate.to(acc).view(-1, *([1] * len(feat)))
+    out = flat.to(acc).index_add(0, plan.index, upd)
     result = out.to(x.dtype).view(x.shape)
     if not stats:
         return result
     with torch.no_grad():
-        xa = flat.index_select(0, plan.index).float().reshape(plan.num_active, -1)
-        oa = out.index_select(0, plan.index).reshape(plan.num_active, -1)
+        row = math.prod(feat)
+        xa = flat.index_select(0, plan.index).float().reshape(plan.num_active, row)
+        oa = out.index_select(0, plan.index).float().reshape(plan.num_active, row)
         cos = (xa * oa).sum(-1) / (xa.norm(dim=-1) * oa.norm(dim=-1)).clamp_min(1e-8)
     return result, cos
