@@ -1,12 +1,332 @@
-"""skip_residual: out = x + gate * delta on the active rows, out = x elsewhere."""
+"""skip_residual: out = x + gate * delta on the active rows, out = x elsewhere.
+
+Triton kernels, registered as the opaque custom ops `sts::skip_residual` and
+`sts::skip_residual_backward` (fake + autograd), and the public function that validates and
+dispatches. The ops see canonical 2-D views: `x` `[R, F]` (R rows of F = prod(feature dims)
+values) and `delta` packed `[K, F]` or padded `[B, Kmax, F]`.
+
+Layouts: the forward walks all R rows once and finds each row's delta through an inverse map
+`row -> k or -1` (a scatter of arange(K) into plan.index, built on the device), so the output
+is written in a single pass with no `x.clone()` followed by a scatter. The backward walks the
+delta slots (K packed, or B * Kmax padded with zeros written to the padding).
+"""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from .. import _checks, reference
 from .._backend import select
+from .._triton import tl, triton
 from .._types import RoutePlan
+
+# Elements per program tile: small on a GPU (registers), large in the interpreter, where every
+# program instance costs ~5 ms regardless of its size.
+_GPU_TILE = 4096
+_INTERPRETER_TILE = 1 << 16
+
+
+@triton.jit
+def _skip_residual_fwd_kernel(
+    X_ptr,  # [R, F]
+    DELTA_ptr,  # [K, F] packed or [B * Kmax, F] padded
+    GATE_ptr,  # [K]
+    ROW_TO_K_ptr,  # [R] int64, k of the row's delta or -1
+    OFFSETS_ptr,  # [B + 1] int64 first k of every sample
+    OUT_ptr,  # [R, F]
+    COS_ptr,  # [K] fp32
+    num_rows,
+    num_features,
+    rows_per_sample,
+    max_count,
+    stride_x,
+    stride_delta,
+    stride_out,
+    HAS_GATE: tl.constexpr,
+    IS_PADDED: tl.constexpr,
+    STATS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    """out[i] = x[i] + g[k] * delta[k] where k = row_to_k[i] >= 0, else out[i] = x[i].
+
+    Padded delta: row i = b * T + t lives in slot b * Kmax + (k - offsets[b]).
+    STATS: cos[k] = <x[i], out[i]> / max(|x[i]| |out[i]|, 1e-8), out taken before the cast.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
+    in_range = rows < num_rows
+    # which delta row (if any) every row adds
+    k = tl.load(ROW_TO_K_ptr + rows, mask=in_range, other=-1)
+    active = k >= 0
+    if IS_PADDED:
+        sample = rows // rows_per_sample
+        first_k = tl.load(OFFSETS_ptr + sample, mask=active, other=0)
+        slot = sample * max_count + k - first_k
+    else:
+        slot = k
+    if HAS_GATE:
+        gate = tl.load(GATE_ptr + k, mask=active, other=0.0).to(ACC_DTYPE)
+    else:
+        gate = tl.where(active, 1.0, 0.0).to(ACC_DTYPE)
+    x_dot_out = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
+    x_sq = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
+    out_sq = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
+    # one sweep over the features: read x (and delta on active rows), write out
+    for start in range(0, num_features, BLOCK_F):
+        cols = start + tl.arange(0, BLOCK_F)  # [BLOCK_F]
+        col_ok = cols < num_features
+        row_mask = in_range[:, None] & col_ok[None, :]
+        x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_mask, other=0.0)
+        x = x.to(ACC_DTYPE)
+        delta = tl.load(
+            DELTA_ptr + slot[:, None] * stride_delta + cols[None, :],
+            mask=active[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(ACC_DTYPE)
+        # inactive rows are copied bit-exactly (x + 0 would turn -0.0 into +0.0)
+        out = tl.where(active[:, None], x + gate[:, None] * delta, x)
+        tl.store(
+            OUT_ptr + rows[:, None] * stride_out + cols[None, :],
+            out.to(OUT_ptr.dtype.element_ty),
+            mask=row_mask,
+        )
+        if STATS:
+            x_dot_out += tl.sum(x * out, axis=1)
+            x_sq += tl.sum(x * x, axis=1)
+            out_sq += tl.sum(out * out, axis=1)
+    # the redundancy signal of the active rows, from the same pass
+    if STATS:
+        cos = x_dot_out / tl.maximum(tl.sqrt(x_sq) * tl.sqrt(out_sq), 1e-8)
+        tl.store(COS_ptr + k, cos.to(tl.float32), mask=active)
+
+
+@triton.jit
+def _skip_residual_bwd_kernel(
+    GRAD_OUT_ptr,  # [R, F]
+    DELTA_ptr,  # [K, F] packed or [B * Kmax, F] padded
+    GATE_ptr,  # [K]
+    INDEX_ptr,  # [K] int64 flat row of every k
+    OFFSETS_ptr,  # [B + 1] int64
+    GRAD_DELTA_ptr,  # like DELTA
+    GRAD_GATE_ptr,  # [K]
+    num_slots,
+    num_features,
+    max_count,
+    stride_grad_out,
+    stride_delta,
+    stride_grad_delta,
+    HAS_GATE: tl.constexpr,
+    NEED_GRAD_GATE: tl.constexpr,
+    IS_PADDED: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    """grad_delta[k] = g[k] * grad_out[i], grad_gate[k] = <grad_out[i], delta[k]>, i = index[k].
+
+    Padded: slot s = b * Kmax + j holds k = offsets[b] + j when j < counts[b]; other slots are
+    padding and get grad_delta = 0.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    slots = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
+    in_range = slots < num_slots
+    # the k (and so the flat row) of every delta slot
+    if IS_PADDED:
+        sample = slots // max_count
+        first_k = tl.load(OFFSETS_ptr + sample, mask=in_range, other=0)
+        end_k = tl.load(OFFSETS_ptr + sample + 1, mask=in_range, other=0)
+        k = first_k + slots - sample * max_count
+        valid = in_range & (k < end_k)
+    else:
+        k = slots
+        valid = in_range
+    rows = tl.load(INDEX_ptr + k, mask=valid, other=0)
+    if HAS_GATE:
+        gate = tl.load(GATE_ptr + k, mask=valid, other=0.0).to(ACC_DTYPE)
+    else:
+        gate = tl.where(valid, 1.0, 0.0).to(ACC_DTYPE)
+    grad_gate = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
+    # one sweep over the features: read grad_out (and delta for grad_gate), write grad_delta
+    for start in range(0, num_features, BLOCK_F):
+        cols = start + tl.arange(0, BLOCK_F)  # [BLOCK_F]
+        col_ok = cols < num_features
+        valid_mask = valid[:, None] & col_ok[None, :]
+        grad_out = tl.load(
+            GRAD_OUT_ptr + rows[:, None] * stride_grad_out + cols[None, :],
+            mask=valid_mask,
+            other=0.0,
+        ).to(ACC_DTYPE)
+        tl.store(
+            GRAD_DELTA_ptr + slots[:, None] * stride_grad_delta + cols[None, :],
+            (gate[:, None] * grad_out).to(GRAD_DELTA_ptr.dtype.element_ty),
+            mask=in_range[:, None] & col_ok[None, :],
+        )
+        if NEED_GRAD_GATE:
+            delta = tl.load(
+                DELTA_ptr + slots[:, None] * stride_delta + cols[None, :],
+                mask=valid_mask,
+                other=0.0,
+            ).to(ACC_DTYPE)
+            grad_gate += tl.sum(grad_out * delta, axis=1)
+    if NEED_GRAD_GATE:
+        tl.store(GRAD_GATE_ptr + k, grad_gate.to(GRAD_GATE_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch_config(num_rows: int, num_features: int, device: torch.device) -> dict:
+    """Tile shape: BLOCK_F features (looped over F) x BLOCK_ROWS rows per program."""
+    tile = _GPU_TILE if device.type == "cuda" else _INTERPRETER_TILE
+    block_f = min(triton.next_power_of_2(max(num_features, 1)), tile)
+    block_rows = min(max(tile // block_f, 1), triton.next_power_of_2(max(num_rows, 1)))
+    config = dict(BLOCK_ROWS=block_rows, BLOCK_F=block_f)
+    if device.type == "cuda":
+        config["num_warps"] = 8 if block_rows * block_f >= 4096 else 4
+    return config
+
+
+def _acc_dtype(dtype: torch.dtype):
+    # fp64 stays fp64 (gradcheck); fp32/fp16/bf16 accumulate in fp32
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _delta_slots(delta: Tensor) -> tuple[bool, int, int]:
+    """(is_padded, number of delta rows, Kmax) of a canonical `[K, F]` / `[B, Kmax, F]` delta."""
+    if delta.dim() == 3:
+        return True, delta.shape[0] * delta.shape[1], delta.shape[1]
+    return False, delta.shape[0], 0
+
+
+@torch.library.custom_op("sts::skip_residual", mutates_args=())
+def _skip_residual_op(
+    x: Tensor, delta: Tensor, index: Tensor, offsets: Tensor, gate: Tensor | None, stats: bool
+) -> tuple[Tensor, Tensor]:
+    """x `[R, F]`, delta `[K, F]` or `[B, Kmax, F]` -> (out `[R, F]`, cos `[K]` or `[0]` fp32)."""
+    x, delta = x.contiguous(), delta.contiguous()
+    num_rows, num_features = x.shape
+    num_active = index.numel()
+    is_padded, _, max_count = _delta_slots(delta)
+    out = torch.empty_like(x)
+    cos = torch.empty(num_active if stats else 0, dtype=torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out, cos.zero_()
+    # inverse map row -> k (or -1), on the device
+    row_to_k = torch.full((num_rows,), -1, dtype=torch.int64, device=x.device)
+    row_to_k.scatter_(0, index, torch.arange(num_active, device=x.device))
+    config = _launch_config(num_rows, num_features, x.device)
+    grid = (triton.cdiv(num_rows, config["BLOCK_ROWS"]),)
+    _skip_residual_fwd_kernel[grid](
+        x,
+        delta,
+        gate if gate is not None else x,  # never read without HAS_GATE
+        row_to_k,
+        offsets,
+        out,
+        cos,
+        num_rows,
+        num_features,
+        num_rows // max(offsets.numel() - 1, 1),
+        max_count,
+        x.stride(0),
+        num_features,
+        out.stride(0),
+        HAS_GATE=gate is not None,
+        IS_PADDED=is_padded,
+        STATS=stats,
+        ACC_DTYPE=_acc_dtype(x.dtype),
+        **config,
+    )
+    return out, cos
+
+
+@_skip_residual_op.register_fake
+def _(x, delta, index, offsets, gate, stats):
+    cos = x.new_empty(index.shape[0] if stats else 0, dtype=torch.float32)
+    return torch.empty_like(x), cos
+
+
+@torch.library.custom_op("sts::skip_residual_backward", mutates_args=())
+def _skip_residual_backward_op(
+    grad_out: Tensor,
+    delta: Tensor,
+    index: Tensor,
+    offsets: Tensor,
+    gate: Tensor | None,
+    need_grad_gate: bool,
+) -> tuple[Tensor, Tensor]:
+    """(grad_delta like delta, grad_gate `[K]` in gate's dtype, or `[0]` if not needed)."""
+    grad_out, delta = grad_out.contiguous(), delta.contiguous()
+    num_features = grad_out.shape[1]
+    is_padded, num_slots, max_count = _delta_slots(delta)
+    need_grad_gate = need_grad_gate and gate is not None
+    grad_delta = torch.empty_like(delta)
+    grad_gate = torch.empty(
+        index.numel() if need_grad_gate else 0,
+        dtype=gate.dtype if gate is not None else torch.float32,
+        device=delta.device,
+    )
+    if grad_delta.numel() == 0:
+        return grad_delta, grad_gate.zero_()
+    config = _launch_config(num_slots, num_features, delta.device)
+    grid = (triton.cdiv(num_slots, config["BLOCK_ROWS"]),)
+    _skip_residual_bwd_kernel[grid](
+        grad_out,
+        delta,
+        gate if gate is not None else delta,  # never read without HAS_GATE
+        index,
+        offsets,
+        grad_delta,
+        grad_gate,
+        num_slots,
+        num_features,
+        max_count,
+        grad_out.stride(0),
+        num_features,
+        num_features,
+        HAS_GATE=gate is not None,
+        NEED_GRAD_GATE=need_grad_gate,
+        IS_PADDED=is_padded,
+        ACC_DTYPE=_acc_dtype(delta.dtype),
+        **config,
+    )
+    return grad_delta, grad_gate
+
+
+@_skip_residual_backward_op.register_fake
+def _(grad_out, delta, index, offsets, gate, need_grad_gate):
+    num_gate = index.shape[0] if need_grad_gate and gate is not None else 0
+    dtype = gate.dtype if gate is not None else torch.float32
+    return torch.empty_like(delta), delta.new_empty(num_gate, dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, delta, index, offsets, gate, _ = inputs
+    ctx.save_for_backward(delta, index, offsets, gate)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_cos):
+    delta, index, offsets, gate = ctx.saved_tensors
+    grad_delta, grad_gate = _skip_residual_backward_op(
+        grad_out, delta, index, offsets, gate, ctx.needs_input_grad[4]
+    )
+    # d out / d x is the identity on every row (skipped rows are copies, active rows add a
+    # term independent of x), so grad_x is grad_out itself: no kernel, no copy.
+    grad_x = grad_out if ctx.needs_input_grad[0] else None
+    return grad_x, grad_delta, None, None, (grad_gate if gate is not None else None), None
+
+
+_skip_residual_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _use_triton(device: torch.device) -> bool:
+    # Backend choice is a trace-time constant under torch.compile (dynamo cannot read the
+    # use_backend ContextVar); a graph keeps the backend it was compiled with.
+    return select("skip_residual", device, ("triton",)) == "triton"
 
 
 def skip_residual(
@@ -16,7 +336,21 @@ def skip_residual(
     gate: Tensor | None = None,
     stats: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Skip-gated residual (STS_SPEC.md §2); with `stats`, also per-row cos(x, out) in fp32."""
-    _checks.skip_residual(x, delta, plan, gate)
-    select("skip_residual", x.device, ())
-    return reference.skip_residual(x, delta, plan, gate, stats)
+    """Skip-gated residual (STS_SPEC.md §2); with `stats`, also per-row cos(x, out) in fp32.
+
+    `x` `[*plan.shape, *feat]`; `delta` packed `[K, *feat]` or, for a `[B, T]` plan, padded
+    `[B, Kmax, *feat]` (slots past a sample's count are ignored and get zero gradient);
+    `gate` `[K]` or None. Returns `out` like `x`, or `(out, cos)` with `cos` `[K]` (no grad).
+    """
+    is_padded = _checks.skip_residual(x, delta, plan, gate)
+    if not _use_triton(x.device):
+        return reference.skip_residual(x, delta, plan, gate, stats)
+    num_features = math.prod(x.shape[len(plan.shape) :])
+    rows = x.reshape(plan.num_rows, num_features)  # [R, F]
+    if is_padded:
+        delta = delta.reshape(plan.shape[0], delta.shape[1], num_features)  # [B, Kmax, F]
+    else:
+        delta = delta.reshape(plan.num_active, num_features)  # [K, F]
+    out, cos = torch.ops.sts.skip_residual(rows, delta, plan.index, plan.offsets, gate, stats)
+    out = out.view(x.shape)
+    return (out, cos) if stats else out

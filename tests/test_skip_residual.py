@@ -1,0 +1,221 @@
+"""skip_residual: Triton kernels (interpreter on CPU) against the reference, forward and
+backward, every dtype; gradcheck, opcheck, torch.compile and input validation."""
+
+import importlib
+
+import pytest
+import torch
+
+import sts_kernels
+from sts_kernels import RoutePlan, reference, route, use_backend
+from tolerances import DTYPES, assert_close
+
+pytestmark = pytest.mark.interpreter
+# the module, not the function of the same name that sts_kernels.ops re-exports
+skip_residual_module = importlib.import_module("sts_kernels.ops.skip_residual")
+
+# (x shape, mask shape, padded delta): sample mode [B], token mode [B, T] packed and padded,
+# and a feature block of two dims.
+LAYOUTS = {
+    "sample": ((5, 3, 24), (5,), False),
+    "token": ((3, 7, 40), (3, 7), False),
+    "token_padded": ((3, 7, 40), (3, 7), True),
+    "token_2d_features": ((2, 6, 3, 10), (2, 6), True),
+}
+
+
+def make_case(layout, dtype, device, with_gate, mask=None, seed=0):
+    shape, mask_shape, padded = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(seed)
+    if mask is None:
+        mask = torch.rand(mask_shape, generator=gen) < 0.6
+    plan = route(mask.to(device))
+    feat = shape[len(mask_shape) :]
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    rows = (mask_shape[0], plan.max_count) if padded else (plan.num_active,)
+    delta = torch.randn(*rows, *feat, generator=gen).to(device, dtype)
+    gate = (torch.rand(plan.num_active, generator=gen) + 0.5).to(device) if with_gate else None
+    return x, delta, plan, gate
+
+
+def run_triton(*args, **kwargs):
+    with use_backend("triton"):
+        return sts_kernels.skip_residual(*args, **kwargs)
+
+
+def upcast(t):
+    return None if t is None else t.float()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("with_gate", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_reference(layout, with_gate, dtype, triton_device):
+    x, delta, plan, gate = make_case(layout, dtype, triton_device, with_gate)
+    x_before, delta_before = x.clone(), delta.clone()
+    out, cos = run_triton(x, delta, plan, gate, stats=True)
+    expected, expected_cos = reference.skip_residual(x.float(), delta.float(), plan, gate, True)
+    lowp, lowp_cos = reference.skip_residual(x, delta, plan, gate, True)
+    assert out.dtype == dtype and cos.dtype == torch.float32
+    assert_close(out, expected, reference_lowp=lowp)
+    # cos is an fp32 statistic of the same (low-precision) inputs: tight in every dtype
+    assert_close(cos, lowp_cos, name="cos")
+    # rows that skip the layer are copied bit-exactly
+    skipped = ~torch.zeros(plan.num_rows, dtype=torch.bool).index_fill(0, plan.index.cpu(), True)
+    flat = len(plan.shape)
+    assert torch.equal(out.flatten(0, flat - 1)[skipped], x.flatten(0, flat - 1)[skipped])
+    assert torch.equal(run_triton(x, delta, plan, gate), out)  # stats change nothing else
+    assert torch.equal(x, x_before) and torch.equal(delta, delta_before)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("with_gate", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_matches_reference(layout, with_gate, dtype, triton_device):
+    x, delta, plan, gate = make_case(layout, dtype, triton_device, with_gate)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+
+    def grads(fn, *inputs):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+        fn(*leaves[:2], plan, leaves[2]).backward(grad_out.to(leaves[0].dtype))
+        return [None if t is None else t.grad for t in leaves]
+
+    actual = grads(run_triton, x, delta, gate)
+    expected = grads(reference.skip_residual, x.float(), delta.float(), upcast(gate))
+    lowp = grads(reference.skip_residual, x, delta, gate)
+    for name, a, e, lp in zip(("grad_x", "grad_delta", "grad_gate"), actual, expected, lowp):
+        if e is None:
+            assert a is None
+            continue
+        assert a.dtype == lp.dtype, name
+        if name == "grad_gate":  # fp32 gate: fp32 row dot products of the dtype's inputs
+            assert_close(a, lp, name=name)
+        else:
+            assert_close(a, e, reference_lowp=lp, name=name)
+    if LAYOUTS[layout][2]:  # padding slots get exactly zero gradient
+        assert actual[1][~plan.valid].abs().sum() == 0
+
+
+def test_grad_x_is_grad_out(triton_device):
+    """d out / d x is the identity: the backward hands grad_out through without a copy."""
+    x, delta, plan, gate = make_case("token", torch.float32, triton_device, True)
+    x.requires_grad_()
+    grad_out = torch.randn_like(x)
+    (grad_x,) = torch.autograd.grad(run_triton(x, delta, plan, gate), x, grad_out)
+    assert grad_x.data_ptr() == grad_out.data_ptr()
+
+
+@pytest.mark.parametrize("layout", ["sample", "token_padded"])
+def test_multiple_programs_and_feature_loop(layout, triton_device, monkeypatch):
+    """A tiny tile forces many row blocks and several feature iterations per row."""
+    monkeypatch.setattr(skip_residual_module, "_INTERPRETER_TILE", 16)
+    monkeypatch.setattr(skip_residual_module, "_GPU_TILE", 16)
+    x, delta, plan, gate = make_case(layout, torch.float32, triton_device, True)
+    leaves = [t.clone().requires_grad_() for t in (x, delta, gate)]
+    out, cos = run_triton(*leaves[:2], plan, leaves[2], stats=True)
+    expected, expected_cos = reference.skip_residual(x, delta, plan, gate, True)
+    assert_close(out, expected)
+    assert_close(cos, expected_cos, name="cos")
+    grad_out = torch.randn_like(x)
+    out.backward(grad_out)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, delta, gate)]
+    reference.skip_residual(*ref_leaves[:2], plan, ref_leaves[2]).backward(grad_out)
+    for a, e in zip(leaves, ref_leaves):
+        assert_close(a.grad, e.grad, name="grad")
+
+
+@pytest.mark.parametrize("keep", ["none", "all"])
+@pytest.mark.parametrize("layout", ["sample", "token_padded"])
+def test_no_rows_and_all_rows(keep, layout, triton_device):
+    mask_shape = LAYOUTS[layout][1]
+    mask = torch.full(mask_shape, keep == "all")
+    x, delta, plan, gate = make_case(layout, torch.float32, triton_device, True, mask=mask)
+    leaves = [t.clone().requires_grad_() for t in (x, delta, gate)]
+    out, cos = run_triton(*leaves[:2], plan, leaves[2], stats=True)
+    assert_close(out, reference.skip_residual(x, delta, plan, gate))
+    if keep == "all":  # the reference's stats path cannot reshape K == 0 rows (reported)
+        assert_close(cos, reference.skip_residual(x, delta, plan, gate, True)[1], name="cos")
+    else:
+        assert torch.equal(out, x) and cos.shape == (0,)
+    out.sum().backward()  # expanded (stride-0) grad_out
+    assert torch.equal(leaves[0].grad, torch.ones_like(x))
+    assert leaves[1].grad.shape == delta.shape and leaves[2].grad.shape == gate.shape
+
+
+def test_non_contiguous_input(triton_device):
+    base = torch.randn(40, 3, 7).to(triton_device)
+    x = base.transpose(0, 2)  # [7, 3, 40], not contiguous
+    plan = route(torch.tensor([True, False, True]).to(triton_device)[None].expand(7, 3))
+    delta = torch.randn(plan.num_active, 40).to(triton_device)
+    assert_close(run_triton(x, delta, plan), reference.skip_residual(x, delta, plan))
+
+
+@pytest.mark.parametrize("layout", ["sample", "token_padded"])
+def test_gradcheck_float64(layout, triton_device):
+    x, delta, plan, gate = make_case(layout, torch.float64, triton_device, True)
+    gate = gate.double()
+    inputs = [t.clone().requires_grad_() for t in (x, delta, gate)]
+    fn = lambda x, delta, gate: run_triton(x, delta, plan, gate)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("layout", ["token", "token_padded"])
+@pytest.mark.parametrize("with_gate", [False, True])
+def test_opcheck(layout, with_gate, triton_device):
+    x, delta, plan, gate = make_case(layout, torch.float32, triton_device, with_gate)
+    x2 = x.reshape(plan.num_rows, -1).requires_grad_()
+    delta.requires_grad_()  # token layouts: one feature dim, already canonical
+    if gate is not None:
+        gate.requires_grad_()
+    for stats in (False, True):
+        args = (x2, delta, plan.index, plan.offsets, gate, stats)
+        torch.library.opcheck(torch.ops.sts.skip_residual.default, args)
+    # the backward op has no autograd of its own (no double backward): check it without grads
+    gate = None if gate is None else gate.detach()
+    args = (torch.randn_like(x2).detach(), delta.detach(), plan.index, plan.offsets, gate, True)
+    torch.library.opcheck(torch.ops.sts.skip_residual_backward.default, args)
+
+
+def test_torch_compile_fullgraph(triton_device):
+    x, delta, plan, gate = make_case("token_padded", torch.float32, triton_device, True)
+    plan.max_count  # noqa: B018 - read Kmax outside the graph: the plan is precomputed
+
+    def step(x, delta, gate):
+        out, cos = sts_kernels.skip_residual(x * 2, delta, plan, gate, stats=True)
+        return out.sin(), cos
+
+    torch._dynamo.reset()
+    # aot_eager: dynamo + AOTAutograd tracing of the opaque ops (inductor adds only CPU codegen)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (x, delta, gate)]
+    with use_backend("triton"):
+        out, cos = compiled(*leaves)
+        expected, expected_cos = step(x, delta, gate)
+    assert_close(out, expected)
+    assert_close(cos, expected_cos, name="cos")
+    out.sum().backward()
+    assert leaves[1].grad[~plan.valid].abs().sum() == 0 and leaves[2].grad.abs().sum() > 0
+
+
+def test_auto_backend_on_cpu_is_reference():
+    x, delta, plan, gate = make_case("token", torch.float32, torch.device("cpu"), True)
+    assert torch.equal(sts_kernels.skip_residual(x, delta, plan, gate), reference.skip_residual(x, delta, plan, gate))
+
+
+def test_bad_input_raises_before_any_kernel():
+    x, delta, plan, gate = make_case("token", torch.float32, torch.device("cpu"), True)
+    meta_plan = RoutePlan(*(t.to("meta") for t in (plan.index, plan.counts, plan.offsets)), plan.shape)
+    with pytest.raises(ValueError, match="plan is on meta"):
+        run_triton(x, delta, meta_plan, gate)
+    with pytest.raises(ValueError, match="gate must have shape"):
+        run_triton(x, delta, plan, gate[:-1])
+    with pytest.raises(ValueError, match="delta must have shape"):
+        run_triton(x, delta[:-1], plan, gate)
+    with pytest.raises(TypeError, match="delta must have x's dtype"):
+        run_triton(x, delta.half(), plan, gate)
+    with pytest.raises(TypeError, match="plan must be a RoutePlan"):
+        run_triton(x, delta, plan.index, gate)
+    with pytest.raises(ValueError, match="x must start with the mask's shape"):
+        run_triton(x[:, :-1], delta, plan, gate)
+    with pytest.raises(TypeError, match="gate must have a floating dtype"):
+        run_triton(x, delta, plan, torch.ones(plan.num_active, dtype=torch.int64))
