@@ -94,7 +94,7 @@ CASES = {
     "skip_plan_type": (lambda: sts.skip_residual(_x(2, 3, 4), _x(3, 4), None), TypeError, r"^plan must be a RoutePlan"),
     "skip_plan_shape": (lambda: sts.skip_residual(_x(3, 3, 4), _x(3, 4), _plan()), ValueError, r"^x must start with the mask's shape"),
     "skip_plan_samples_vs_tokens": (lambda: sts.skip_residual(_x(2, 4), _x(2, 4), _sample_plan()), ValueError, r"^x must start with the mask's shape \(plan.shape=\(3,\)\)"),
-    "skip_gate_length": (lambda: sts.skip_residual(_x(2, 3, 4), _x(3, 4), _plan(), gate=torch.ones(2)), ValueError, r"^gate must have shape \(plan.shape=\(3,\)\)"),
+    "skip_gate_length": (lambda: sts.skip_residual(_x(2, 3, 4), _x(3, 4), _plan(), gate=torch.ones(2)), ValueError, r"^gate must have shape \(3,\)"),
     "skip_gate_rank": (lambda: sts.skip_residual(_x(2, 3, 4), _x(3, 4), _plan(), gate=torch.ones(3, 1)), ValueError, r"^gate must have 1 dims"),
     "skip_gate_int": (lambda: sts.skip_residual(_x(2, 3, 4), _x(3, 4), _plan(), gate=torch.ones(3, dtype=torch.int64) ),
         TypeError,
