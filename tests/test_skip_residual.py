@@ -5,10 +5,10 @@ import importlib
 
 import pytest
 import torch
+from tolerances import DTYPES, assert_close
 
 import sts_kernels
 from sts_kernels import RoutePlan, reference, route, use_backend
-from tolerances import DTYPES, assert_close
 
 pytestmark = pytest.mark.interpreter
 # the module, not the function of the same name that sts_kernels.ops re-exports
