@@ -1,0 +1,326 @@
+"""Layer Dynamic Skipper (STS_SPEC.md §2): per training step, each decoder layer runs only on
+a subset of the rows (whole samples, or single tokens); the other rows pass through unchanged.
+
+Per wrapped layer (`SkippableLayer`), in training:
+  1. the skipper's policy draws a keep mask (`[B]` samples or `[B, T]` tokens) and a gate,
+  2. `route(mask)` compacts it into a plan; `gather_rows` picks the K kept rows,
+  3. the layer runs on `[K, T, D]` (sample mode) or the padded `[B, Kmax, D]` (token mode),
+  4. `skip_residual(x, y - x_rows, plan, gate)` writes `x` for skipped rows and
+     `x + gate * (y - x)` for kept ones.
+The layer therefore sees only kept rows in forward and backward (gather's backward scatters
+into zeros; skip_residual hands grad_out to x unchanged), which is where the savings come from.
+HF decoder layers return `y = x + f(x)`, hence `delta = y - x_rows`.
+
+Policies:
+  schedule    skip probability rising linearly with depth: the j-th of n eligible layers skips
+              with p = p_max * j / n; kept rows get gate 1 / (1 - p) (stochastic depth).
+  router      a `Linear(D, 1)` per eligible layer scores the mean-pooled sample (sample mode) or
+              each token (token mode); the top round(capacity * rows) run, gate = sigmoid(score)
+              so the loss trains the router (Mixture-of-Depths).
+  importance  skip probabilities from a bias-corrected EMA of each layer's measured change
+              `1 - cos(x, out)` (from skip_residual(stats=True), measured with the gate applied),
+              proportional to 1 / change and normalised so their mean over eligible layers is
+              `target_skip` (capped at MAX_SKIP); gate 1 / (1 - p).
+With `keep_first_last`, the first and last layer always run densely. In eval() every layer
+runs densely and exactly as the unwrapped layer.
+
+Limitations: random decisions come from the skipper's own generator, so activation
+checkpointing that re-runs a layer's forward would redraw them (keep checkpointing off on the
+wrapped layers). A layer skipped for every row is not called: it returns
+`output_setter(None, hidden_states)` (the bare hidden states by default).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import gather_rows, route, skip_residual
+from .._types import RoutePlan
+
+MODES = ("sample", "token")
+POLICIES = ("schedule", "router", "importance")
+MAX_SKIP = 0.9  # highest skip probability of a random policy: bounds the gate 1 / keep_prob
+POSITION_KWARGS = ("positions", "position_ids")
+
+ArgsKwargs = tuple[tuple, dict]
+
+
+@dataclass
+class SkipReport:
+    """What the last training forward ran, per layer."""
+
+    rows_run: list[int] = field(default_factory=list)  # rows that ran each layer
+    rows_total: list[int] = field(default_factory=list)  # rows each layer would run densely
+    keep_masks: list[Tensor | None] = field(default_factory=list)  # None: ran densely, no gate
+    gates: list[Tensor | None] = field(default_factory=list)  # [K] gate of the rows that ran
+
+    @property
+    def executed_fraction(self) -> float:
+        """sum(rows_run) / sum(rows_total): the fraction of the dense layer FLOPs spent."""
+        total = sum(self.rows_total)
+        return sum(self.rows_run) / total if total else 1.0
+
+
+def slice_samples(args: tuple, kwargs: dict, plan: RoutePlan) -> ArgsKwargs:
+    """Default `arg_slicer` (sample mode): every tensor whose dim 0 is B, also inside tuples
+    and lists, keeps the plan's samples; anything else (e.g. a broadcast dim 0 of 1) passes."""
+    batch = plan.shape[0]
+
+    def cut(value):
+        if isinstance(value, Tensor):
+            return value.index_select(0, plan.index) if value.shape[:1] == (batch,) else value
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
+            return type(value)(*(cut(v) for v in value))
+        if isinstance(value, (tuple, list)):
+            return type(value)(cut(v) for v in value)
+        return value
+
+    return cut(args), {name: cut(v) for name, v in kwargs.items()}
+
+
+def hidden_of(out) -> Tensor:
+    """Default `output_getter`: a Tensor, or the first element of a tuple/list."""
+    return out if isinstance(out, Tensor) else out[0]
+
+
+def with_hidden(out, hidden: Tensor):
+    """Default `output_setter`: `hidden` in place of what `hidden_of` read."""
+    if out is None or isinstance(out, Tensor):
+        return hidden
+    return type(out)((hidden, *out[1:]))
+
+
+def _position_kwargs(layer: nn.Module) -> tuple[str, ...]:
+    params = inspect.signature(layer.forward).parameters
+    return tuple(name for name in POSITION_KWARGS if name in params)
+
+
+class SkippableLayer(nn.Module):
+    """Drop-in replacement for `layer` (same call signature and return type) that runs only
+    the rows its skipper keeps in training, and exactly `layer` in eval."""
+
+    def __init__(self, layer: nn.Module, skipper: LayerDynamicSkipper, idx: int):
+        super().__init__()
+        self.layer = layer
+        self.idx = idx
+        # a plain attribute, not a submodule: the skipper owns this layer, not the reverse
+        object.__setattr__(self, "skipper", skipper)
+        self._position_kwargs = _position_kwargs(layer)
+
+    def extra_repr(self) -> str:
+        return f"idx={self.idx}"
+
+    def pass_positions(self, args: tuple, kwargs: dict, plan: RoutePlan) -> ArgsKwargs:
+        """Default `token_arg_builder`: args pass through; a `positions` / `position_ids`
+        parameter of the layer receives the kept tokens' original positions `[B, Kmax]`.
+        Masks over the kept tokens are the caller's builder's job (padding slots come after
+        every kept token of a sample, so a causal mask over slots never attends to them)."""
+        return args, {**kwargs, **{name: plan.positions for name in self._position_kwargs}}
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        skipper = self.skipper
+        if not self.training:
+            return self.layer(hidden_states, *args, **kwargs)
+        keep, gate_of_rows = skipper.decide(self.idx, hidden_states)
+        if keep is None:  # an always-dense layer
+            skipper.record(self.idx, None, None, hidden_states)
+            return self.layer(hidden_states, *args, **kwargs)
+        plan = route(keep)
+        gate = gate_of_rows.reshape(-1).index_select(0, plan.index)  # [K]
+        skipper.record(self.idx, keep, gate, hidden_states, plan.num_active)
+        if plan.num_active == 0:  # no launches at all for a fully skipped layer
+            return skipper.output_setter(None, hidden_states)
+
+        if plan.num_active == plan.num_rows:  # dense: no gather, but the gate still applies
+            rows, call_args, call_kwargs = hidden_states, args, kwargs
+        elif skipper.mode == "sample":
+            rows = gather_rows(hidden_states, plan)  # [K, T, D]
+            call_args, call_kwargs = skipper.arg_slicer(args, kwargs, plan)
+        else:
+            rows = gather_rows(hidden_states, plan, padded=True)  # [B, Kmax, D]
+            builder = skipper.token_arg_builder or self.pass_positions
+            call_args, call_kwargs = builder(args, kwargs, plan)
+        out = self.layer(rows, *call_args, **call_kwargs)
+        delta = skipper.output_getter(out) - rows
+        if plan.num_active == plan.num_rows:  # packed layout of all rows
+            delta = delta.reshape(plan.num_active, *hidden_states.shape[len(plan.shape) :])
+
+        measure = skipper.policy == "importance"
+        combined = skip_residual(hidden_states, delta, plan, gate, stats=measure)
+        if measure:
+            combined, cos = combined
+            skipper.observe_change(self.idx, 1.0 - cos.mean())
+        return skipper.output_setter(out, combined)
+
+
+class LayerDynamicSkipper(nn.Module):
+    """Wraps decoder `layers` into `SkippableLayer`s (see the module docstring)."""
+
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        hidden_size: int,
+        mode: str = "sample",
+        policy: str = "schedule",
+        p_max: float = 0.5,
+        capacity: float = 0.5,
+        target_skip: float = 0.5,
+        ema: float = 0.9,
+        keep_first_last: bool = True,
+        seed: int | None = None,
+        arg_slicer: Callable[[tuple, dict, RoutePlan], ArgsKwargs] | None = None,
+        token_arg_builder: Callable[[tuple, dict, RoutePlan], ArgsKwargs] | None = None,
+        output_getter: Callable[[object], Tensor] | None = None,
+        output_setter: Callable[[object, Tensor], object] | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        for name, value, high in (
+            ("p_max", p_max, MAX_SKIP),
+            ("capacity", capacity, 1.0),
+            ("target_skip", target_skip, MAX_SKIP),
+            ("ema", ema, 1.0),
+        ):
+            if not 0.0 <= value <= high:
+                raise ValueError(f"{name} must be in [0, {high}], got {value}")
+        self.mode, self.policy = mode, policy
+        self.p_max, self.capacity, self.target_skip, self.ema = p_max, capacity, target_skip, ema
+        self.seed = seed
+        self.arg_slicer = arg_slicer or slice_samples
+        self.token_arg_builder = token_arg_builder
+        self.output_getter = output_getter or hidden_of
+        self.output_setter = output_setter or with_hidden
+
+        self.layers = nn.ModuleList(
+            SkippableLayer(layer, self, i) for i, layer in enumerate(layers)
+        )
+        n = len(self.layers)
+        firm = {0, n - 1} if keep_first_last else set()
+        self.eligible = [i for i in range(n) if i not in firm]
+        if policy == "router":
+            self.routers = nn.ModuleDict({str(i): nn.Linear(hidden_size, 1) for i in self.eligible})
+        # importance: EMA of 1 - cos per layer and how many updates it has had (bias correction)
+        self.register_buffer("change_ema", torch.zeros(n))
+        self.register_buffer("change_updates", torch.zeros(n))
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.report = SkipReport([0] * n, [0] * n, [None] * n, [None] * n)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        """All layers in order, each fed the previous one's hidden states; returns the last."""
+        for layer in self.layers:
+            hidden_states = self.output_getter(layer(hidden_states, *args, **kwargs))
+        return hidden_states
+
+    # ---- decisions ------------------------------------------------------------------------
+
+    def skip_probabilities(self) -> Tensor:
+        """[L] fp32 current skip probability of every layer (router: 1 - capacity), on the
+        buffers' device."""
+        probs = torch.zeros(len(self.layers), device=self.change_ema.device)
+        if not self.eligible:
+            return probs
+        idx = torch.tensor(self.eligible, dtype=torch.long, device=probs.device)
+        if self.policy == "importance":
+            return probs.index_copy(0, idx, self._importance_probabilities(idx))
+        if self.policy == "router":
+            return probs.index_fill(0, idx, 1.0 - self.capacity)
+        return probs.index_copy(0, idx, probs.new_tensor(list(map(self._schedule_p, idx))))
+
+    def _schedule_p(self, idx: int) -> float:
+        """p_max * j / n for the j-th (1-based) of the n eligible layers."""
+        return self.p_max * (self.eligible.index(int(idx)) + 1) / len(self.eligible)
+
+    def _importance_probabilities(self, idx: Tensor) -> Tensor:
+        """Probabilities proportional to 1 / measured change, mean `target_skip`, <= MAX_SKIP.
+        Device tensors throughout: no host synchronisation."""
+        updates = self.change_updates[idx]
+        measured = (updates > 0).float()
+        change = self.change_ema[idx] / (1 - self.ema**updates).clamp_min(1e-12)
+        # unmeasured layers count as average ones (none measured: uniform)
+        mean_change = (change * measured).sum() / measured.sum().clamp_min(1)
+        weight = 1.0 / (torch.where(measured > 0, change, mean_change) + 1e-6)
+        budget = self.target_skip * len(idx)
+        probs = torch.zeros_like(weight)
+        free = torch.ones_like(weight)  # 1.0 where a layer is below the cap
+        # water-filling: share the budget by weight, cap, hand the excess to uncapped layers
+        for _ in range(len(idx)):
+            left = budget - (probs * (1 - free)).sum()
+            share = left * weight * free / (weight * free).sum().clamp_min(1e-12)
+            probs = torch.where(free > 0, share, probs).clamp_max(MAX_SKIP)
+            free = free * (probs < MAX_SKIP).float()
+        return probs
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def decide(self, idx: int, hidden_states: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(keep mask `[B]` / `[B, T]`, gate of every row in the mask's layout), or (None,
+        None) for a layer that runs densely without a gate."""
+        if idx not in self.eligible:
+            return None, None
+        rows = hidden_states.shape[:1] if self.mode == "sample" else hidden_states.shape[:2]
+        if self.mode == "token" and hidden_states.dim() < 3:
+            raise ValueError(
+                f"token mode needs hidden_states [B, T, D], got {tuple(hidden_states.shape)}"
+            )
+        device = hidden_states.device
+        if self.policy == "router":
+            return self._route_top_k(idx, hidden_states)
+        if self.policy == "schedule":
+            p = self._schedule_p(idx)
+            if p == 0.0:
+                return None, None
+        else:
+            p = self.skip_probabilities()[idx].to(device)
+        draw = torch.rand(rows, generator=self._generator(device), device=device)
+        gate = torch.full(rows, 1.0, device=device) / (1.0 - p)  # stochastic-depth rescale
+        return draw >= p, gate
+
+    def _route_top_k(self, idx: int, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        router = self.routers[str(idx)]
+        if self.mode == "sample":
+            pooled = hidden_states.reshape(hidden_states.shape[0], -1, hidden_states.shape[-1])
+            scores = router(pooled.mean(dim=1)).squeeze(-1)  # [B]
+        else:
+            scores = router(hidden_states).squeeze(-1)  # [B, T]
+        num_keep = round(self.capacity * scores.shape[-1])
+        top = scores.topk(num_keep, dim=-1).indices
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        return keep, torch.sigmoid(scores)
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def record(
+        self,
+        idx: int,
+        keep: Tensor | None,
+        gate: Tensor | None,
+        hidden_states: Tensor,
+        num_run: int | None = None,
+    ) -> None:
+        lead = 1 if self.mode == "sample" else 2
+        total = hidden_states.shape[:lead].numel()
+        self.report.rows_total[idx] = total
+        self.report.rows_run[idx] = total if num_run is None else num_run
+        self.report.keep_masks[idx] = keep
+        self.report.gates[idx] = None if gate is None else gate.detach()
+
+    @torch.no_grad()
+    def observe_change(self, idx: int, change: Tensor) -> None:
+        """Fold one measurement of layer `idx`'s change `1 - cos(x, out)` into its EMA."""
+        self.change_ema[idx] = self.ema * self.change_ema[idx] + (1 - self.ema) * change
+        self.change_updates[idx] += 1
