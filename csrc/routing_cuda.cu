@@ -1,9 +1,11 @@
 // CUDA kernels of the routing ops. Compiled only when setup.py builds with CUDA
 // (STS_WITH_CUDA).
+// c10/cuda headers only, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS/cuSPARSE
+// headers, which a minimal CUDA toolkit lacks, and slows the compile.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,8 +51,12 @@ __global__ void sample_offsets_kernel(const int64_t* __restrict__ inclusive, int
   }
 }
 
+// Blocks for `work` items at `per_block` each, capped at 16 per SM (the loops grid-stride).
 int64_t grid_for(int64_t work, int64_t per_block) {
-  const int64_t max_blocks = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 16;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        c10::cuda::current_device()));
+  const int64_t max_blocks = int64_t{sms} * 16;
   return std::max<int64_t>(1, std::min(max_blocks, (work + per_block - 1) / per_block));
 }
 
@@ -69,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& mask
   auto index = at::empty({active}, long_opts);
   auto offsets = at::empty({samples + 1}, long_opts);
   auto counts = at::empty({samples}, long_opts);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   if (num_rows > 0) {
     compact_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
         flat.data_ptr<bool>(), inclusive.data_ptr<int64_t>(), num_rows, index.data_ptr<int64_t>());
@@ -120,7 +126,7 @@ void launch_copy_rows(const at::Tensor& src, at::Tensor& dst, const at::Tensor& 
   const int64_t num_ids = rows.numel();
   const int64_t grid = grid_for(num_ids, block.y);
   const int64_t bound = scatter ? dst.size(0) : src.size(0);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* from = static_cast<const Vec*>(src.data_ptr());
   auto* to = static_cast<Vec*>(dst.data_ptr());
   const auto* ids = rows.data_ptr<int64_t>();

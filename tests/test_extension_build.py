@@ -70,6 +70,10 @@ def test_cuda_build_has_cuda_kernels_for_sm80_sm90(tmp_path):
     )
     env = dict(os.environ, STS_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0;9.0", MAX_JOBS="2")
     env.pop("STS_NO_EXT", None)
+    if "CUDA_HOME" not in env and Path("/usr/local/cuda/lib64").is_dir():
+        # nvcc may be a wrapper script in /usr/local/bin, from which cpp_extension would guess
+        # CUDA_HOME=/usr/local and miss libcudart
+        env["CUDA_HOME"] = "/usr/local/cuda"
     start = time.perf_counter()
     build = subprocess.run(
         [python, "setup.py", "build_ext", "--inplace"],

@@ -71,18 +71,25 @@ def _copy_rows_kernel(
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-def _as_words(t: Tensor) -> Tensor:
-    """Contiguous non-empty `t` [N, ...] as [N, W] of the widest integer word dividing a row."""
-    row_bytes = math.prod(t.shape[1:]) * t.element_size()
-    word = next(w for w in _WORDS if row_bytes % w.itemsize == 0)
-    return t.view(torch.uint8).view(t.shape[0], row_bytes).view(word)
+def _word_dtype(row_bytes: int, *tensors: Tensor) -> torch.dtype:
+    """The widest integer word that divides a row and every tensor's start address, so each
+    row starts word-aligned (a view may start at any element)."""
+    return next(
+        w
+        for w in _WORDS
+        if row_bytes % w.itemsize == 0 and all(t.data_ptr() % w.itemsize == 0 for t in tensors)
+    )
 
 
 def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> None:
-    """Gather (`dst[k] = src[rows[k]]`) or scatter (`dst[rows[k]] = src[k]`) whole rows."""
+    """Gather (`dst[k] = src[rows[k]]`) or scatter (`dst[rows[k]] = src[k]`) whole rows of the
+    contiguous `src` and `dst`."""
     if src.numel() == 0 or dst.numel() == 0 or rows.numel() == 0:
         return
-    src_words, dst_words = _as_words(src), _as_words(dst)  # [Ns, W], [Nd, W]
+    row_bytes = math.prod(src.shape[1:]) * src.element_size()
+    word = _word_dtype(row_bytes, src, dst)
+    # [Ns, W], [Nd, W]
+    src_words, dst_words = (t.view(torch.uint8).view(t.shape[0], -1).view(word) for t in (src, dst))
     num_cols = src_words.shape[1]
     # The interpreter pays per program, so it gets 16x bigger blocks.
     block_words = 1 << 16 if triton_interpreter() else 1 << 12

@@ -1,0 +1,341 @@
+"""route / gather_rows / scatter_rows: the C++ extension ops and the Triton kernels against the
+reference. Gather and scatter copy rows, so every comparison is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sts_kernels
+from sts_kernels import _backend, reference
+from sts_kernels._types import RoutePlan
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+IMPLS = ["cpp", pytest.param("triton", marks=pytest.mark.interpreter)]
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool)
+
+# name -> mask factory (B, T) -> bool mask
+MASKS = {
+    "random": lambda: torch.rand(4, 9) < 0.5,
+    "all_true": lambda: torch.ones(3, 5, dtype=torch.bool),
+    "all_false": lambda: torch.zeros(3, 5, dtype=torch.bool),
+    "one_row": lambda: torch.zeros(3, 5, dtype=torch.bool).index_put_(
+        (torch.tensor([1]), torch.tensor([3])), torch.tensor(True)
+    ),
+    "batch_1": lambda: torch.tensor([[True, False, True, True, False]]),
+    "time_1": lambda: torch.tensor([[True], [False], [True]]),
+    "samples": lambda: torch.tensor([False, True, True, False, True]),
+    "empty_sample": lambda: torch.tensor(
+        [[True, True, False], [False, False, False], [False, True, True]]
+    ),
+}
+
+
+def need(impl: str, device: torch.device = DEVICE) -> None:
+    if impl == "cpp" and not _backend.has_extension(device.type):
+        pytest.skip(f"sts_kernels._C is not built with {device.type} kernels (pip install -e .)")
+
+
+def features(x_shape: tuple[int, ...], plan_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return x_shape[len(plan_shape) :]
+
+
+def make_x(mask: torch.Tensor, feat: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    shape = (*mask.shape, *feat)
+    if dtype == torch.bool:
+        return torch.rand(shape, device=DEVICE) < 0.5
+    if not dtype.is_floating_point:
+        return torch.randint(-1000, 1000, shape, device=DEVICE, dtype=dtype)
+    return torch.randn(shape, device=DEVICE, dtype=dtype)
+
+
+def assert_same_plan(plan: RoutePlan, expected: RoutePlan) -> None:
+    assert plan.shape == expected.shape
+    for name in ("index", "counts", "offsets", "padded_index", "positions"):
+        got, want = getattr(plan, name), getattr(expected, name)
+        assert got.dtype == want.dtype == torch.int64, name
+        assert torch.equal(got, want), f"{name}: {got} != {want}"
+
+
+# ---------------------------------------------------------------------------------------------
+# route
+
+
+@pytest.mark.parametrize("case", list(MASKS))
+def test_route_matches_reference(case):
+    need("cpp")
+    mask = MASKS[case]().to(DEVICE)
+    with sts_kernels.use_backend("cpp"):
+        plan = sts_kernels.route(mask)
+    assert_same_plan(plan, reference.route(mask))
+
+
+@pytest.mark.parametrize("shape", [(3, 40_000), (70_000,), (1, 50_001)])
+def test_route_many_blocks(shape):
+    """Masks over several of the CPU compaction's 16k-row blocks."""
+    need("cpp")
+    mask = torch.rand(shape, device=DEVICE) < 0.3
+    with sts_kernels.use_backend("cpp"):
+        plan = sts_kernels.route(mask)
+    expected = reference.route(mask)
+    for name in ("index", "counts", "offsets"):
+        assert torch.equal(getattr(plan, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("shape", [(0,), (2, 0)])
+def test_route_empty_mask(shape):
+    need("cpp")
+    with sts_kernels.use_backend("cpp"):
+        plan = sts_kernels.route(torch.zeros(shape, dtype=torch.bool, device=DEVICE))
+    assert plan.index.shape == (0,)
+    assert torch.equal(plan.counts, torch.zeros(shape[0], dtype=torch.int64, device=DEVICE))
+    assert torch.equal(plan.offsets, torch.zeros(shape[0] + 1, dtype=torch.int64, device=DEVICE))
+
+
+def test_route_non_contiguous_mask():
+    need("cpp")
+    mask = torch.rand(7, 4, device=DEVICE) < 0.5
+    with sts_kernels.use_backend("cpp"):
+        plan = sts_kernels.route(mask.t())
+    assert_same_plan(plan, reference.route(mask.t().contiguous()))
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_rows forward
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(MASKS))
+@pytest.mark.parametrize("padded", [False, True])
+def test_gather_masks(impl, case, padded):
+    need(impl)
+    mask = MASKS[case]().to(DEVICE)
+    if padded and mask.dim() != 2:
+        pytest.skip("the padded layout is for [B, T] token masks")
+    plan = reference.route(mask)
+    x = make_x(mask, (6,), torch.float32)
+    with sts_kernels.use_backend(impl):
+        out = sts_kernels.gather_rows(x, plan, padded=padded)
+    assert torch.equal(out, reference.gather_rows(x, plan, padded=padded))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("padded", [False, True])
+def test_gather_dtypes(impl, dtype, padded):
+    need(impl)
+    mask = torch.rand(3, 7, device=DEVICE) < 0.6
+    plan = reference.route(mask)
+    x = make_x(mask, (5,), dtype)  # 5 elements: rows of 5, 10, 20 or 40 bytes
+    with sts_kernels.use_backend(impl):
+        out = sts_kernels.gather_rows(x, plan, padded=padded)
+    assert out.dtype == dtype
+    assert torch.equal(out, reference.gather_rows(x, plan, padded=padded))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "feat", [(), (1,), (3,), (2, 3), (3000,)], ids=["none", "1", "3", "2x3", "wide3000"]
+)
+def test_gather_row_widths(impl, feat):
+    """Rows without features, of odd byte widths (fp16 x 3 = 6 bytes) and wide rows."""
+    need(impl)
+    mask = torch.rand(2, 6, device=DEVICE) < 0.5
+    plan = reference.route(mask)
+    x = make_x(mask, feat, torch.float16)
+    for padded in (False, True):
+        with sts_kernels.use_backend(impl):
+            out = sts_kernels.gather_rows(x, plan, padded=padded)
+        assert torch.equal(out, reference.gather_rows(x, plan, padded=padded))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gather_non_contiguous_input_left_unchanged(impl):
+    need(impl)
+    mask = torch.rand(3, 5, device=DEVICE) < 0.5
+    plan = reference.route(mask)
+    base = torch.randn(8, 5, 3, device=DEVICE)  # x = base viewed as [3, 5, 8]: not contiguous
+    x = base.permute(2, 1, 0)[:3]
+    assert not x.is_contiguous()
+    before = x.clone()
+    for padded in (False, True):
+        with sts_kernels.use_backend(impl):
+            out = sts_kernels.gather_rows(x, plan, padded=padded)
+        assert torch.equal(out, reference.gather_rows(x, plan, padded=padded))
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gather_view_at_odd_offset(impl):
+    """A contiguous view starting 2 bytes into its storage: row copies must not assume
+    8- or 16-byte aligned rows."""
+    need(impl)
+    mask = torch.rand(2, 5, device=DEVICE) < 0.5
+    plan = reference.route(mask)
+    x = torch.randn(2 * 5 * 4 + 1, device=DEVICE, dtype=torch.float16)[1:].view(2, 5, 4)
+    with sts_kernels.use_backend(impl):
+        out = sts_kernels.gather_rows(x, plan)
+    assert torch.equal(out, reference.gather_rows(x, plan))
+
+
+def test_gather_uses_extension_route_plan():
+    """The plan from the extension's route drives the gather like the reference's does."""
+    need("cpp")
+    mask = torch.rand(4, 6, device=DEVICE) < 0.5
+    x = torch.randn(4, 6, 3, device=DEVICE)
+    with sts_kernels.use_backend("cpp"):
+        plan = sts_kernels.route(mask)
+        out = sts_kernels.gather_rows(x, plan, padded=True)
+    expected = reference.gather_rows(x, reference.route(mask), padded=True)
+    assert torch.equal(out, expected)
+    assert torch.equal(plan.valid, out.abs().sum(-1) > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward (scatter_rows)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("padded", [False, True])
+def test_gather_backward_is_exact_scatter(impl, dtype, padded):
+    need(impl)
+    mask = torch.rand(3, 8, device=DEVICE) < 0.5
+    plan = reference.route(mask)
+    x = torch.randn(3, 8, 4, device=DEVICE, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with sts_kernels.use_backend(impl):
+        out = sts_kernels.gather_rows(x, plan, padded=padded)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    reference.gather_rows(x_ref, plan, padded=padded).backward(grad_out)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.count_nonzero(x.grad[~mask]) == 0  # rows outside the plan: exactly zero
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_gather_gradcheck_float64(impl, padded):
+    need(impl)
+    mask = torch.tensor([[True, False, True], [False, False, True]], device=DEVICE)
+    plan = reference.route(mask)
+    x = torch.randn(2, 3, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+
+    def fn(t):
+        with sts_kernels.use_backend(impl):
+            return sts_kernels.gather_rows(t, plan, padded=padded)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+SCATTER_OPS = {"cpp": "scatter_rows", "triton": "scatter_rows_triton"}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_scatter_rows_op(impl, dtype):
+    need(impl)
+    rows = torch.tensor([4, -1, 0, 6, -1, 2], device=DEVICE)
+    src = make_x(torch.ones(6, dtype=torch.bool), (3,), dtype)
+    out = getattr(torch.ops.sts, SCATTER_OPS[impl])(src, rows, 7)
+    keep = rows >= 0
+    expected = torch.zeros((7, 3), dtype=dtype, device=DEVICE).index_copy_(0, rows[keep], src[keep])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_scatter_rows_gradcheck_float64(impl):
+    need(impl)
+    rows = torch.tensor([3, -1, 0], device=DEVICE)
+    src = torch.randn(3, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    op = getattr(torch.ops.sts, SCATTER_OPS[impl])
+    assert torch.autograd.gradcheck(lambda s: op(s, rows, 5), (src,))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+def test_opcheck_cpp_ops():
+    need("cpp", torch.device("cpu"))
+    mask = torch.rand(3, 5) < 0.5
+    rows = torch.tensor([7, -1, 0, 14, 3])
+    x = torch.randn(15, 4, requires_grad=True)
+    src = torch.randn(5, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.sts.route.default, (mask,))
+    torch.library.opcheck(torch.ops.sts.gather_rows.default, (x, rows))
+    torch.library.opcheck(torch.ops.sts.scatter_rows.default, (src, rows, 15))
+
+
+@pytest.mark.interpreter
+def test_opcheck_triton_ops():
+    rows = torch.tensor([7, -1, 0, 3])
+    x = torch.randn(8, 4, requires_grad=True)
+    src = torch.randn(4, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.sts.gather_rows_triton.default, (x, rows))
+    torch.library.opcheck(torch.ops.sts.scatter_rows_triton.default, (src, rows, 8))
+
+
+def test_compile_fullgraph_gather_and_backward():
+    """Fake kernels + autograd registration let Dynamo/AOT trace the ops without graph breaks."""
+    need("cpp", torch.device("cpu"))
+    rows = torch.tensor([5, -1, 1])
+    x = torch.randn(6, 3, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def fn(t):
+        return (torch.ops.sts.gather_rows(t, rows) * 2).sum()
+
+    fn(x).backward()
+    expected = torch.zeros(6, 3)
+    expected[[5, 1]] = 2
+    assert torch.equal(x.grad, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_route_rejects_non_bool_mask():
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        sts_kernels.route(torch.ones(2, 3))
+
+
+def test_route_rejects_3d_mask():
+    with pytest.raises(ValueError, match="mask must be"):
+        sts_kernels.route(torch.ones(2, 3, 4, dtype=torch.bool))
+
+
+def test_gather_rejects_mask_shape_not_prefix():
+    plan = reference.route(torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x must start with the mask's shape"):
+        sts_kernels.gather_rows(torch.randn(3, 2, 4), plan)
+
+
+def test_gather_rejects_plan_from_another_device():
+    meta = dict(dtype=torch.int64, device="meta")
+    plan = RoutePlan(
+        index=torch.empty(6, **meta),
+        counts=torch.empty(2, **meta),
+        offsets=torch.empty(3, **meta),
+        shape=(2, 3),
+    )
+    with pytest.raises(ValueError, match="plan is on meta"):
+        sts_kernels.gather_rows(torch.randn(2, 3, 4), plan)
+
+
+def test_gather_rejects_padded_sample_plan():
+    plan = reference.route(torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="padded=True needs a"):
+        sts_kernels.gather_rows(torch.randn(2, 4), plan, padded=True)
+
+
+def test_cpp_ops_reject_bad_rows():
+    need("cpp", torch.device("cpu"))
+    x = torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match="rows must be a 1-D int64"):
+        torch.ops.sts.gather_rows(x, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.sts.gather_rows(x, torch.tensor([0, 4]))
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        torch.ops.sts.route(torch.ones(3))
