@@ -96,8 +96,12 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
+@torch.compiler.assume_constant_result
 def select(op: str, device: torch.device, implemented: Sequence[str]) -> str:
     """Pick the backend for `op` on `device`.
+
+    Under torch.compile the choice is a trace-time constant (dynamo cannot read the
+    ContextVar behind `use_backend`): a compiled graph keeps the backend it was traced with.
 
     `implemented` lists the op's compiled backends in order of preference on a GPU (the
     reference always exists). A forced backend the op does not implement is ignored for it;

@@ -20,12 +20,6 @@ from .._backend import select, triton_interpreter
 from .._triton import tl, triton
 from .._types import MergeResult
 
-# Dynamo cannot trace the ContextVar behind `use_backend`: under torch.compile the backend is
-# chosen once, at trace time (a constant, not a guard).
-_select_backend = torch.compiler.assume_constant_result(
-    lambda op, device: select(op, device, ("triton",))
-)
-
 
 @triton.jit
 def _match_kernel(
@@ -425,7 +419,7 @@ def bipartite_merge(
 ) -> MergeResult:
     """Merge the `r` most redundant tokens of each sample (STS_SPEC.md §1)."""
     _checks.bipartite_merge(x, r, metric, size, protected)
-    if _select_backend("bipartite_merge", x.device) != "triton":
+    if select("bipartite_merge", x.device, ("triton",)) != "triton":
         return reference.bipartite_merge(x, r, metric, size, protected)
     b, n, _ = x.shape
     if size is None:
@@ -443,6 +437,6 @@ def bipartite_merge(
 def unmerge(y: Tensor, index: Tensor) -> Tensor:
     """`[B, N_out, D]` -> `[B, N, D]`: each original token gets its merged token's value."""
     _checks.unmerge(y, index)
-    if _select_backend("unmerge", y.device) == "triton":
+    if select("unmerge", y.device, ("triton",)) == "triton":
         return _unmerge_op(y, index)
     return reference.unmerge(y, index)

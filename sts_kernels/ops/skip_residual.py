@@ -322,13 +322,6 @@ def _backward(ctx, grad_out, _grad_cos):
 _skip_residual_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result
-def _use_triton(device: torch.device) -> bool:
-    # Backend choice is a trace-time constant under torch.compile (dynamo cannot read the
-    # use_backend ContextVar); a graph keeps the backend it was compiled with.
-    return select("skip_residual", device, ("triton",)) == "triton"
-
-
 def skip_residual(
     x: Tensor,
     delta: Tensor,
@@ -343,7 +336,7 @@ def skip_residual(
     `gate` `[K]` or None. Returns `out` like `x`, or `(out, cos)` with `cos` `[K]` (no grad).
     """
     is_padded = _checks.skip_residual(x, delta, plan, gate)
-    if not _use_triton(x.device):
+    if select("skip_residual", x.device, ("triton",)) != "triton":
         return reference.skip_residual(x, delta, plan, gate, stats)
     num_features = math.prod(x.shape[len(plan.shape) :])
     rows = x.reshape(plan.num_rows, num_features)  # [R, F]

@@ -14,12 +14,6 @@ from .. import _checks, reference
 from .._backend import select, triton_interpreter
 from .._triton import tl, triton
 
-# Dynamo cannot trace the ContextVar behind `use_backend`: under torch.compile the backend is
-# chosen once, at trace time (a constant, not a guard).
-_select_backend = torch.compiler.assume_constant_result(
-    lambda op, device: select(op, device, ("triton",))
-)
-
 
 @triton.jit
 def _token_pool_fwd_kernel(
@@ -192,6 +186,6 @@ _token_pool_backward_op.register_autograd(_token_pool_backward_grad, setup_conte
 def token_pool(x: Tensor, grid: tuple[int, int], window: tuple[int, int] | int = (2, 2)) -> Tensor:
     """`[B, H*W, D]` -> `[B, ceil(H/kh)*ceil(W/kw), D]` window means (STS_SPEC.md §1)."""
     h, w, kh, kw = _checks.token_pool(x, grid, window)
-    if _select_backend("token_pool", x.device) == "triton":
+    if select("token_pool", x.device, ("triton",)) == "triton":
         return _token_pool_op(x, h, w, kh, kw)
     return reference.token_pool(x, (h, w), (kh, kw))
