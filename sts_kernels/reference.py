@@ -123,7 +123,7 @@ def unmerge(y: Tensor, index: Tensor) -> Tensor:
 
 def route(mask: Tensor) -> RoutePlan:
     """Compact a bool mask over rows into ascending flat row ids, counts and offsets."""
-    counts = mask.reshape(mask.shape[0], -1).sum(dim=1)
+    counts = mask.reshape(mask.shape[0], math.prod(mask.shape[1:])).sum(dim=1)
     offsets = F.pad(counts.cumsum(0), (1, 0))
     index = mask.reshape(-1).nonzero().squeeze(1)
     return RoutePlan(index=index, counts=counts, offsets=offsets, shape=tuple(mask.shape))
