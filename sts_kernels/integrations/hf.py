@@ -21,9 +21,11 @@ What the patch does, on this instance only (no class is modified):
   parameters and hooks; only its `forward` is replaced by an instance attribute that, in
   training, calls the skipper's `SkippableLayer` for that depth, which runs the original forward
   on the kept rows (samples, or tokens with their attention mask and rotary embeddings gathered).
-  The skipper (and the compressor) are attached as `model.sts_skipper` / `model.sts_compressor`
-  so they follow `.train()`, `.to()` and DDP; in the default configuration they hold no
-  parameters or buffers, so `state_dict()` is unchanged. Caching is switched off in training.
+  The decisions are drawn outside the layer's own forward, so activation checkpointing of
+  the decoder layers re-runs only the kept rows with the same decisions. A skipper with
+  parameters (policy="router") is attached as `model.sts_skipper`, so the optimizer, DDP and
+  checkpoints see the routers (its keys appear in `state_dict()` while patched); otherwise
+  nothing is attached and `state_dict()` keeps its keys. Caching is switched off in training.
 
 In `eval()` (and with `handle.enabled = False`) the model runs exactly as unpatched, unless the
 compressor was built with `enabled_in_eval=True`. VTC is for training and plain forwards, not
@@ -146,8 +148,13 @@ def apply_sts(
     device = next(model.parameters()).device
 
     for name, module in (("sts_compressor", compressor), ("sts_skipper", skipper)):
-        if module is not None and not _shares_parameters(module, model):
-            module.to(device)
+        if module is None:
+            continue
+        module.to(device)
+        # trainable parts (the router policy's Linear layers) must be model parameters for the
+        # optimizer, DDP and checkpoints; parameter-free modules stay off the model so its
+        # state_dict keeps its keys
+        if _has_own_parameters(module, model):
             setattr(model, name, module)
             handle._undo.append(lambda name=name: delattr(model, name))
     if skipper is not None:
@@ -236,9 +243,20 @@ def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: i
     return skipper, list(skipper.layers)
 
 
-def _shares_parameters(module: nn.Module, model: nn.Module) -> bool:
-    own = {id(p) for p in model.parameters()}
-    return any(id(p) in own for p in module.parameters())
+def _has_own_parameters(module: nn.Module, model: nn.Module) -> bool:
+    """Whether `module` has parameters and none of them is already the model's."""
+    model_params = {id(p) for p in model.parameters()}
+    params = [id(p) for p in module.parameters()]
+    return bool(params) and not any(p in model_params for p in params)
+
+
+def _follow(module: nn.Module, training: bool, device: torch.device) -> None:
+    """Keep a module that is not attached to the model in its mode and on its device."""
+    if module.training != training:
+        module.train(training)
+    buffer = next(module.buffers(), None)
+    if buffer is not None and buffer.device != device:
+        module.to(device)
 
 
 def _patch_layer(handle: StsHandle, layer: nn.Module, idx: int, calls: list[nn.Module]) -> None:
@@ -251,12 +269,10 @@ def _patch_layer(handle: StsHandle, layer: nn.Module, idx: int, calls: list[nn.M
     def forward(*args, **kwargs):
         if inside[0] or not (handle.enabled and layer.training):
             return original(*args, **kwargs)
-        skippable = calls[idx]
-        if not skippable.training:  # a skipper not attached to the model follows it here
-            skippable.train()
+        _follow(handle.skipper, True, args[0].device if args else kwargs["hidden_states"].device)
         inside[0] = True
         try:
-            return skippable(*args, **kwargs)
+            return calls[idx](*args, **kwargs)
         finally:
             inside[0] = False
 
@@ -298,6 +314,7 @@ def _make_pre_hook(handle: StsHandle, kind: str):
         ):
             if ids is None:
                 raise ValueError("apply_sts: VTC needs input_ids (got inputs_embeds)")
+            _follow(compressor, module.training, ids.device)
             kw = compress(model, compressor, kw, report)
             report.lm_tokens = kw["input_ids"].numel()
         if handle.skipper is not None and module.training:

@@ -1,0 +1,166 @@
+"""A synthetic multimodal task for training a tiny LLaVA from scratch: no download, no tokenizer.
+
+Each image is split into four quadrants; each quadrant holds one coloured shape (square, disc
+or triangle; small or big; somewhere inside the quadrant) or stays empty. A question is three
+integer tokens and the answer one token:
+
+    [BOS] [IMG] * n_image_tokens [Q_COLOUR] [quadrant] [ANSWER] -> colour of that quadrant's shape
+    [BOS] [IMG] * n_image_tokens [Q_SIZE]   [quadrant] [ANSWER] -> small / big
+    [BOS] [IMG] * n_image_tokens [Q_COUNT]  [colour]   [ANSWER] -> how many shapes of that colour
+    [BOS] [IMG] * n_image_tokens [Q_SHAPE]  [quadrant] [ANSWER] -> square / disc / triangle
+    [BOS] [IMG] * n_image_tokens [Q_WHERE]  [colour]   [ANSWER] -> quadrant of the first shape
+                                                                  of that colour
+
+Everything is a pure function of (seed, index), so the train and held-out splits (disjoint
+index ranges) are reproducible on any device. Image size is a parameter: with patch size p the
+vision tower produces (size / p)^2 tokens, which is what makes visual token compression matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# vocabulary (plain ints)
+PAD, BOS, IMAGE, ANSWER = 0, 1, 2, 3
+Q_COLOUR, Q_SIZE, Q_COUNT, Q_SHAPE, Q_WHERE = 4, 5, 6, 7, 8
+QUADRANTS = (10, 11, 12, 13)  # top-left, top-right, bottom-left, bottom-right
+COLOURS = (20, 21, 22, 23)  # red, green, blue, yellow
+SIZES = (30, 31)  # small, big
+COUNTS = (40, 41, 42, 43, 44)  # 0..4
+SHAPES = (50, 51, 52)  # square, disc, triangle
+VOCAB_SIZE = 64
+QUESTION_TYPES = ("colour", "size", "count", "shape", "where")
+
+_RGB = torch.tensor([[0.9, 0.15, 0.1], [0.1, 0.8, 0.2], [0.15, 0.3, 0.95], [0.95, 0.85, 0.1]])
+_TRAIN_OFFSET, _EVAL_OFFSET = 0, 1 << 30  # disjoint index ranges for the two splits
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    image_size: int = 64  # pixels per side
+    patch_size: int = 4  # the vision tower's patch: image tokens = (image_size / patch_size)^2
+    questions: tuple[str, ...] = ("colour", "size", "where")
+    shapes: int = 1  # quadrants holding a shape (1..4); the others stay empty
+    noise: float = 0.05  # pixel noise std
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.image_tokens + 5  # BOS, image, question type, argument, ANSWER, answer
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # [B, T] int64
+    attention_mask: Tensor  # [B, T] int64 (all ones: every sequence has the same length)
+    labels: Tensor  # [B, T] int64, -100 except on the answer token
+    pixel_values: Tensor  # [B, 3, S, S] fp32 in [-1, 1]
+    answers: Tensor  # [B] answer token
+    question_type: Tensor  # [B] index into cfg.questions
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "labels": self.labels,
+            "pixel_values": self.pixel_values,
+        }
+
+    def to(self, device) -> Batch:
+        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def _scene(gen: torch.Generator, cfg: TaskConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """One image [3, S, S] and its facts per quadrant (-1 where empty)."""
+    s = cfg.image_size
+    half = s // 2
+    img = torch.full((3, s, s), 0.2) + cfg.noise * torch.randn(3, s, s, generator=gen)
+    present = torch.zeros(4, dtype=torch.bool)
+    present[torch.randperm(4, generator=gen)[: cfg.shapes]] = True
+    colour = torch.randint(0, len(COLOURS), (4,), generator=gen)
+    size = torch.randint(0, len(SIZES), (4,), generator=gen)
+    shape = torch.randint(0, len(SHAPES), (4,), generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    for q in range(4):
+        if not present[q]:
+            continue
+        # small shapes span ~1/5 of a quadrant, big ones ~1/2
+        extent = round(half * (0.5 if size[q] else 0.22))
+        free = half - extent
+        oy = (q // 2) * half + int(torch.randint(0, free + 1, (), generator=gen))
+        ox = (q % 2) * half + int(torch.randint(0, free + 1, (), generator=gen))
+        dy, dx = (yy - oy).float(), (xx - ox).float()
+        inside = (dy >= 0) & (dy < extent) & (dx >= 0) & (dx < extent)
+        if shape[q] == 1:  # disc
+            r = extent / 2
+            inside &= (dy - r + 0.5) ** 2 + (dx - r + 0.5) ** 2 <= r * r
+        elif shape[q] == 2:  # triangle, apex up
+            inside &= (dx - extent / 2).abs() <= dy / 2
+        rgb = _RGB[colour[q]] + 0.05 * torch.randn(3, generator=gen)
+        img = torch.where(inside[None], rgb[:, None, None], img)
+    facts = {
+        "present": present,
+        "colour": torch.where(present, colour, -1),
+        "size": torch.where(present, size, -1),
+        "shape": torch.where(present, shape, -1),
+    }
+    return (img.clamp(0, 1) * 2 - 1), facts
+
+
+def _question(gen: torch.Generator, cfg: TaskConfig, facts: dict[str, Tensor]):
+    """(question type index, [type token, argument token], answer token)."""
+    kind = int(torch.randint(0, len(cfg.questions), (), generator=gen))
+    name = cfg.questions[kind]
+    if name == "count":
+        c = int(torch.randint(0, len(COLOURS), (), generator=gen))
+        n = int((facts["colour"] == c).sum())
+        return kind, [Q_COUNT, COLOURS[c]], COUNTS[n]
+    filled = facts["present"].nonzero().squeeze(1)
+    q = int(filled[int(torch.randint(0, filled.numel(), (), generator=gen))])
+    if name == "where":
+        c = facts["colour"][q]
+        first = int((facts["colour"] == c).nonzero()[0])
+        return kind, [Q_WHERE, COLOURS[int(c)]], QUADRANTS[first]
+    token, table = {
+        "colour": (Q_COLOUR, COLOURS),
+        "size": (Q_SIZE, SIZES),
+        "shape": (Q_SHAPE, SHAPES),
+    }[name]
+    return kind, [token, QUADRANTS[q]], table[int(facts[name][q])]
+
+
+def sample(cfg: TaskConfig, seed: int, index: int) -> tuple[Tensor, list[int], int, int]:
+    """Sample `index` of the stream `seed`: (image, token ids, answer, question type)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    img, facts = _scene(gen, cfg)
+    kind, question, answer = _question(gen, cfg, facts)
+    ids = [BOS] + [IMAGE] * cfg.image_tokens + question + [ANSWER, answer]
+    return img, ids, answer, kind
+
+
+def make_batch(cfg: TaskConfig, seed: int, indices: list[int], split: str = "train") -> Batch:
+    """Collate samples; `split` "eval" draws from an index range disjoint from "train"."""
+    offset = _EVAL_OFFSET if split == "eval" else _TRAIN_OFFSET
+    imgs, ids, answers, kinds = zip(*(sample(cfg, seed, offset + i) for i in indices))
+    input_ids = torch.tensor(ids)  # [B, T]
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -1] = input_ids[:, -1]  # the loss sees only the answer
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        labels=labels,
+        pixel_values=torch.stack(imgs),
+        answers=torch.tensor(answers),
+        question_type=torch.tensor(kinds),
+    )
+
+
+def answer_accuracy(logits: Tensor, batch: Batch) -> Tensor:
+    """[B] bool: the answer token is the arg-max at the position that predicts it."""
+    return logits[:, -2].argmax(-1) == batch.answers.to(logits.device)
