@@ -21,7 +21,9 @@ def assert_close(actual, expected, *, reference_lowp=None, name="output"):
     reference computed in that dtype as `reference_lowp`."""
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     if actual.dtype in TIGHT:
-        torch.testing.assert_close(actual, expected.to(actual.dtype), **TIGHT[actual.dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual, expected.to(actual.dtype), **TIGHT[actual.dtype], msg=lambda m: f"{name}: {m}"
+        )
         return
     assert reference_lowp is not None, f"{name}: {actual.dtype} needs the low-precision reference"
     exp = expected.double()
@@ -30,4 +32,6 @@ def assert_close(actual, expected, *, reference_lowp=None, name="output"):
     eps = torch.finfo(actual.dtype).eps
     floor = eps * max(exp.abs().max().item() if exp.numel() else 0.0, 1e-3)
     bound = 2 * ref_err + floor
-    assert err <= bound, f"{name} ({actual.dtype}): max error {err:.3g} > 2 x reference error {ref_err:.3g} (+ {floor:.2g})"
+    assert err <= bound, (
+        f"{name} ({actual.dtype}): max error {err:.3g} > 2 x reference error {ref_err:.3g} (+ {floor:.2g})"
+    )
