@@ -1,18 +1,15 @@
 """skip_residual: Triton kernels (interpreter on CPU) against the reference, forward and
 backward, every dtype; gradcheck, opcheck, torch.compile and input validation."""
 
-import importlib
-
 import pytest
 import torch
 from tolerances import DTYPES, assert_close
 
 import sts_kernels
 from sts_kernels import RoutePlan, reference, route, use_backend
+from sts_kernels.ops import _common as ops_common
 
 pytestmark = pytest.mark.interpreter
-# the module, not the function of the same name that sts_kernels.ops re-exports
-skip_residual_module = importlib.import_module("sts_kernels.ops.skip_residual")
 
 # (x shape, mask shape, padded delta): sample mode [B], token mode [B, T] packed and padded,
 # and a feature block of two dims.
@@ -108,8 +105,8 @@ def test_grad_x_is_grad_out(triton_device):
 @pytest.mark.parametrize("layout", ["sample", "token_padded"])
 def test_multiple_programs_and_feature_loop(layout, triton_device, monkeypatch):
     """A tiny tile forces many row blocks and several feature iterations per row."""
-    monkeypatch.setattr(skip_residual_module, "_INTERPRETER_TILE", 16)
-    monkeypatch.setattr(skip_residual_module, "_GPU_TILE", 16)
+    monkeypatch.setattr(ops_common, "_INTERPRETER_TILE", 16)
+    monkeypatch.setattr(ops_common, "_GPU_TILE", 16)
     x, delta, plan, gate = make_case(layout, torch.float32, triton_device, True)
     leaves = [t.clone().requires_grad_() for t in (x, delta, gate)]
     out, cos = run_triton(*leaves[:2], plan, leaves[2], stats=True)

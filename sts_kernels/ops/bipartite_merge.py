@@ -19,6 +19,7 @@ from .. import _checks, reference
 from .._backend import select, triton_interpreter
 from .._triton import tl, triton
 from .._types import MergeResult
+from ._common import acc_dtype, register_adjoint_autograd, tile_shape
 
 
 @triton.jit
@@ -202,16 +203,8 @@ def _gather_rows_kernel(
     )
 
 
-def _row_config(rows: int, d: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_D): the interpreter pays per program and gets the largest tiles; a
-    GPU gets ~4K-element tiles, wide along the contiguous D."""
-    block_d = min(triton.next_power_of_2(max(d, 1)), 256 if triton_interpreter() else 512)
-    cap_rows = 64 if triton_interpreter() else max(4096 // block_d, 1)
-    return min(triton.next_power_of_2(max(rows, 1)), cap_rows), block_d
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+# D is tiled across programs; capping it at 512 leaves a 4K-element GPU tile >= 8 rows tall
+_MAX_BLOCK_D = 512
 
 
 def _split(n: int, protected: int) -> tuple[int, int, int, int]:
@@ -242,11 +235,12 @@ def _segment_reduce(x: Tensor, index: Tensor, n_out: int, weight: Tensor | None)
         return y, den
     perm, offsets = _segments(index.contiguous(), n_out)
     weight = weight.contiguous() if weight is not None else None
-    block_p, block_d = _row_config(n_out, d)
+    block_p, block_d, num_warps = tile_shape(n_out, d, _MAX_BLOCK_D)
     grid = (triton.cdiv(n_out, block_p), triton.cdiv(max(d, 1), block_d), b)
     _segment_reduce_kernel[grid](
         x, weight, perm, offsets, y, den, n, n_out, d, *x.stride(),
-        MEAN=weight is not None, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_P=block_p, BLOCK_D=block_d,
+        MEAN=weight is not None, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=num_warps,
     )  # fmt: skip
     return y, den
 
@@ -261,11 +255,12 @@ def _gather_rows(y: Tensor, index: Tensor, weight: Tensor | None, den: Tensor | 
     index = index.contiguous()
     if weight is not None:
         weight, den = weight.contiguous(), den.contiguous()
-    block_n, block_d = _row_config(n, d)
+    block_n, block_d, num_warps = tile_shape(n, d, _MAX_BLOCK_D)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d), b)
     _gather_rows_kernel[grid](
         y, index, weight, den, out, n, n_out, d, *y.stride(),
-        WEIGHTED=weight is not None, ACC_DTYPE=_acc_dtype(y.dtype), BLOCK_N=block_n, BLOCK_D=block_d,
+        WEIGHTED=weight is not None, ACC_DTYPE=acc_dtype(y.dtype), BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -282,9 +277,11 @@ def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]
     if b * na == 0:
         return best, dst
     interp = triton_interpreter()
+    # tl.dot needs every tile side >= 16 on a GPU; 64x64 fp32 tiles fit 4 warps' registers
     block_a = max(16, min(triton.next_power_of_2(na), 64))
     block_b = max(16, min(triton.next_power_of_2(nb), 128 if interp else 64))
     block_c = max(16, min(triton.next_power_of_2(c), 128 if interp else 64))
+    # the interpreter's fp16/bf16 tl.dot is unreliable: it takes the fp32 ("ieee") path
     lowp_dot = not interp and metric.dtype in (torch.float16, torch.bfloat16)
     _match_kernel[(triton.cdiv(na, block_a), b)](
         metric, best, dst, na, nb, c, src0, dst0, *metric.stride(),
@@ -363,29 +360,7 @@ def _(grad: Tensor, index: Tensor, n_out: int) -> Tensor:
     return grad.new_empty(grad.shape[0], n_out, grad.shape[2])
 
 
-def _unmerge_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[1])
-    ctx.n_out = inputs[0].shape[1]
-
-
-def _unmerge_grad(ctx, grad: Tensor):
-    (index,) = ctx.saved_tensors
-    return _unmerge_backward_op(grad, index, ctx.n_out), None
-
-
-def _unmerge_backward_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[1])
-
-
-def _unmerge_backward_grad(ctx, grad: Tensor):
-    (index,) = ctx.saved_tensors
-    return _unmerge_op(grad, index), None, None
-
-
-_unmerge_op.register_autograd(_unmerge_grad, setup_context=_unmerge_setup)
-_unmerge_backward_op.register_autograd(
-    _unmerge_backward_grad, setup_context=_unmerge_backward_setup
-)
+register_adjoint_autograd("sts::unmerge", "sts::unmerge_backward", row_dim=1)
 
 
 # ---- public API ---------------------------------------------------------------------------

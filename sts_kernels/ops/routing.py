@@ -16,9 +16,14 @@ import torch
 from torch import Tensor
 
 from .. import _checks, reference
-from .._backend import extension, select, triton_interpreter
+from .._backend import extension, select
 from .._triton import tl, triton
 from .._types import RoutePlan
+from ._common import register_adjoint_autograd, tile_shape
+
+# Words per row block: wide enough for 16-byte vector accesses of a long row, while leaving
+# a 4K-word GPU tile >= 4 rows tall.
+_MAX_BLOCK_COLS = 1024
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
@@ -26,9 +31,9 @@ from .._types import RoutePlan
 
 @triton.jit
 def _copy_rows_kernel(
-    Src_ptr,
-    Dst_ptr,
-    Rows_ptr,
+    SRC_ptr,  # [R_src, num_cols] integer words
+    DST_ptr,  # [R_dst, num_cols] integer words
+    ROWS_ptr,  # [num_ids] int64 row ids, -1 for none
     num_ids,
     num_cols,
     stride_src_row,
@@ -47,22 +52,22 @@ def _copy_rows_kernel(
     # this program's block of ids and the row each one names
     k = pid_ids * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     k_in = k < num_ids
-    row = tl.load(Rows_ptr + k, mask=k_in, other=-1)
+    row = tl.load(ROWS_ptr + k, mask=k_in, other=-1)
     # this program's block of words within a row
     cols = pid_cols * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     cols_in = (cols < num_cols)[None, :]
     has_row = (row >= 0)[:, None] & cols_in
     if SCATTER:
         # packed row k lands on row `row`; ids of -1 write nothing
-        words = tl.load(Src_ptr + k[:, None] * stride_src_row + cols[None, :], mask=has_row)
-        tl.store(Dst_ptr + row[:, None] * stride_dst_row + cols[None, :], words, mask=has_row)
+        words = tl.load(SRC_ptr + k[:, None] * stride_src_row + cols[None, :], mask=has_row)
+        tl.store(DST_ptr + row[:, None] * stride_dst_row + cols[None, :], words, mask=has_row)
     else:
         # row `row` lands on packed row k; ids of -1 give a zero row
         words = tl.load(
-            Src_ptr + row[:, None] * stride_src_row + cols[None, :], mask=has_row, other=0
+            SRC_ptr + row[:, None] * stride_src_row + cols[None, :], mask=has_row, other=0
         )
         tl.store(
-            Dst_ptr + k[:, None] * stride_dst_row + cols[None, :],
+            DST_ptr + k[:, None] * stride_dst_row + cols[None, :],
             words,
             mask=k_in[:, None] & cols_in,
         )
@@ -91,10 +96,7 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
     # [Ns, W], [Nd, W]
     src_words, dst_words = (t.view(torch.uint8).view(t.shape[0], -1).view(word) for t in (src, dst))
     num_cols = src_words.shape[1]
-    # The interpreter pays per program, so it gets 16x bigger blocks.
-    block_words = 1 << 16 if triton_interpreter() else 1 << 12
-    block_cols = min(triton.next_power_of_2(num_cols), 1024)
-    block_rows = max(block_words // block_cols, 1)
+    block_rows, block_cols, num_warps = tile_shape(rows.numel(), num_cols, _MAX_BLOCK_COLS)
     grid = (triton.cdiv(rows.numel(), block_rows), triton.cdiv(num_cols, block_cols))
     _copy_rows_kernel[grid](
         src_words,
@@ -107,6 +109,7 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
         SCATTER=scatter,
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
+        num_warps=num_warps,
     )
 
 
@@ -134,10 +137,8 @@ def _scatter_rows_triton(src: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     return out
 
 
-def _register(route: str | None, gather: str, scatter: str) -> None:
-    """Fake (meta) kernels and autograd for a gather/scatter pair (and the C++ route)."""
-    gather_op = getattr(torch.ops.sts, gather.split("::")[1])
-    scatter_op = getattr(torch.ops.sts, scatter.split("::")[1])
+def _register(gather: str, scatter: str) -> None:
+    """Fake (meta) kernels and autograd for a gather/scatter pair over dim 0."""
 
     @torch.library.register_fake(gather)
     def _gather_fake(x: Tensor, rows: Tensor) -> Tensor:
@@ -147,41 +148,23 @@ def _register(route: str | None, gather: str, scatter: str) -> None:
     def _scatter_fake(src: Tensor, rows: Tensor, num_rows: int) -> Tensor:
         return src.new_empty((num_rows, *src.shape[1:]))
 
-    def gather_setup(ctx, inputs, output) -> None:
-        x, rows = inputs
-        ctx.num_rows = x.shape[0]
-        ctx.save_for_backward(rows)
-
-    def gather_backward(ctx, grad: Tensor):
-        (rows,) = ctx.saved_tensors
-        return scatter_op(grad, rows, ctx.num_rows), None
-
-    def scatter_setup(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[1])
-
-    def scatter_backward(ctx, grad: Tensor):
-        (rows,) = ctx.saved_tensors
-        return gather_op(grad, rows), None, None
-
-    torch.library.register_autograd(gather, gather_backward, setup_context=gather_setup)
-    torch.library.register_autograd(scatter, scatter_backward, setup_context=scatter_setup)
-
-    if route is not None:
-
-        @torch.library.register_fake(route)
-        def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            active = torch.library.get_ctx().new_dynamic_size()  # K depends on the mask's data
-            b = mask.shape[0]
-            return (
-                mask.new_empty((active,), dtype=torch.int64),
-                mask.new_empty((b,), dtype=torch.int64),
-                mask.new_empty((b + 1,), dtype=torch.int64),
-            )
+    register_adjoint_autograd(gather, scatter, row_dim=0)
 
 
-_register(None, "sts::gather_rows_triton", "sts::scatter_rows_triton")
+_register("sts::gather_rows_triton", "sts::scatter_rows_triton")
 if extension() is not None:  # importing the extension defined the C++ ops
-    _register("sts::route", "sts::gather_rows", "sts::scatter_rows")
+    _register("sts::gather_rows", "sts::scatter_rows")
+
+    @torch.library.register_fake("sts::route")
+    def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        active = torch.library.get_ctx().new_dynamic_size()  # K depends on the mask's data
+        b = mask.shape[0]
+        return (
+            mask.new_empty((active,), dtype=torch.int64),
+            mask.new_empty((b,), dtype=torch.int64),
+            mask.new_empty((b + 1,), dtype=torch.int64),
+        )
+
 
 _GATHER = {"cpp": "gather_rows", "triton": "gather_rows_triton"}
 

@@ -22,11 +22,7 @@ from .. import _checks, reference
 from .._backend import select
 from .._triton import tl, triton
 from .._types import RoutePlan
-
-# Elements per program tile: small on a GPU (registers), large in the interpreter, where every
-# program instance costs ~5 ms regardless of its size.
-_GPU_TILE = 4096
-_INTERPRETER_TILE = 1 << 16
+from ._common import acc_dtype, tile_shape
 
 
 @triton.jit
@@ -177,20 +173,11 @@ def _skip_residual_bwd_kernel(
         tl.store(GRAD_GATE_ptr + k, grad_gate.to(GRAD_GATE_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch_config(num_rows: int, num_features: int, device: torch.device) -> dict:
-    """Tile shape: BLOCK_F features (looped over F) x BLOCK_ROWS rows per program."""
-    tile = _GPU_TILE if device.type == "cuda" else _INTERPRETER_TILE
-    block_f = min(triton.next_power_of_2(max(num_features, 1)), tile)
-    block_rows = min(max(tile // block_f, 1), triton.next_power_of_2(max(num_rows, 1)))
-    config = dict(BLOCK_ROWS=block_rows, BLOCK_F=block_f)
-    if device.type == "cuda":
-        config["num_warps"] = 8 if block_rows * block_f >= 4096 else 4
-    return config
-
-
-def _acc_dtype(dtype: torch.dtype):
-    # fp64 stays fp64 (gradcheck); fp32/fp16/bf16 accumulate in fp32
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _launch_config(num_rows: int, num_features: int) -> dict:
+    """Tile: BLOCK_ROWS rows x BLOCK_F features, looped over F inside the program (the
+    stats need whole-row sums)."""
+    block_rows, block_f, num_warps = tile_shape(num_rows, num_features)
+    return dict(BLOCK_ROWS=block_rows, BLOCK_F=block_f, num_warps=num_warps)
 
 
 def _delta_slots(delta: Tensor) -> tuple[bool, int, int]:
@@ -216,7 +203,7 @@ def _skip_residual_op(
     # inverse map row -> k (or -1), on the device
     row_to_k = torch.full((num_rows,), -1, dtype=torch.int64, device=x.device)
     row_to_k.scatter_(0, index, torch.arange(num_active, device=x.device))
-    config = _launch_config(num_rows, num_features, x.device)
+    config = _launch_config(num_rows, num_features)
     grid = (triton.cdiv(num_rows, config["BLOCK_ROWS"]),)
     _skip_residual_fwd_kernel[grid](
         x,
@@ -236,7 +223,7 @@ def _skip_residual_op(
         HAS_GATE=gate is not None,
         IS_PADDED=is_padded,
         STATS=stats,
-        ACC_DTYPE=_acc_dtype(x.dtype),
+        ACC_DTYPE=acc_dtype(x.dtype),
         **config,
     )
     return out, cos
@@ -270,7 +257,7 @@ def _skip_residual_backward_op(
     )
     if grad_delta.numel() == 0:
         return grad_delta, grad_gate.zero_()
-    config = _launch_config(num_slots, num_features, delta.device)
+    config = _launch_config(num_slots, num_features)
     grid = (triton.cdiv(num_slots, config["BLOCK_ROWS"]),)
     _skip_residual_bwd_kernel[grid](
         grad_out,
@@ -289,7 +276,7 @@ def _skip_residual_backward_op(
         HAS_GATE=gate is not None,
         NEED_GRAD_GATE=need_grad_gate,
         IS_PADDED=is_padded,
-        ACC_DTYPE=_acc_dtype(delta.dtype),
+        ACC_DTYPE=acc_dtype(delta.dtype),
         **config,
     )
     return grad_delta, grad_gate

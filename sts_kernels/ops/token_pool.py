@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 from .. import _checks, reference
-from .._backend import select, triton_interpreter
+from .._backend import select
 from .._triton import tl, triton
+from ._common import acc_dtype, tile_shape
 
 
 @triton.jit
@@ -103,36 +104,23 @@ def _token_pool_bwd_kernel(
     )
 
 
-def _launch_config(rows: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, num_warps). The interpreter pays per program, so it gets the
-    largest tiles; a GPU gets ~4K-element tiles, wide along the contiguous D."""
-    block_d = min(triton.next_power_of_2(max(d, 1)), 256 if triton_interpreter() else 512)
-    cap_rows = 64 if triton_interpreter() else max(4096 // block_d, 1)
-    block_rows = min(triton.next_power_of_2(max(rows, 1)), cap_rows)
-    return block_rows, block_d, 4
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _pooled_width(w: int, kw: int) -> int:
-    return -(-w // kw)
+# D is tiled across programs; capping it at 512 leaves a 4K-element GPU tile >= 8 tokens tall
+_MAX_BLOCK_D = 512
 
 
 @torch.library.custom_op("sts::token_pool", mutates_args=())
 def _token_pool_op(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     b, n, d = x.shape
-    ow = _pooled_width(w, kw)
-    p = _pooled_width(h, kh) * ow
+    ow = triton.cdiv(w, kw)
+    p = triton.cdiv(h, kh) * ow
     y = torch.empty(b, p, d, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_p, block_d, num_warps = _launch_config(p, d)
+    block_p, block_d, num_warps = tile_shape(p, d, _MAX_BLOCK_D)
     grid = (triton.cdiv(p, block_p), triton.cdiv(d, block_d), b)
     _token_pool_fwd_kernel[grid](
         x, y, p, d, h, w, ow, *x.stride(),
-        KH=kh, KW=kw, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_P=block_p, BLOCK_D=block_d,
+        KH=kh, KW=kw, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_P=block_p, BLOCK_D=block_d,
         num_warps=num_warps,
     )  # fmt: skip
     return y
@@ -140,7 +128,7 @@ def _token_pool_op(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
 
 @_token_pool_op.register_fake
 def _(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
-    p = _pooled_width(h, kh) * _pooled_width(w, kw)
+    p = triton.cdiv(h, kh) * triton.cdiv(w, kw)
     return x.new_empty(x.shape[0], p, x.shape[2])
 
 
@@ -151,11 +139,11 @@ def _token_pool_backward_op(grad: Tensor, h: int, w: int, kh: int, kw: int) -> T
     dx = torch.empty(b, n, d, dtype=grad.dtype, device=grad.device)
     if dx.numel() == 0:
         return dx
-    block_n, block_d, num_warps = _launch_config(n, d)
+    block_n, block_d, num_warps = tile_shape(n, d, _MAX_BLOCK_D)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d), b)
     _token_pool_bwd_kernel[grid](
-        grad, dx, n, d, h, w, _pooled_width(w, kw), *grad.stride(),
-        KH=kh, KW=kw, ACC_DTYPE=_acc_dtype(grad.dtype), BLOCK_N=block_n, BLOCK_D=block_d,
+        grad, dx, n, d, h, w, triton.cdiv(w, kw), *grad.stride(),
+        KH=kh, KW=kw, ACC_DTYPE=acc_dtype(grad.dtype), BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps,
     )  # fmt: skip
     return dx

@@ -1,0 +1,56 @@
+"""Launch and registration helpers shared by the op modules."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import triton_interpreter
+from .._triton import tl, triton
+
+# Elements per program tile. A GPU program holds its tile in registers, so ~4K elements
+# (16 per thread at 8 warps); the interpreter pays ~5 ms per program whatever its size, so
+# it gets 16x larger tiles and fewer programs.
+_GPU_TILE = 1 << 12
+_INTERPRETER_TILE = 1 << 16
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulator type: fp64 stays fp64 (gradcheck); fp32, fp16 and bf16 accumulate in fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def tile_shape(rows: int, cols: int, max_cols: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps) of a power-of-2 tile over a `[rows, cols]` problem,
+    wide along the contiguous `cols` (at most `max_cols`, default the whole tile)."""
+    tile = _INTERPRETER_TILE if triton_interpreter() else _GPU_TILE
+    block_cols = min(triton.next_power_of_2(max(cols, 1)), max_cols or tile, tile)
+    block_rows = min(triton.next_power_of_2(max(rows, 1)), max(tile // block_cols, 1))
+    num_warps = 8 if block_rows * block_cols >= _GPU_TILE else 4
+    return block_rows, block_cols, num_warps
+
+
+def register_adjoint_autograd(gather: str, scatter: str, row_dim: int) -> None:
+    """Autograd for a pair of linear ops that are each other's adjoint (transpose):
+    `gather(x, ids)` reads rows `ids` of `x` along `row_dim`, and `scatter(src, ids, num_rows)`
+    sums the rows of `src` back into `num_rows` rows. The gradient of each is the other."""
+    gather_op = getattr(torch.ops.sts, gather.split("::")[1])
+    scatter_op = getattr(torch.ops.sts, scatter.split("::")[1])
+
+    def gather_setup(ctx, inputs, output) -> None:
+        x, ids = inputs
+        ctx.num_rows = x.shape[row_dim]
+        ctx.save_for_backward(ids)
+
+    def gather_backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        return scatter_op(grad, ids, ctx.num_rows), None
+
+    def scatter_setup(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    def scatter_backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        return gather_op(grad, ids), None, None
+
+    torch.library.register_autograd(gather, gather_backward, setup_context=gather_setup)
+    torch.library.register_autograd(scatter, scatter_backward, setup_context=scatter_setup)
