@@ -44,6 +44,7 @@ class TaskConfig:
     patch_size: int = 4  # the vision tower's patch: image tokens = (image_size / patch_size)^2
     questions: tuple[str, ...] = ("colour", "size", "where")
     shapes: int = 1  # quadrants holding a shape (1..4); the others stay empty
+    extents: tuple[float, float] = (0.45, 0.9)  # small / big shape side, fraction of a quadrant
     noise: float = 0.05  # pixel noise std
 
     @property
@@ -90,8 +91,7 @@ def _scene(gen: torch.Generator, cfg: TaskConfig) -> tuple[Tensor, dict[str, Ten
     for q in range(4):
         if not present[q]:
             continue
-        # small shapes span ~1/5 of a quadrant, big ones ~1/2
-        extent = round(half * (0.5 if size[q] else 0.22))
+        extent = round(half * cfg.extents[int(size[q])])
         free = half - extent
         oy = (q // 2) * half + int(torch.randint(0, free + 1, (), generator=gen))
         ox = (q % 2) * half + int(torch.randint(0, free + 1, (), generator=gen))

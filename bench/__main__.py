@@ -1,0 +1,16 @@
+"""`python -m bench`: the end-to-end STS training demo; `python -m bench --ops`: op benchmarks."""
+
+import importlib.util
+import sys
+
+if "--ops" in sys.argv[1:]:
+    if importlib.util.find_spec("bench.ops") is None:
+        sys.exit("bench/ops.py is not there yet")
+    from .ops import main as ops_main
+
+    sys.argv.remove("--ops")
+    ops_main()
+else:
+    from .demo import main
+
+    main()
