@@ -8,6 +8,7 @@ import torch
 
 import sts_kernels
 from sts_kernels import reference
+from sts_kernels.ops import _common as ops_common
 from tests.tolerances import DTYPES, LOW_PRECISION, assert_close
 
 merge_module = importlib.import_module("sts_kernels.ops.bipartite_merge")
@@ -25,6 +26,28 @@ def _merge_fwd_bwd(impl, x, grad_fn, **kwargs):
     out = impl(x, **kwargs)
     (dx,) = torch.autograd.grad(out.x, x, grad_fn(out.x.shape).to(x.dtype))
     return out, dx
+
+
+def _check_merge_against_reference(x, **kwargs):
+    """Triton merge of `x` against the fp32 reference on the same (rounded) input, forward and
+    backward: equal index and size, x and dx within tolerance. Returns the Triton result."""
+    grad = lambda shape: torch.randn(
+        shape, device=x.device, generator=torch.Generator(device=x.device).manual_seed(1)
+    )
+    out, dx = _merge_fwd_bwd(lambda t, **k: _triton(bipartite_merge, t, **k), x, grad, **kwargs)
+    # the fp32 reference on the same matching: pass the rounded input as the metric
+    ref, dx_ref = _merge_fwd_bwd(reference.bipartite_merge, x.float(), grad, metric=x, **kwargs)
+    lowp = {}
+    if x.dtype in LOW_PRECISION:
+        ref_lp, dx_lp = _merge_fwd_bwd(reference.bipartite_merge, x, grad, **kwargs)
+        lowp = dict(x=ref_lp.x, dx=dx_lp)
+        assert torch.equal(ref_lp.index, ref.index)
+    assert torch.equal(out.index, ref.index)
+    assert torch.equal(out.size, ref.size) and out.size.dtype == torch.float32
+    assert out.x.dtype == x.dtype
+    assert_close(out.x, ref.x, reference_lowp=lowp.get("x"), name="x")
+    assert_close(dx, dx_ref, reference_lowp=lowp.get("dx"), name="dx")
+    return out
 
 
 def _sign_tokens(b, n, d, pool, device):
@@ -77,28 +100,12 @@ MERGE_CASES = [
 @pytest.mark.parametrize(("b", "n", "d", "r", "protected"), MERGE_CASES)
 def test_merge_matches_reference(dtype, b, n, d, r, protected, triton_device):
     x = torch.randn(b, n, d, device=triton_device).to(dtype)
-    kwargs = dict(r=r, protected=protected)
-    grad = lambda shape: torch.randn(
-        shape, device=triton_device, generator=torch.Generator(device=triton_device).manual_seed(1)
-    )
-    out, dx = _merge_fwd_bwd(lambda t, **k: _triton(bipartite_merge, t, **k), x, grad, **kwargs)
-    # the fp32 reference on the same matching: pass the rounded input as the metric
-    ref, dx_ref = _merge_fwd_bwd(reference.bipartite_merge, x.float(), grad, metric=x, **kwargs)
-    lowp = {}
-    if dtype in LOW_PRECISION:
-        ref_lp, dx_lp = _merge_fwd_bwd(reference.bipartite_merge, x, grad, **kwargs)
-        lowp = dict(x=ref_lp.x, dx=dx_lp)
-        assert torch.equal(ref_lp.index, ref.index)
-    assert torch.equal(out.index, ref.index)
-    assert torch.equal(out.size, ref.size) and out.size.dtype == torch.float32
-    assert out.x.dtype == dtype
-    assert_close(out.x, ref.x, reference_lowp=lowp.get("x"), name="x")
-    assert_close(dx, dx_ref, reference_lowp=lowp.get("dx"), name="dx")
+    out = _check_merge_against_reference(x, r=r, protected=protected)
     r_eff = min(r, (n - protected) // 2)
     assert out.x.shape == (b, n - r_eff, d)
     if r_eff == 0:
         assert out.x is x or torch.equal(out.x, x)
-        assert torch.equal(out.index, torch.arange(n).expand(b, n))
+        assert torch.equal(out.index, torch.arange(n, device=triton_device).expand(b, n))
 
 
 @pytest.mark.interpreter
@@ -301,28 +308,25 @@ def test_bad_unmerge_input(y, index, exc, words):
         unmerge(y, index)
 
 
+@pytest.mark.interpreter
+def test_many_programs(triton_device, monkeypatch):
+    """16-element tiles: the segment reduction and the gather run as many programs along
+    tokens and features, partial tiles at both ends."""
+    monkeypatch.setattr(ops_common, "_INTERPRETER_TILE", 16)
+    monkeypatch.setattr(ops_common, "_GPU_TILE", 16)
+    x = torch.randn(2, 35, 24, device=triton_device)
+    _check_merge_against_reference(x, r=10, protected=1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("protected", [0, 1])
 def test_gpu_large(dtype, protected):
     b, n, d = 4, 576, 1024
     x = torch.randn(b, n, d, device="cuda").to(dtype)
-    grad = lambda shape: torch.randn(
-        shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)
-    )
-    kwargs = dict(r=n // 4, protected=protected)
-    out, dx = _merge_fwd_bwd(lambda t, **k: _triton(bipartite_merge, t, **k), x, grad, **kwargs)
-    ref, dx_ref = _merge_fwd_bwd(reference.bipartite_merge, x.float(), grad, metric=x, **kwargs)
-    lowp = {}
-    if dtype in LOW_PRECISION:
-        ref_lp, dx_lp = _merge_fwd_bwd(reference.bipartite_merge, x, grad, **kwargs)
-        lowp = dict(x=ref_lp.x, dx=dx_lp)
     # seeded random tokens: score gaps (~1e-4) dwarf fp32 rounding (~1e-7), so the matching
     # is exact; the scores themselves match to fp32 rounding
     best, _ = torch.ops.sts.bipartite_match(x, protected)
     best_ref, _ = reference.bipartite_match(x, protected)
     torch.testing.assert_close(best, best_ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(out.index, ref.index)
-    assert torch.equal(out.size, ref.size)
-    assert_close(out.x, ref.x, reference_lowp=lowp.get("x"), name="x")
-    assert_close(dx, dx_ref, reference_lowp=lowp.get("dx"), name="dx")
+    _check_merge_against_reference(x, r=n // 4, protected=protected)

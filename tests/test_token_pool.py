@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import sts_kernels
 from sts_kernels import reference
+from sts_kernels.ops import _common as ops_common
 from tests.tolerances import DTYPES, LOW_PRECISION, assert_close
 
 token_pool = sts_kernels.token_pool
@@ -29,6 +30,21 @@ def _fwd_bwd(fn, x, grad):
     return y, dx
 
 
+def _check_against_reference(x, grid, window):
+    """Triton forward and backward against the fp32 reference on the same (rounded) input,
+    within the low-precision reference's own error."""
+    g = torch.randn_like(reference.token_pool(x.float(), grid, window)).to(x.dtype)
+    y, dx = _fwd_bwd(lambda t: _triton_pool(t, grid, window), x, g)
+    y_ref, dx_ref = _fwd_bwd(lambda t: reference.token_pool(t, grid, window), x.float(), g.float())
+    lowp = {}
+    if x.dtype in LOW_PRECISION:
+        y_lp, dx_lp = _fwd_bwd(lambda t: reference.token_pool(t, grid, window), x, g)
+        lowp = dict(y=y_lp, dx=dx_lp)
+    assert y.dtype == x.dtype and dx.dtype == x.dtype
+    assert_close(y, y_ref, reference_lowp=lowp.get("y"), name="y")
+    assert_close(dx, dx_ref, reference_lowp=lowp.get("dx"), name="dx")
+
+
 def test_reference_is_avg_pool2d():
     """The spec's definition: avg_pool2d with ceil_mode and count_include_pad=False."""
     b, (h, w), d = 2, (5, 7), 3
@@ -44,23 +60,8 @@ def test_reference_is_avg_pool2d():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("grid", "window"), CASES, ids=str)
 def test_triton_matches_reference(dtype, grid, window, triton_device):
-    b, d = 2, 24
-    x32 = torch.randn(b, grid[0] * grid[1], d, device=triton_device)
-    x = x32.to(dtype)
-    pooled = token_pool(x32, grid, window)
-    g32 = torch.randn_like(pooled)
-    y, dx = _fwd_bwd(lambda t: _triton_pool(t, grid, window), x, g32.to(dtype))
-    # expected in fp32 from the same (rounded) input; low-precision reference for the bound
-    y_ref, dx_ref = _fwd_bwd(
-        lambda t: reference.token_pool(t, grid, window), x.float(), g32.to(dtype).float()
-    )
-    lowp = {}
-    if dtype in LOW_PRECISION:
-        y_lp, dx_lp = _fwd_bwd(lambda t: reference.token_pool(t, grid, window), x, g32.to(dtype))
-        lowp = dict(y=y_lp, dx=dx_lp)
-    assert y.dtype == dtype and dx.dtype == dtype
-    assert_close(y, y_ref, reference_lowp=lowp.get("y"), name="y")
-    assert_close(dx, dx_ref, reference_lowp=lowp.get("dx"), name="dx")
+    x = torch.randn(2, grid[0] * grid[1], 24, device=triton_device).to(dtype)
+    _check_against_reference(x, grid, window)
 
 
 @pytest.mark.interpreter
@@ -153,18 +154,30 @@ def test_bad_input(kwargs, exc, words):
         token_pool(args["x"], args["grid"], args["window"])
 
 
+@pytest.mark.interpreter
+def test_many_programs(triton_device, monkeypatch):
+    """16-element tiles: many programs along tokens and features, partial tiles at both ends."""
+    monkeypatch.setattr(ops_common, "_INTERPRETER_TILE", 16)
+    monkeypatch.setattr(ops_common, "_GPU_TILE", 16)
+    _check_against_reference(torch.randn(2, 35, 24, device=triton_device), (5, 7), (2, 3))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("grid", "window"), [((24, 24), (2, 2)), ((27, 37), (3, 2))], ids=str)
 def test_gpu_large(dtype, grid, window):
-    x32 = torch.randn(4, grid[0] * grid[1], 1024, device="cuda")
-    x = x32.to(dtype)
-    g = torch.randn_like(token_pool(x32, grid, window)).to(dtype)
-    y, dx = _fwd_bwd(lambda t: _triton_pool(t, grid, window), x, g)
-    y_ref, dx_ref = _fwd_bwd(lambda t: reference.token_pool(t, grid, window), x.float(), g.float())
-    lowp = {}
-    if dtype in LOW_PRECISION:
-        y_lp, dx_lp = _fwd_bwd(lambda t: reference.token_pool(t, grid, window), x, g)
-        lowp = dict(y=y_lp, dx=dx_lp)
-    assert_close(y, y_ref, reference_lowp=lowp.get("y"), name="y")
-    assert_close(dx, dx_ref, reference_lowp=lowp.get("dx"), name="dx")
+    x = torch.randn(4, grid[0] * grid[1], 1024, device="cuda").to(dtype)
+    _check_against_reference(x, grid, window)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """B*N*D > 2^31 elements: the last sample lies past int32 offsets (4.3 GB of bf16)."""
+    x = torch.randn(4, 1024, (1 << 19) + 8, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    x.requires_grad_(True)
+    y = _triton_pool(x, (32, 32), (2, 2))
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    y_ref = reference.token_pool(x[-1:].float(), (32, 32), (2, 2))
+    assert_close(y[-1:], y_ref, reference_lowp=reference.token_pool(x[-1:], (32, 32), (2, 2)))
+    assert torch.equal(dx[-1], torch.full_like(dx[-1], 0.25))
