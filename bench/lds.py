@@ -62,6 +62,21 @@ def _eager(x, delta, index, gate):
     return x.clone().index_add_(0, index, delta * gate[:, None].to(delta.dtype))
 
 
+def _row(op, shape, impl, pass_, timing, rate=None, pct_copy=None, **extra) -> dict:
+    """One result row; `rate` (GB/s) and `pct_copy` only for memory-bound ops."""
+    return {
+        "op": op,
+        "shape": shape,
+        "impl": impl,
+        "pass": pass_,
+        "median_ms": timing.median_ms,
+        "gbs": rate,
+        "pct_copy": pct_copy,
+        "peak_mb": timing.peak_mb,
+        **extra,
+    }
+
+
 def _op_rows(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
     gpu = device.type == "cuda"
     batch, seq, dim = (16, 4096, 4096) if gpu else (8, 512, 256)
@@ -103,18 +118,7 @@ def _op_rows(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
         ):
             t = measure(step, device, warmup=2, reps=reps)
             rate = gbs(nbytes, t.median_ms)
-            out.append(
-                dict(
-                    op="skip_residual",
-                    shape=shape,
-                    impl=impl,
-                    **{"pass": name},
-                    median_ms=t.median_ms,
-                    gbs=rate,
-                    pct_copy=100 * rate / copy_gbs,
-                    peak_mb=t.peak_mb,
-                )
-            )
+            out.append(_row("skip_residual", shape, impl, name, t, rate, 100 * rate / copy_gbs))
     return out
 
 
@@ -144,19 +148,7 @@ def _layer_rows(device: torch.device, quick: bool) -> list[dict]:
 
     out = []
     t = measure(step(dense), device, warmup=1, reps=reps)
-    out.append(
-        dict(
-            op="decoder_stack",
-            shape=shape,
-            impl="eager",
-            **{"pass": "fwd+bwd"},
-            median_ms=t.median_ms,
-            gbs=None,
-            pct_copy=None,
-            peak_mb=t.peak_mb,
-            skip_rate=0.0,
-        )
-    )
+    out.append(_row("decoder_stack", shape, "eager", "fwd+bwd", t, skip_rate=0.0))
     for rate in SKIP_RATES:
         skipper = (
             LayerDynamicSkipper(
@@ -167,15 +159,12 @@ def _layer_rows(device: torch.device, quick: bool) -> list[dict]:
         )
         t = measure(step(skipper), device, warmup=1, reps=reps)
         out.append(
-            dict(
-                op=f"decoder_stack_skip{round(rate * 100)}",
-                shape=shape,
-                impl="sts",
-                **{"pass": "fwd+bwd"},
-                median_ms=t.median_ms,
-                gbs=None,
-                pct_copy=None,
-                peak_mb=t.peak_mb,
+            _row(
+                f"decoder_stack_skip{round(rate * 100)}",
+                shape,
+                "sts",
+                "fwd+bwd",
+                t,
                 skip_rate=rate,
                 executed_fraction=skipper.report.executed_fraction,
             )
