@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.timing import gbs, measure
+from bench.timing import measure, result_row
 from sts_kernels import route, skip_residual
 from sts_kernels.nn import LayerDynamicSkipper
 
@@ -62,21 +62,6 @@ def _eager(x, delta, index, gate):
     return x.clone().index_add_(0, index, delta * gate[:, None].to(delta.dtype))
 
 
-def _row(op, shape, impl, pass_, timing, rate=None, pct_copy=None, **extra) -> dict:
-    """One result row; `rate` (GB/s) and `pct_copy` only for memory-bound ops."""
-    return {
-        "op": op,
-        "shape": shape,
-        "impl": impl,
-        "pass": pass_,
-        "median_ms": timing.median_ms,
-        "gbs": rate,
-        "pct_copy": pct_copy,
-        "peak_mb": timing.peak_mb,
-        **extra,
-    }
-
-
 def _op_rows(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
     gpu = device.type == "cuda"
     batch, seq, dim = (16, 4096, 4096) if gpu else (8, 512, 256)
@@ -117,8 +102,7 @@ def _op_rows(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
             ("fwd+bwd", fwd_bwd, fwd_bytes + bwd_bytes),
         ):
             t = measure(step, device, warmup=2, reps=reps)
-            rate = gbs(nbytes, t.median_ms)
-            out.append(_row("skip_residual", shape, impl, name, t, rate, 100 * rate / copy_gbs))
+            out.append(result_row("skip_residual", shape, impl, name, t, nbytes, copy_gbs))
     return out
 
 
@@ -148,7 +132,7 @@ def _layer_rows(device: torch.device, quick: bool) -> list[dict]:
 
     out = []
     t = measure(step(dense), device, warmup=1, reps=reps)
-    out.append(_row("decoder_stack", shape, "eager", "fwd+bwd", t, skip_rate=0.0))
+    out.append(result_row("decoder_stack", shape, "eager", "fwd+bwd", t, skip_rate=0.0))
     for rate in SKIP_RATES:
         skipper = (
             LayerDynamicSkipper(
@@ -159,7 +143,7 @@ def _layer_rows(device: torch.device, quick: bool) -> list[dict]:
         )
         t = measure(step(skipper), device, warmup=1, reps=reps)
         out.append(
-            _row(
+            result_row(
                 f"decoder_stack_skip{round(rate * 100)}",
                 shape,
                 "sts",
@@ -178,7 +162,7 @@ def run(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
 
 if __name__ == "__main__":
     from bench.ops import format_table
-    from bench.timing import copy_bandwidth_gbs
+    from bench.timing import copy_bandwidth_gbs, result_row
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth = copy_bandwidth_gbs(dev, nbytes=1 << (30 if dev.type == "cuda" else 26))

@@ -8,38 +8,12 @@ copy bandwidth. Run through `python -m bench.ops --only routing`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from bench.timing import gbs, measure
+from bench.timing import measure, result_row
 from sts_kernels import _backend, reference, route
 
 KEEP = 0.5  # fraction of rows that run the layer
-
-
-def _row(
-    op: str,
-    shape: str,
-    impl: str,
-    pass_: str,
-    fn: Callable[[], object],
-    nbytes: int,
-    device: torch.device,
-    copy_gbs: float,
-) -> dict:
-    t = measure(fn, device)
-    rate = gbs(nbytes, t.median_ms)
-    return {
-        "op": op,
-        "shape": shape,
-        "impl": impl,
-        "pass": pass_,
-        "median_ms": t.median_ms,
-        "gbs": rate,
-        "pct_copy": 100.0 * rate / copy_gbs,
-        "peak_mb": t.peak_mb,
-    }
 
 
 def _shapes(device: torch.device, quick: bool) -> tuple[int, int, int, torch.dtype]:
@@ -70,7 +44,9 @@ def run(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
     if _backend.has_extension(device.type):
         route_impls["cpp"] = lambda: torch.ops.sts.route(mask)
     for impl, fn in route_impls.items():
-        results.append(_row("route", f"{b}x{t}", impl, "fwd", fn, route_bytes, device, copy_gbs))
+        results.append(
+            result_row("route", f"{b}x{t}", impl, "fwd", measure(fn, device), route_bytes, copy_gbs)
+        )
 
     def eager_gather():
         return x.index_select(0, index)
@@ -90,7 +66,15 @@ def run(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
     gather_bytes = 2 * k * row_bytes + 8 * k  # read + write K rows, read K ids
     scatter_bytes = rows * row_bytes + 2 * k * row_bytes + 8 * k  # zero fill + K rows
     for impl, fn in gather_impls.items():
-        results.append(_row("gather_rows", shape, impl, "fwd", fn, gather_bytes, device, copy_gbs))
+        results.append(
+            result_row(
+                "gather_rows", shape, impl, "fwd", measure(fn, device), gather_bytes, copy_gbs
+            )
+        )
     for impl, fn in scatter_impls.items():
-        results.append(_row("gather_rows", shape, impl, "bwd", fn, scatter_bytes, device, copy_gbs))
+        results.append(
+            result_row(
+                "gather_rows", shape, impl, "bwd", measure(fn, device), scatter_bytes, copy_gbs
+            )
+        )
     return results

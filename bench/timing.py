@@ -59,3 +59,29 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 28) -> float:
 
 def gbs(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
+
+
+def result_row(
+    op: str,
+    shape: str,
+    impl: str,
+    pass_: str,
+    timing: Timing,
+    nbytes: int | None = None,
+    copy_gbs: float | None = None,
+    **extra: object,
+) -> dict:
+    """One benchmark result; GB/s and % of copy bandwidth only for memory-bound ops (`nbytes`
+    = the bytes an ideal kernel moves)."""
+    rate = gbs(nbytes, timing.median_ms) if nbytes else None
+    return {
+        "op": op,
+        "shape": shape,
+        "impl": impl,
+        "pass": pass_,
+        "median_ms": timing.median_ms,
+        "gbs": rate,
+        "pct_copy": 100 * rate / copy_gbs if rate is not None and copy_gbs else None,
+        "peak_mb": timing.peak_mb,
+        **extra,
+    }

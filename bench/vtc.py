@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import sts_kernels
-from bench.timing import gbs, measure
+from bench.timing import measure, result_row
 from sts_kernels import _backend, reference
 
 
@@ -54,9 +54,17 @@ def _impls(device: torch.device, ours, ref) -> dict:
 
 
 def _time_passes(
-    fn, x: torch.Tensor, device: torch.device, fwd_bytes: int, bwd_bytes: int, copy_gbs: float
-):
-    """fwd, bwd and fwd+bwd of `fn(x) -> Tensor`, each as (pass, ms, GB/s, % of copy, MB)."""
+    op: str,
+    shape: str,
+    impl: str,
+    fn,
+    x: torch.Tensor,
+    device: torch.device,
+    fwd_bytes: int,
+    bwd_bytes: int,
+    copy_gbs: float,
+) -> list[dict]:
+    """Result rows for fwd, bwd and fwd+bwd of `fn(x) -> Tensor`."""
     leaf = x.detach().requires_grad_(True)
     out = fn(leaf)
     grad = torch.randn_like(out)
@@ -69,24 +77,8 @@ def _time_passes(
         ("bwd", bwd, bwd_bytes),
         ("fwd+bwd", both, fwd_bytes + bwd_bytes),
     ):
-        t = measure(call, device)
-        rate = gbs(nbytes, t.median_ms)
-        rows.append((name, t.median_ms, rate, 100 * rate / copy_gbs, t.peak_mb))
+        rows.append(result_row(op, shape, impl, name, measure(call, device), nbytes, copy_gbs))
     return rows
-
-
-def _row(op, shape, impl, measured) -> dict:
-    name, ms, rate, pct, mb = measured
-    return {
-        "op": op,
-        "shape": shape,
-        "impl": impl,
-        "pass": name,
-        "median_ms": ms,
-        "gbs": rate,
-        "pct_copy": pct,
-        "peak_mb": mb,
-    }
 
 
 def _pool_rows(device, cases, copy_gbs) -> list[dict]:
@@ -99,8 +91,9 @@ def _pool_rows(device, cases, copy_gbs) -> list[dict]:
         impls = _impls(device, sts_kernels.token_pool, reference.token_pool)
         for impl, fn in impls.items():
             pool = lambda t, fn=fn, grid=(h, w), window=window: fn(t, grid, window)
-            for m in _time_passes(pool, x, device, nbytes, nbytes, copy_gbs):
-                rows.append(_row("token_pool", shape, impl, m))
+            rows += _time_passes(
+                "token_pool", shape, impl, pool, x, device, nbytes, nbytes, copy_gbs
+            )
     return rows
 
 
@@ -115,8 +108,9 @@ def _merge_rows(device, cases, copy_gbs) -> list[dict]:
         impls = _impls(device, sts_kernels.bipartite_merge, reference.bipartite_merge)
         for impl, fn in impls.items():
             merge = lambda t, fn=fn, r=r: fn(t, r).x
-            for m in _time_passes(merge, x, device, fwd_bytes, bwd_bytes, copy_gbs):
-                rows.append(_row("bipartite_merge", shape, impl, m))
+            rows += _time_passes(
+                "bipartite_merge", shape, impl, merge, x, device, fwd_bytes, bwd_bytes, copy_gbs
+            )
     return rows
 
 
@@ -131,15 +125,7 @@ def _match_rows(device, cases, copy_gbs) -> list[dict]:
         )
         for impl, fn in impls.items():
             t = measure(lambda fn=fn, metric=metric: fn(metric), device)
-            rate = gbs(nbytes, t.median_ms)
-            rows.append(
-                _row(
-                    "bipartite_match",
-                    shape,
-                    impl,
-                    ("fwd", t.median_ms, rate, 100 * rate / copy_gbs, t.peak_mb),
-                )
-            )
+            rows.append(result_row("bipartite_match", shape, impl, "fwd", t, nbytes, copy_gbs))
     return rows
 
 
@@ -170,7 +156,7 @@ def run(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
 
 if __name__ == "__main__":
     from bench.ops import format_table
-    from bench.timing import copy_bandwidth_gbs
+    from bench.timing import copy_bandwidth_gbs, result_row
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(format_table(run(dev, dev.type != "cuda", copy_bandwidth_gbs(dev, 1 << 26))))
