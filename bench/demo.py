@@ -140,13 +140,16 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], device, questions) -> tuple[float, dict]:
+def evaluate(model, handle, batches: list[Batch], device, questions) -> tuple[float, dict]:
+    """Held-out answer accuracy, overall and per question type."""
     was_training = model.training
     model.eval()
     correct, kinds = [], []
     for b in batches:
-        logits = model(**b.to(device).model_inputs()).logits
-        correct.append(answer_accuracy(logits, b).cpu())
+        inputs = b.to(device).model_inputs()
+        logits = model(**inputs).logits
+        labels = handle.last_inputs["labels"] if handle is not None else inputs["labels"]
+        correct.append(answer_accuracy(logits, labels).cpu())
         kinds.append(b.question_type)
     model.train(was_training)
     correct, kinds = torch.cat(correct).float(), torch.cat(kinds)
@@ -167,9 +170,15 @@ def run_setting(setting: str, args, task: TaskConfig, train: list[Batch], held_o
     model.train()
     handle = None
     if setting != "dense":
-        compress = {"window": (2, 2), "enabled_in_eval": True}
+        # explicit arguments override the stage preset, so pass False for the part left out
+        compress = {"mode": "pool", "window": (2, 2), "enabled_in_eval": True}
         skip = {"mode": "sample", "policy": "schedule", "p_max": args.p_max, "seed": args.seed}
-        handle = apply_sts(model, compress=compress, skip=skip, stage=_STAGE[setting])
+        handle = apply_sts(
+            model,
+            compress=compress if "vtc" in setting else False,
+            skip=skip if "lds" in setting else False,
+            stage=_STAGE[setting],
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -205,15 +214,17 @@ def run_setting(setting: str, args, task: TaskConfig, train: list[Batch], held_o
             kept.append((handle.report.visual_tokens_kept or task.image_tokens * n_img) / n_img)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % eval_every == 0 and step + 1 < args.steps:
-            acc, _ = evaluate(model, held_out[:2], device, task.questions)
+            acc, _ = evaluate(model, handle, held_out[:2], device, task.questions)
             result.eval_curve.append((step + 1, acc))
     if device.type == "cuda":
         result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    result.accuracy, result.accuracy_by_question = evaluate(model, held_out, device, task.questions)
+    result.accuracy, result.accuracy_by_question = evaluate(
+        model, handle, held_out, device, task.questions
+    )
     result.eval_curve.append((args.steps, result.accuracy))
     if handle is not None and handle.compressor is not None:
         handle.compressor.enabled_in_eval = False
-        result.accuracy_dense_eval, _ = evaluate(model, held_out, device, task.questions)
+        result.accuracy_dense_eval, _ = evaluate(model, handle, held_out, device, task.questions)
     timed = result.step_times_ms[min(args.warmup_steps, len(result.step_times_ms) - 1) :]
     result.step_time_ms = statistics.median(timed)
     result.tokens_per_s = args.batch_size * task.seq_len / (result.step_time_ms / 1e3)

@@ -1,15 +1,16 @@
 """A synthetic multimodal task for training a tiny LLaVA from scratch: no download, no tokenizer.
 
 Each image is split into four quadrants; each quadrant holds one coloured shape (square, disc
-or triangle; small or big; somewhere inside the quadrant) or stays empty. A question is three
-integer tokens and the answer one token:
+or triangle; small or big; somewhere inside the quadrant) or stays empty. After the image come
+`questions_per_image` question/answer groups, each three integer tokens and a one-token answer
+(the loss and the accuracy see only the answers):
 
-    [BOS] [IMG] * n_image_tokens [Q_COLOUR] [quadrant] [ANSWER] -> colour of that quadrant's shape
-    [BOS] [IMG] * n_image_tokens [Q_SIZE]   [quadrant] [ANSWER] -> small / big
-    [BOS] [IMG] * n_image_tokens [Q_COUNT]  [colour]   [ANSWER] -> how many shapes of that colour
-    [BOS] [IMG] * n_image_tokens [Q_SHAPE]  [quadrant] [ANSWER] -> square / disc / triangle
-    [BOS] [IMG] * n_image_tokens [Q_WHERE]  [colour]   [ANSWER] -> quadrant of the first shape
-                                                                  of that colour
+    [BOS] [IMG] * n_image_tokens  then per question one of
+    [Q_COLOUR] [quadrant] [ANSWER] colour   colour of that quadrant's shape
+    [Q_SIZE]   [quadrant] [ANSWER] size     small / big
+    [Q_SHAPE]  [quadrant] [ANSWER] shape    square / disc / triangle
+    [Q_COUNT]  [colour]   [ANSWER] count    how many shapes have that colour
+    [Q_WHERE]  [colour]   [ANSWER] quadrant where the first shape of that colour is
 
 Everything is a pure function of (seed, index), so the train and held-out splits (disjoint
 index ranges) are reproducible on any device. Image size is a parameter: with patch size p the
@@ -42,28 +43,29 @@ _TRAIN_OFFSET, _EVAL_OFFSET = 0, 1 << 30  # disjoint index ranges for the two sp
 class TaskConfig:
     image_size: int = 64  # pixels per side
     patch_size: int = 4  # the vision tower's patch: image tokens = (image_size / patch_size)^2
-    questions: tuple[str, ...] = ("colour", "size", "where")
+    questions: tuple[str, ...] = ("colour", "size")
     shapes: int = 1  # quadrants holding a shape (1..4); the others stay empty
-    extents: tuple[float, float] = (0.45, 0.9)  # small / big shape side, fraction of a quadrant
+    extents: tuple[float, float] = (0.3, 1.0)  # small / big shape side, fraction of a quadrant
     noise: float = 0.05  # pixel noise std
 
     @property
     def image_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    questions_per_image: int = 4
+
     @property
     def seq_len(self) -> int:
-        return self.image_tokens + 5  # BOS, image, question type, argument, ANSWER, answer
+        return 1 + self.image_tokens + 4 * self.questions_per_image
 
 
 @dataclass
 class Batch:
     input_ids: Tensor  # [B, T] int64
     attention_mask: Tensor  # [B, T] int64 (all ones: every sequence has the same length)
-    labels: Tensor  # [B, T] int64, -100 except on the answer token
+    labels: Tensor  # [B, T] int64, -100 except on the answer tokens
     pixel_values: Tensor  # [B, 3, S, S] fp32 in [-1, 1]
-    answers: Tensor  # [B] answer token
-    question_type: Tensor  # [B] index into cfg.questions
+    question_type: Tensor  # [B, Q] index into cfg.questions of each question
 
     def model_inputs(self) -> dict[str, Tensor]:
         return {
@@ -135,32 +137,39 @@ def _question(gen: torch.Generator, cfg: TaskConfig, facts: dict[str, Tensor]):
     return kind, [token, QUADRANTS[q]], table[int(facts[name][q])]
 
 
-def sample(cfg: TaskConfig, seed: int, index: int) -> tuple[Tensor, list[int], int, int]:
-    """Sample `index` of the stream `seed`: (image, token ids, answer, question type)."""
+def sample(cfg: TaskConfig, seed: int, index: int) -> tuple[Tensor, list[int], list[int]]:
+    """Sample `index` of the stream `seed`: (image, token ids, question types)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
     img, facts = _scene(gen, cfg)
-    kind, question, answer = _question(gen, cfg, facts)
-    ids = [BOS] + [IMAGE] * cfg.image_tokens + question + [ANSWER, answer]
-    return img, ids, answer, kind
+    ids, kinds = [BOS] + [IMAGE] * cfg.image_tokens, []
+    for _ in range(cfg.questions_per_image):
+        kind, question, answer = _question(gen, cfg, facts)
+        ids += question + [ANSWER, answer]
+        kinds.append(kind)
+    return img, ids, kinds
 
 
 def make_batch(cfg: TaskConfig, seed: int, indices: list[int], split: str = "train") -> Batch:
     """Collate samples; `split` "eval" draws from an index range disjoint from "train"."""
     offset = _EVAL_OFFSET if split == "eval" else _TRAIN_OFFSET
-    imgs, ids, answers, kinds = zip(*(sample(cfg, seed, offset + i) for i in indices))
+    imgs, ids, kinds = zip(*(sample(cfg, seed, offset + i) for i in indices))
     input_ids = torch.tensor(ids)  # [B, T]
     labels = torch.full_like(input_ids, -100)
-    labels[:, -1] = input_ids[:, -1]  # the loss sees only the answer
+    answers = input_ids.shape[1] - 1 - 4 * torch.arange(cfg.questions_per_image)  # positions
+    labels[:, answers] = input_ids[:, answers]  # the loss sees only the answers
     return Batch(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         labels=labels,
         pixel_values=torch.stack(imgs),
-        answers=torch.tensor(answers),
         question_type=torch.tensor(kinds),
     )
 
 
-def answer_accuracy(logits: Tensor, batch: Batch) -> Tensor:
-    """[B] bool: the answer token is the arg-max at the position that predicts it."""
-    return logits[:, -2].argmax(-1) == batch.answers.to(logits.device)
+def answer_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """[B, Q] bool: each answer token is the arg-max at the position that predicts it, in
+    sequence order. `labels` are the ones the model ran on (shrunk ones under VTC)."""
+    target = labels[:, 1:].to(logits.device)
+    hit = logits[:, :-1].argmax(-1) == target
+    b = labels.shape[0]
+    return hit[target != -100].view(b, -1)
