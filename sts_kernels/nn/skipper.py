@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .. import gather_rows, route, skip_residual
+from ..ops import gather_rows, route, skip_residual
 from .._types import RoutePlan
 
 MODES = ("sample", "token")
