@@ -125,6 +125,10 @@ def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
     x, y = data()
     grads = train_steps(model, step, x[samples], y[samples])
     torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    # tear DDP's reducer down while the process group is alive: destroying it after
+    # destroy_process_group() intermittently hangs at interpreter exit
+    del model
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -429,7 +429,7 @@ def test_router_policy_parameters_are_trained_and_removed():
 
 def test_activation_checkpointing_with_lds():
     model = make_qwen()
-    model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     batch = qwen_batch(False)
     handle = apply_sts(model, skip={"seed": 0})
     model(**batch).loss.backward()
