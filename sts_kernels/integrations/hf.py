@@ -30,6 +30,15 @@ What the patch does, on this instance only (no class is modified):
 In `eval()` (and with `handle.enabled = False`) the model runs exactly as unpatched, unless the
 compressor was built with `enabled_in_eval=True`. VTC is for training and plain forwards, not
 for `generate()`.
+
+Distributed: call `apply_sts` before wrapping. DDP needs `find_unused_parameters=True` with LDS
+(a rank whose samples all skip a layer gives its parameters no gradient) and
+`static_graph=False`; gradients then equal a single-process step (tests/test_ddp.py). Give each
+rank its own skipper seed (e.g. seed + rank). FSDP is untested.
+
+Pass the skipper as a dict (or None) rather than a ready `LayerDynamicSkipper`: a ready one
+wraps the real layers, so their module hooks (and `output_hidden_states` recorders) also see the
+row-subset call.
 """
 
 from __future__ import annotations
