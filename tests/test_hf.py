@@ -435,3 +435,15 @@ def test_activation_checkpointing_with_lds():
     model(**batch).loss.backward()
     assert model.model.language_model.layers[1].mlp.up_proj.weight.grad is not None
     handle.remove()
+
+
+@pytest.mark.parametrize("skip", [{"policy": "router"}, {"mode": "token"}])
+def test_bf16_model(skip):
+    model = make_llava().to(torch.bfloat16)
+    batch = llava_batch(True)
+    batch["pixel_values"] = batch["pixel_values"].bfloat16()
+    handle = apply_sts(model, skip=skip)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and 0 < handle.report.executed_fraction < 1
+    handle.remove()

@@ -151,21 +151,22 @@ def apply_sts(
             "compress: Qwen2-VL needs mode='pool' (M-RoPE positions need the output grid; "
             f"merge mode has none), got mode={compressor.mode!r}"
         )
-    handle = StsHandle(model, compressor, None)
     skipper, layer_calls = _build_skipper(skip, skip_default, layers, text_config.hidden_size)
-    handle.skipper = skipper
-    device = next(model.parameters()).device
+    handle = StsHandle(model, compressor, skipper)
+    weight = next(model.parameters())
 
     for name, module in (("sts_compressor", compressor), ("sts_skipper", skipper)):
         if module is None:
             continue
-        module.to(device)
         # trainable parts (the router policy's Linear layers) must be model parameters for the
-        # optimizer, DDP and checkpoints; parameter-free modules stay off the model so its
-        # state_dict keeps its keys
+        # optimizer, DDP and checkpoints, in the model's dtype; parameter-free modules stay off
+        # the model so its state_dict keeps its keys
         if _has_own_parameters(module, model):
+            module.to(device=weight.device, dtype=weight.dtype)
             setattr(model, name, module)
             handle._undo.append(lambda name=name: delattr(model, name))
+        else:
+            module.to(weight.device)
     if skipper is not None:
         for i, layer in enumerate(layers):
             _patch_layer(handle, layer, i, layer_calls)
