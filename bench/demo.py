@@ -310,7 +310,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument(
         "--p-max", type=float, default=0.5, help="LDS schedule: deepest layer's skip prob"
     )
