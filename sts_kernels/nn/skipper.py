@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..ops import gather_rows, route, skip_residual
 from .._types import RoutePlan
+from ..ops import gather_rows, route, skip_residual
 
 MODES = ("sample", "token")
 POLICIES = ("schedule", "router", "importance")
