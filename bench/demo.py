@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .task import VOCAB_SIZE, Batch, TaskConfig, answer_accuracy, make_batch
+from .timing import peak_memory_mb
 
 SETTINGS = ("dense", "vtc", "lds", "vtc+lds")
 # which STS parts each setting turns on (apply_sts stage presets)
@@ -119,7 +120,7 @@ class Result:
     setting: str
     step_time_ms: float = 0.0  # median over steps after warm-up
     tokens_per_s: float = 0.0  # the batch's tokens (as given, before compression) per second
-    peak_memory_mb: float | None = None  # CUDA peak allocated; None on CPU
+    peak_memory_mb: float | None = None  # peak of one forward+backward (activations, grads)
     executed_fraction: float = 1.0  # LM layer-FLOPs executed vs dense (mean over steps)
     visual_tokens_per_image: float = 0.0  # what the LM saw, mean over steps
     layer_fraction: float = 1.0  # skipper's executed fraction (mean over steps)
@@ -190,8 +191,6 @@ def run_setting(setting: str, args, task: TaskConfig, train: list[Batch], held_o
     )
     result = Result(setting)
     fractions, layer_fractions, kept = [], [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     eval_every = max(1, args.steps // 4)
     bar = tqdm(range(args.steps), desc=f"{setting:>8}", leave=False, dynamic_ncols=True)
     for step in bar:
@@ -216,8 +215,10 @@ def run_setting(setting: str, args, task: TaskConfig, train: list[Batch], held_o
         if (step + 1) % eval_every == 0 and step + 1 < args.steps:
             acc, _ = evaluate(model, handle, held_out[:2], device, task.questions)
             result.eval_curve.append((step + 1, acc))
-    if device.type == "cuda":
-        result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    # after training, so the profiler on CPU costs no timed step; no optimizer step follows
+    inputs = train[0].to(device).model_inputs()
+    result.peak_memory_mb = peak_memory_mb(lambda: model(**inputs).loss.backward(), device)
+    optimizer.zero_grad(set_to_none=True)
     result.accuracy, result.accuracy_by_question = evaluate(
         model, handle, held_out, device, task.questions
     )

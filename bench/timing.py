@@ -85,3 +85,32 @@ def result_row(
         "peak_mb": timing.peak_mb,
         **extra,
     }
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory `fn()` allocates above what was allocated before it, in MiB.
+
+    CUDA: the caching allocator's peak. CPU: the allocation timeline recorded by the profiler
+    (PyTorch keeps no peak counter for CPU tensors).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in events:  # allocations are positive, frees negative
+        current += nbytes
+        peak = max(peak, current)
+    return peak / 2**20
