@@ -1,6 +1,7 @@
 """Layer Dynamic Skipper benchmarks (suite of `python -m bench.ops --only lds`).
 
-1. `skip_residual` (sts: the package's backend for the device) against eager PyTorch
+1. `skip_residual` (sts-<backend>: the package's backend for the device, e.g. sts-cpp on the
+   CPU, sts-triton on a GPU) against eager PyTorch
    (`x.clone().index_add_(0, index, gate * delta)`) and that eager code under torch.compile,
    forward and forward+backward; half the rows active. GB/s counts the bytes the fused kernels
    must move: forward reads x and delta and writes out, (2R + K) F elements; backward reads
@@ -19,6 +20,7 @@ from torch import nn
 from bench.timing import measure, result_row
 from sts_kernels import route, skip_residual
 from sts_kernels.nn import LayerDynamicSkipper
+from sts_kernels.ops.skip_residual import backend_for
 
 SKIP_RATES = (0.0, 0.25, 0.5, 0.75)
 
@@ -75,8 +77,9 @@ def _op_rows(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
     elt = x.element_size()
     fwd_bytes = (2 * rows + k) * dim * elt
     bwd_bytes = 3 * k * dim * elt
+    sts = f"sts-{backend_for(device)}"  # which backend ran
     impls = {
-        "sts": lambda x, d, g: skip_residual(x, d, plan, g).view(rows, dim),
+        sts: lambda x, d, g: skip_residual(x, d, plan, g).view(rows, dim),
         "eager": lambda x, d, g: _eager(x, d, plan.index, g),
     }
     if not quick:
@@ -86,7 +89,7 @@ def _op_rows(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
     reps = 5 if quick else 20
     for impl, fn in impls.items():
         leaves = [t.detach().clone().requires_grad_() for t in (x2.view(x.shape), delta, gate)]
-        src = (x, delta, gate) if impl == "sts" else (x2, delta, gate)
+        src = (x, delta, gate) if impl == sts else (x2, delta, gate)
         grad = torch.ones(rows, dim, device=device, dtype=dtype)
 
         def fwd(fn=fn, src=src):
@@ -94,7 +97,7 @@ def _op_rows(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
                 fn(*src)
 
         def fwd_bwd(fn=fn, impl=impl, leaves=leaves, grad=grad):
-            first = leaves[0] if impl == "sts" else leaves[0].view(rows, dim)
+            first = leaves[0] if impl == sts else leaves[0].view(rows, dim)
             fn(first, *leaves[1:]).backward(grad)
 
         for name, step, nbytes in (

@@ -103,6 +103,14 @@ TORCH_LIBRARY(sts, m) {
   m.def("route(Tensor mask) -> (Tensor index, Tensor counts, Tensor offsets)");
   m.def("gather_rows(Tensor x, Tensor rows) -> Tensor");
   m.def("scatter_rows(Tensor src, Tensor rows, SymInt num_rows) -> Tensor");
+  // skip_residual on canonical rows: x [R, F], delta [K, F] or [B, Kmax, F] (CPU only: Triton
+  // serves GPUs). Returns (out, cos) and (grad_delta, grad_gate).
+  m.def(
+      "skip_residual_rows(Tensor x, Tensor delta, Tensor index, Tensor offsets, Tensor? gate, "
+      "bool stats) -> (Tensor, Tensor)");
+  m.def(
+      "skip_residual_rows_backward(Tensor grad_out, Tensor delta, Tensor index, Tensor offsets, "
+      "Tensor? gate, bool need_grad_gate) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -1,5 +1,5 @@
 // Shared declarations of the sts extension: op schemas live in sts.cpp, the CPU kernels in
-// routing_cpu.cpp and the CUDA kernels in routing_cuda.cu.
+// routing_cpu.cpp and skip_residual_cpu.cpp, the CUDA kernels in routing_cuda.cu.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,15 +1,32 @@
-"""skip_residual: Triton kernels (interpreter on CPU) against the reference, forward and
-backward, every dtype; gradcheck, opcheck, torch.compile and input validation."""
+"""skip_residual: the Triton kernels (interpreter on CPU) and the C++ CPU kernels against the
+reference, forward and backward, every dtype; gradcheck, opcheck, torch.compile, backend
+choice and input validation."""
+
+import importlib
 
 import pytest
 import torch
 from tolerances import DTYPES, assert_close
 
 import sts_kernels
-from sts_kernels import RoutePlan, reference, route, use_backend
+from sts_kernels import RoutePlan, _backend, reference, route, use_backend
 from sts_kernels.ops import _common as ops_common
 
-pytestmark = pytest.mark.interpreter
+# the module (the package attribute of that name is the function)
+skip_residual_module = importlib.import_module("sts_kernels.ops.skip_residual")
+
+NO_EXTENSION = "the extension sts_kernels._C is not built (or STS_DISABLE_EXT=1)"
+BACKENDS = [
+    pytest.param("triton", marks=pytest.mark.interpreter),
+    pytest.param(
+        "cpp", marks=pytest.mark.skipif(not _backend.has_extension("cpu"), reason=NO_EXTENSION)
+    ),
+]
+# (forward, backward) op of each backend
+OPS = {
+    "triton": ("skip_residual", "skip_residual_backward"),
+    "cpp": ("skip_residual_rows", "skip_residual_rows_backward"),
+}
 
 # (x shape, mask shape, padded delta): sample mode [B], token mode [B, T] packed and padded,
 # and a feature block of two dims.
@@ -35,9 +52,26 @@ def make_case(layout, dtype, device, with_gate, mask=None, seed=0):
     return x, delta, plan, gate
 
 
-def run_triton(*args, **kwargs):
-    with use_backend("triton"):
-        return sts_kernels.skip_residual(*args, **kwargs)
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def device(backend, triton_device):
+    """Triton runs where the `triton_device` fixture says, the C++ kernels on the CPU."""
+    return triton_device if backend == "triton" else torch.device("cpu")
+
+
+@pytest.fixture
+def run(backend):
+    """The public op with the backend under test forced."""
+
+    def run_backend(*args, **kwargs):
+        with use_backend(backend):
+            return sts_kernels.skip_residual(*args, **kwargs)
+
+    return run_backend
 
 
 def upcast(t):
@@ -47,10 +81,10 @@ def upcast(t):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("with_gate", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_matches_reference(layout, with_gate, dtype, triton_device):
-    x, delta, plan, gate = make_case(layout, dtype, triton_device, with_gate)
+def test_forward_matches_reference(layout, with_gate, dtype, device, run):
+    x, delta, plan, gate = make_case(layout, dtype, device, with_gate)
     x_before, delta_before = x.clone(), delta.clone()
-    out, cos = run_triton(x, delta, plan, gate, stats=True)
+    out, cos = run(x, delta, plan, gate, stats=True)
     expected, expected_cos = reference.skip_residual(x.float(), delta.float(), plan, gate, True)
     lowp, lowp_cos = reference.skip_residual(x, delta, plan, gate, True)
     assert out.dtype == dtype and cos.dtype == torch.float32
@@ -61,15 +95,15 @@ def test_forward_matches_reference(layout, with_gate, dtype, triton_device):
     skipped = ~torch.zeros(plan.num_rows, dtype=torch.bool).index_fill(0, plan.index.cpu(), True)
     flat = len(plan.shape)
     assert torch.equal(out.flatten(0, flat - 1)[skipped], x.flatten(0, flat - 1)[skipped])
-    assert torch.equal(run_triton(x, delta, plan, gate), out)  # stats change nothing else
+    assert torch.equal(run(x, delta, plan, gate), out)  # stats change nothing else
     assert torch.equal(x, x_before) and torch.equal(delta, delta_before)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("with_gate", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_matches_reference(layout, with_gate, dtype, triton_device):
-    x, delta, plan, gate = make_case(layout, dtype, triton_device, with_gate)
+def test_backward_matches_reference(layout, with_gate, dtype, device, run):
+    x, delta, plan, gate = make_case(layout, dtype, device, with_gate)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
 
     def grads(fn, *inputs):
@@ -77,7 +111,7 @@ def test_backward_matches_reference(layout, with_gate, dtype, triton_device):
         fn(*leaves[:2], plan, leaves[2]).backward(grad_out.to(leaves[0].dtype))
         return [None if t is None else t.grad for t in leaves]
 
-    actual = grads(run_triton, x, delta, gate)
+    actual = grads(run, x, delta, gate)
     expected = grads(reference.skip_residual, x.float(), delta.float(), upcast(gate))
     lowp = grads(reference.skip_residual, x, delta, gate)
     for name, a, e, lp in zip(("grad_x", "grad_delta", "grad_gate"), actual, expected, lowp):
@@ -93,23 +127,28 @@ def test_backward_matches_reference(layout, with_gate, dtype, triton_device):
         assert actual[1][~plan.valid].abs().sum() == 0
 
 
-def test_grad_x_is_grad_out(triton_device):
+def test_grad_x_is_grad_out(device, run):
     """d out / d x is the identity: the backward hands grad_out through without a copy."""
-    x, delta, plan, gate = make_case("token", torch.float32, triton_device, True)
+    x, delta, plan, gate = make_case("token", torch.float32, device, True)
     x.requires_grad_()
     grad_out = torch.randn_like(x)
-    (grad_x,) = torch.autograd.grad(run_triton(x, delta, plan, gate), x, grad_out)
+    (grad_x,) = torch.autograd.grad(run(x, delta, plan, gate), x, grad_out)
     assert grad_x.data_ptr() == grad_out.data_ptr()
 
 
 @pytest.mark.parametrize("layout", ["sample", "token_padded"])
-def test_multiple_programs_and_feature_loop(layout, triton_device, monkeypatch):
-    """A tiny tile forces many row blocks and several feature iterations per row."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_row_blocks(layout, backend, device, run, monkeypatch):
+    """Triton: a tiny tile forces many row blocks and several feature iterations per row.
+    C++: 8 x 512 rows of 32 features span several parallel_for chunks."""
     monkeypatch.setattr(ops_common, "_INTERPRETER_TILE", 16)
     monkeypatch.setattr(ops_common, "_GPU_TILE", 16)
-    x, delta, plan, gate = make_case(layout, torch.float32, triton_device, True)
+    if backend == "cpp":
+        monkeypatch.setitem(LAYOUTS, "sample", ((4096, 32), (4096,), False))
+        monkeypatch.setitem(LAYOUTS, "token_padded", ((8, 512, 32), (8, 512), True))
+    x, delta, plan, gate = make_case(layout, torch.float32, device, True)
     leaves = [t.clone().requires_grad_() for t in (x, delta, gate)]
-    out, cos = run_triton(*leaves[:2], plan, leaves[2], stats=True)
+    out, cos = run(*leaves[:2], plan, leaves[2], stats=True)
     expected, expected_cos = reference.skip_residual(x, delta, plan, gate, True)
     assert_close(out, expected)
     assert_close(cos, expected_cos, name="cos")
@@ -123,12 +162,12 @@ def test_multiple_programs_and_feature_loop(layout, triton_device, monkeypatch):
 
 @pytest.mark.parametrize("keep", ["none", "all"])
 @pytest.mark.parametrize("layout", ["sample", "token_padded"])
-def test_no_rows_and_all_rows(keep, layout, triton_device):
+def test_no_rows_and_all_rows(keep, layout, device, run):
     mask_shape = LAYOUTS[layout][1]
     mask = torch.full(mask_shape, keep == "all")
-    x, delta, plan, gate = make_case(layout, torch.float32, triton_device, True, mask=mask)
+    x, delta, plan, gate = make_case(layout, torch.float32, device, True, mask=mask)
     leaves = [t.clone().requires_grad_() for t in (x, delta, gate)]
-    out, cos = run_triton(*leaves[:2], plan, leaves[2], stats=True)
+    out, cos = run(*leaves[:2], plan, leaves[2], stats=True)
     assert_close(out, reference.skip_residual(x, delta, plan, gate))
     if keep == "all":  # the reference's stats path cannot reshape K == 0 rows (reported)
         assert_close(cos, reference.skip_residual(x, delta, plan, gate, True)[1], name="cos")
@@ -139,12 +178,22 @@ def test_no_rows_and_all_rows(keep, layout, triton_device):
     assert leaves[1].grad.shape == delta.shape and leaves[2].grad.shape == gate.shape
 
 
-def test_non_contiguous_input(triton_device):
-    base = torch.randn(40, 3, 7).to(triton_device)
+def test_non_contiguous_input(device, run):
+    base = torch.randn(40, 3, 7).to(device)
     x = base.transpose(0, 2)  # [7, 3, 40], not contiguous
-    plan = route(torch.tensor([True, False, True]).to(triton_device)[None].expand(7, 3))
-    delta = torch.randn(plan.num_active, 40).to(triton_device)
-    assert_close(run_triton(x, delta, plan), reference.skip_residual(x, delta, plan))
+    plan = route(torch.tensor([True, False, True]).to(device)[None].expand(7, 3))
+    delta = torch.randn(40, plan.num_active).to(device).t()  # [K, 40], not contiguous
+    gate = torch.rand(2 * plan.num_active).to(device)[::2]  # stride 2
+    leaves = [t.detach().requires_grad_() for t in (x, delta, gate)]
+    out = run(*leaves[:2], plan, leaves[2])
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, delta, gate)]
+    expected = reference.skip_residual(*ref_leaves[:2], plan, ref_leaves[2])
+    assert_close(out, expected)
+    grad_out = torch.randn(3, 7, 40).to(device).transpose(0, 1)  # [7, 3, 40], not contiguous
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    for a, e in zip(leaves, ref_leaves):
+        assert_close(a.grad, e.grad, name="grad")
 
 
 TOKEN_MASK = [[True, False, True], [False, False, True]]
@@ -155,37 +204,38 @@ TOKEN_MASK = [[True, False, True], [False, False, True]]
     [([True, False, True], False), (TOKEN_MASK, False), (TOKEN_MASK, True)],
     ids=["sample", "token", "token_padded"],
 )
-def test_gradcheck_float64(mask, padded, triton_device):
+def test_gradcheck_float64(mask, padded, device, run):
     # tiny rows: the numerical Jacobian launches the kernel twice per input element
-    plan = route(torch.tensor(mask, device=triton_device))
-    x = torch.randn(*plan.shape, 2, 3, dtype=torch.float64, device=triton_device)
+    plan = route(torch.tensor(mask, device=device))
+    x = torch.randn(*plan.shape, 2, 3, dtype=torch.float64, device=device)
     rows = (plan.shape[0], plan.max_count) if padded else (plan.num_active,)
-    delta = torch.randn(*rows, 2, 3, dtype=torch.float64, device=triton_device)
-    gate = torch.rand(plan.num_active, dtype=torch.float64, device=triton_device)
+    delta = torch.randn(*rows, 2, 3, dtype=torch.float64, device=device)
+    gate = torch.rand(plan.num_active, dtype=torch.float64, device=device)
     inputs = [t.requires_grad_() for t in (x, delta, gate)]
-    fn = lambda x, delta, gate: run_triton(x, delta, plan, gate)
+    fn = lambda x, delta, gate: run(x, delta, plan, gate)
     assert torch.autograd.gradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("layout", ["token", "token_padded"])
 @pytest.mark.parametrize("with_gate", [False, True])
-def test_opcheck(layout, with_gate, triton_device):
-    x, delta, plan, gate = make_case(layout, torch.float32, triton_device, with_gate)
+def test_opcheck(layout, with_gate, backend, device):
+    forward, backward = (getattr(torch.ops.sts, name).default for name in OPS[backend])
+    x, delta, plan, gate = make_case(layout, torch.float32, device, with_gate)
     x2 = x.reshape(plan.num_rows, -1).requires_grad_()
     delta.requires_grad_()  # token layouts: one feature dim, already canonical
     if gate is not None:
         gate.requires_grad_()
     for stats in (False, True):
         args = (x2, delta, plan.index, plan.offsets, gate, stats)
-        torch.library.opcheck(torch.ops.sts.skip_residual.default, args)
+        torch.library.opcheck(forward, args)
     # the backward op has no autograd of its own (no double backward): check it without grads
     gate = None if gate is None else gate.detach()
     args = (torch.randn_like(x2).detach(), delta.detach(), plan.index, plan.offsets, gate, True)
-    torch.library.opcheck(torch.ops.sts.skip_residual_backward.default, args)
+    torch.library.opcheck(backward, args)
 
 
-def test_torch_compile_fullgraph(triton_device):
-    x, delta, plan, gate = make_case("token_padded", torch.float32, triton_device, True)
+def test_torch_compile_fullgraph(backend, device):
+    x, delta, plan, gate = make_case("token_padded", torch.float32, device, True)
     plan.max_count  # noqa: B018 - read Kmax outside the graph: the plan is precomputed
 
     def step(x, delta, gate):
@@ -196,7 +246,7 @@ def test_torch_compile_fullgraph(triton_device):
     # aot_eager: dynamo + AOTAutograd tracing of the opaque ops (inductor adds only CPU codegen)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     leaves = [t.clone().requires_grad_() for t in (x, delta, gate)]
-    with use_backend("triton"):
+    with use_backend(backend):
         out, cos = compiled(*leaves)
         expected, expected_cos = step(x, delta, gate)
     assert_close(out, expected)
@@ -205,30 +255,43 @@ def test_torch_compile_fullgraph(triton_device):
     assert leaves[1].grad[~plan.valid].abs().sum() == 0 and leaves[2].grad.abs().sum() > 0
 
 
-def test_auto_backend_on_cpu_is_reference():
-    x, delta, plan, gate = make_case("token", torch.float32, torch.device("cpu"), True)
-    assert torch.equal(
-        sts_kernels.skip_residual(x, delta, plan, gate),
-        reference.skip_residual(x, delta, plan, gate),
-    )
+def test_auto_backend_on_cpu_is_cpp_when_built():
+    cpu = torch.device("cpu")
+    with use_backend("auto"):
+        impl = skip_residual_module.backend_for(cpu)
+        x, delta, plan, gate = make_case("token", torch.float32, cpu, True)
+        out = sts_kernels.skip_residual(x, delta, plan, gate)
+    assert impl == ("cpp" if _backend.has_extension("cpu") else "reference")
+    assert_close(out, reference.skip_residual(x, delta, plan, gate))
 
 
-def test_bad_input_raises_before_any_kernel():
+@pytest.mark.parametrize("want", ["auto", "cpp"])
+def test_cuda_never_reaches_the_cpu_only_cpp_op(want, monkeypatch):
+    """A GPU without Triton but with a CUDA build of the extension: the reference runs."""
+    monkeypatch.setattr(_backend, "has_triton", lambda: False)
+    monkeypatch.setattr(_backend, "has_extension", lambda device_type="cpu": True)
+    cuda = torch.device("cuda")
+    with use_backend(want):
+        assert _backend.select("skip_residual", cuda, ("triton", "cpp")) == "cpp"
+        assert skip_residual_module.backend_for(cuda) == "reference"
+
+
+def test_bad_input_raises_before_any_kernel(run):
     x, delta, plan, gate = make_case("token", torch.float32, torch.device("cpu"), True)
     meta_plan = RoutePlan(
         *(t.to("meta") for t in (plan.index, plan.counts, plan.offsets)), plan.shape
     )
     with pytest.raises(ValueError, match="plan is on meta"):
-        run_triton(x, delta, meta_plan, gate)
+        run(x, delta, meta_plan, gate)
     with pytest.raises(ValueError, match="gate must have shape"):
-        run_triton(x, delta, plan, gate[:-1])
+        run(x, delta, plan, gate[:-1])
     with pytest.raises(ValueError, match="delta must have shape"):
-        run_triton(x, delta[:-1], plan, gate)
+        run(x, delta[:-1], plan, gate)
     with pytest.raises(TypeError, match="delta must have x's dtype"):
-        run_triton(x, delta.half(), plan, gate)
+        run(x, delta.half(), plan, gate)
     with pytest.raises(TypeError, match="plan must be a RoutePlan"):
-        run_triton(x, delta, plan.index, gate)
+        run(x, delta, plan.index, gate)
     with pytest.raises(ValueError, match="x must start with the mask's shape"):
-        run_triton(x[:, :-1], delta, plan, gate)
+        run(x[:, :-1], delta, plan, gate)
     with pytest.raises(TypeError, match="gate must have a floating dtype"):
-        run_triton(x, delta, plan, torch.ones(plan.num_active, dtype=torch.int64))
+        run(x, delta, plan, torch.ones(plan.num_active, dtype=torch.int64))

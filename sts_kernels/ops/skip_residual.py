@@ -1,12 +1,15 @@
 """skip_residual: out = x + gate * delta on the active rows, out = x elsewhere.
 
-Triton kernels, registered as the opaque custom ops `sts::skip_residual` and
-`sts::skip_residual_backward` (fake + autograd), and the public function that validates and
-dispatches. The ops see canonical 2-D views: `x` `[R, F]` (R rows of F = prod(feature dims)
-values) and `delta` packed `[K, F]` or padded `[B, Kmax, F]`.
+Backends: "triton" (the kernels below, registered as the opaque custom ops
+`sts::skip_residual` and `sts::skip_residual_backward`; GPUs, or the CPU under the
+interpreter), "cpp" (the extension's CPU ops `sts::skip_residual_rows` and
+`sts::skip_residual_rows_backward`, csrc/skip_residual_cpu.cpp, same signatures) and
+"reference". One helper registers fake kernels and autograd for both op pairs; the public
+function validates and dispatches. The ops see canonical 2-D views: `x` `[R, F]` (R rows of
+F = prod(feature dims) values) and `delta` packed `[K, F]` or padded `[B, Kmax, F]`.
 
 Layouts: the forward walks all R rows once and finds each row's delta through an inverse map
-`row -> k or -1` (a scatter of arange(K) into plan.index, built on the device), so the output
+`row -> k or -1` (a scatter of arange(K) into plan.index), so the output
 is written in a single pass with no `x.clone()` followed by a scatter. The backward walks the
 delta slots (K packed, or B * Kmax padded with zeros written to the padding).
 """
@@ -19,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, reference
-from .._backend import select
+from .._backend import extension, select
 from .._triton import tl, triton
 from .._types import RoutePlan
 from ._common import acc_dtype, tile_shape
@@ -193,6 +196,8 @@ def _skip_residual_op(
 ) -> tuple[Tensor, Tensor]:
     """x `[R, F]`, delta `[K, F]` or `[B, Kmax, F]` -> (out `[R, F]`, cos `[K]` or `[0]` fp32)."""
     x, delta = x.contiguous(), delta.contiguous()
+    index, offsets = index.contiguous(), offsets.contiguous()
+    gate = None if gate is None else gate.contiguous()  # the kernels read gate[k] at stride 1
     num_rows, num_features = x.shape
     num_active = index.numel()
     is_padded, _, max_count = _delta_slots(delta)
@@ -229,12 +234,6 @@ def _skip_residual_op(
     return out, cos
 
 
-@_skip_residual_op.register_fake
-def _(x, delta, index, offsets, gate, stats):
-    cos = x.new_empty(index.shape[0] if stats else 0, dtype=torch.float32)
-    return torch.empty_like(x), cos
-
-
 @torch.library.custom_op("sts::skip_residual_backward", mutates_args=())
 def _skip_residual_backward_op(
     grad_out: Tensor,
@@ -246,6 +245,8 @@ def _skip_residual_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """(grad_delta like delta, grad_gate `[K]` in gate's dtype, or `[0]` if not needed)."""
     grad_out, delta = grad_out.contiguous(), delta.contiguous()
+    index, offsets = index.contiguous(), offsets.contiguous()
+    gate = None if gate is None else gate.contiguous()
     num_features = grad_out.shape[1]
     is_padded, num_slots, max_count = _delta_slots(delta)
     need_grad_gate = need_grad_gate and gate is not None
@@ -282,31 +283,59 @@ def _skip_residual_backward_op(
     return grad_delta, grad_gate
 
 
-@_skip_residual_backward_op.register_fake
-def _(grad_out, delta, index, offsets, gate, need_grad_gate):
-    num_gate = index.shape[0] if need_grad_gate and gate is not None else 0
-    dtype = gate.dtype if gate is not None else torch.float32
-    return torch.empty_like(delta), delta.new_empty(num_gate, dtype=dtype)
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
 
 
-def _setup_context(ctx, inputs, output):
-    _, delta, index, offsets, gate, _ = inputs
-    ctx.save_for_backward(delta, index, offsets, gate)
-    ctx.mark_non_differentiable(output[1])
+def _register(forward: str, backward: str) -> None:
+    """Fake (meta) kernels of a (forward, backward) op pair with the signatures of
+    `sts::skip_residual` / `sts::skip_residual_backward`, and the forward's autograd."""
+    backward_op = getattr(torch.ops.sts, backward.split("::")[1])
+
+    @torch.library.register_fake(forward)
+    def _forward_fake(x, delta, index, offsets, gate, stats):
+        cos = x.new_empty(index.shape[0] if stats else 0, dtype=torch.float32)
+        return torch.empty_like(x), cos
+
+    @torch.library.register_fake(backward)
+    def _backward_fake(grad_out, delta, index, offsets, gate, need_grad_gate):
+        num_gate = index.shape[0] if need_grad_gate and gate is not None else 0
+        dtype = gate.dtype if gate is not None else torch.float32
+        return torch.empty_like(delta), delta.new_empty(num_gate, dtype=dtype)
+
+    def setup_context(ctx, inputs, output):
+        _, delta, index, offsets, gate, _ = inputs
+        ctx.save_for_backward(delta, index, offsets, gate)
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_fn(ctx, grad_out, _grad_cos):
+        delta, index, offsets, gate = ctx.saved_tensors
+        grad_delta, grad_gate = backward_op(
+            grad_out, delta, index, offsets, gate, ctx.needs_input_grad[4]
+        )
+        # d out / d x is the identity on every row (skipped rows are copies, active rows add a
+        # term independent of x), so grad_x is grad_out itself: no kernel, no copy.
+        grad_x = grad_out if ctx.needs_input_grad[0] else None
+        return grad_x, grad_delta, None, None, (grad_gate if gate is not None else None), None
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
-def _backward(ctx, grad_out, _grad_cos):
-    delta, index, offsets, gate = ctx.saved_tensors
-    grad_delta, grad_gate = _skip_residual_backward_op(
-        grad_out, delta, index, offsets, gate, ctx.needs_input_grad[4]
-    )
-    # d out / d x is the identity on every row (skipped rows are copies, active rows add a
-    # term independent of x), so grad_x is grad_out itself: no kernel, no copy.
-    grad_x = grad_out if ctx.needs_input_grad[0] else None
-    return grad_x, grad_delta, None, None, (grad_gate if gate is not None else None), None
+_register("sts::skip_residual", "sts::skip_residual_backward")
+if extension() is not None:  # importing the extension defined the C++ ops (CPU kernels)
+    _register("sts::skip_residual_rows", "sts::skip_residual_rows_backward")
+
+# forward op of each compiled backend
+_FORWARD = {"triton": "skip_residual", "cpp": "skip_residual_rows"}
 
 
-_skip_residual_op.register_autograd(_backward, setup_context=_setup_context)
+def backend_for(device: torch.device) -> str:
+    """The backend `skip_residual` runs on `device`: "triton", "cpp" or "reference"."""
+    # Triton first: it serves GPUs, the C++ kernels serve the CPU
+    impl = select("skip_residual", device, ("triton", "cpp"))
+    if impl == "cpp" and device.type != "cpu":
+        return "reference"  # the C++ op has CPU kernels only (a GPU without Triton)
+    return impl
 
 
 def skip_residual(
@@ -323,7 +352,8 @@ def skip_residual(
     `gate` `[K]` or None. Returns `out` like `x`, or `(out, cos)` with `cos` `[K]` (no grad).
     """
     is_padded = _checks.skip_residual(x, delta, plan, gate)
-    if select("skip_residual", x.device, ("triton",)) != "triton":
+    impl = backend_for(x.device)
+    if impl == "reference":
         return reference.skip_residual(x, delta, plan, gate, stats)
     num_features = math.prod(x.shape[len(plan.shape) :])
     rows = x.reshape(plan.num_rows, num_features)  # [R, F]
@@ -331,6 +361,7 @@ def skip_residual(
         delta = delta.reshape(plan.shape[0], delta.shape[1], num_features)  # [B, Kmax, F]
     else:
         delta = delta.reshape(plan.num_active, num_features)  # [K, F]
-    out, cos = torch.ops.sts.skip_residual(rows, delta, plan.index, plan.offsets, gate, stats)
+    forward = getattr(torch.ops.sts, _FORWARD[impl])
+    out, cos = forward(rows, delta, plan.index, plan.offsets, gate, stats)
     out = out.view(x.shape)
     return (out, cos) if stats else out
