@@ -134,7 +134,7 @@ def _layer_rows(device: torch.device, quick: bool) -> list[dict]:
         return h
 
     out = []
-    t = measure(step(dense), device, warmup=1, reps=reps)
+    t = measure(step(dense), device, warmup=1, reps=reps, cpu_memory=True)
     out.append(result_row("decoder_stack", shape, "eager", "fwd+bwd", t, skip_rate=0.0))
     for rate in SKIP_RATES:
         skipper = (
@@ -144,7 +144,7 @@ def _layer_rows(device: torch.device, quick: bool) -> list[dict]:
             .to(device, dtype)
             .train()
         )
-        t = measure(step(skipper), device, warmup=1, reps=reps)
+        t = measure(step(skipper), device, warmup=1, reps=reps, cpu_memory=True)
         out.append(
             result_row(
                 f"decoder_stack_skip{round(rate * 100)}",

@@ -22,9 +22,14 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(
-    fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int = 3,
+    reps: int = 20,
+    cpu_memory: bool = False,
 ) -> Timing:
-    """Median wall time of `fn()` in ms (CUDA events on GPU) and its peak extra memory."""
+    """Median wall time of `fn()` in ms (CUDA events on GPU) and its peak extra memory (on CPU
+    only with `cpu_memory`: one more untimed call under the profiler)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -46,6 +51,8 @@ def measure(
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+        if cpu_memory:
+            peak = peak_memory_mb(fn, device)
     return Timing(statistics.median(times), peak)
 
 
