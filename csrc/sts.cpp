@@ -1,7 +1,7 @@
 // The `sts` operator library (schemas), shared op plumbing and the Python module
 // `sts_kernels._C`, whose import registers the ops.
 #include <torch/extension.h>
-#include <torch/headeronly/version.h>
+#include <torch/version.h>  // TORCH_VERSION; the portable path (api/include) in every torch 2.x
 
 #ifdef _OPENMP
 #include <omp.h>

@@ -19,6 +19,8 @@ from sts_kernels import _backend
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("sts::route", "sts::gather_rows", "sts::scatter_rows")
+# CPU kernels only, in every build: on a GPU skip_residual runs the Triton kernels
+CPU_ONLY_OPS = ("sts::skip_residual_rows", "sts::skip_residual_rows_backward")
 CUDA_ARCHS = ["sm_80", "sm_90"]
 
 
@@ -26,7 +28,7 @@ def test_cpu_extension_registers_cpu_kernels():
     ext = _backend.extension()
     if ext is None:
         pytest.skip("sts_kernels._C is not built (pip install --no-build-isolation -e .)")
-    for op in OPS:
+    for op in OPS + CPU_ONLY_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
     info = ext.build_info()
     assert set(info) == {
@@ -42,6 +44,22 @@ def test_cpu_extension_registers_cpu_kernels():
     assert torch.__version__.startswith(info["torch_version"])
     if not info["with_cuda"]:
         assert info["cuda_archs"] == []
+
+
+@pytest.mark.gpu
+def test_extension_has_cuda_kernels_for_this_gpu():
+    """On a GPU machine the installed extension was built with CUDA, for this GPU's arch."""
+    ext = _backend.extension()
+    if ext is None:
+        pytest.skip("sts_kernels._C is not built (pip install --no-build-isolation -e .)")
+    info = ext.build_info()
+    assert info["with_cuda"], "built without CUDA on a machine with a GPU"
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    for op in CPU_ONLY_OPS:
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    major, minor = torch.cuda.get_device_capability()
+    assert f"sm_{major}{minor}" in info["cuda_archs"], info["cuda_archs"]
 
 
 def _cuobjdump() -> str | None:
@@ -91,7 +109,7 @@ def test_cuda_build_has_cuda_kernels_for_sm80_sm90(tmp_path):
         f"""
         import json, torch
         import sts_kernels._C as ext
-        ops = {list(OPS)!r}
+        ops = {list(OPS + CPU_ONLY_OPS)!r}
         print(json.dumps({{
             "cuda": [torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in ops],
             "cpu": [torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in ops],
@@ -104,8 +122,9 @@ def test_cuda_build_has_cuda_kernels_for_sm80_sm90(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["cuda"] == [True] * len(OPS), result
-    assert result["cpu"] == [True] * len(OPS), result
+    # routing: CPU and CUDA kernels; skip_residual_rows: CPU kernels only, by design
+    assert result["cuda"] == [True] * len(OPS) + [False] * len(CPU_ONLY_OPS), result
+    assert result["cpu"] == [True] * (len(OPS) + len(CPU_ONLY_OPS)), result
     assert result["info"]["with_cuda"] is True
     assert sorted(result["info"]["cuda_archs"]) == CUDA_ARCHS
 
