@@ -165,7 +165,7 @@ def run(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
 
 if __name__ == "__main__":
     from bench.ops import format_table
-    from bench.timing import copy_bandwidth_gbs, result_row
+    from bench.timing import copy_bandwidth_gbs
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth = copy_bandwidth_gbs(dev, nbytes=1 << (30 if dev.type == "cuda" else 26))

@@ -47,12 +47,11 @@ class TaskConfig:
     shapes: int = 1  # quadrants holding a shape (1..4); the others stay empty
     extents: tuple[float, float] = (0.3, 1.0)  # small / big shape side, fraction of a quadrant
     noise: float = 0.05  # pixel noise std
+    questions_per_image: int = 4
 
     @property
     def image_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    questions_per_image: int = 4
 
     @property
     def seq_len(self) -> int:

@@ -235,6 +235,14 @@ def test_router_capacity_all_and_none():
     assert none.report.rows_run[1] == 0
 
 
+def test_router_keeps_a_row_of_a_single_sample_batch():
+    layers = make_layers(3)
+    skipper = LayerDynamicSkipper(layers, D, policy="router", capacity=0.5).train()
+    skipper(torch.randn(1, 2, D)).sum().backward()  # round(0.5 * 1) would be 0
+    assert skipper.report.rows_run[1] == 1
+    assert skipper.routers["1"].weight.grad.abs().sum() > 0
+
+
 def test_schedule_probabilities_rise_linearly_and_keep_first_last():
     skipper = LayerDynamicSkipper(make_layers(6), D, p_max=0.8)
     probs = skipper.skip_probabilities()
@@ -262,6 +270,9 @@ def test_importance_skips_the_layer_that_changes_least():
     assert probs[2] == probs.max() and probs[2] <= MAX_SKIP + 1e-6
     assert_close(probs[1:5].mean(), torch.tensor(0.3))  # the budget holds
     assert probs[0] == 0 and probs[5] == 0
+    # a pass draws every layer with the probabilities of its first eligible layer
+    skipper(torch.randn(16, 2, D))
+    assert torch.equal(skipper._pass_probabilities, probs)
 
 
 def test_tuple_outputs_pass_through():

@@ -447,10 +447,10 @@ def shrink_placeholders(
     counts_in = torch.tensor(n_in, device=dev)
     counts_out = torch.tensor(n_out, device=dev)
     slots = (input_ids == image_token_id).reshape(-1).nonzero().squeeze(1)  # [sum n_in]
-    if slots.numel() != int(counts_in.sum()):
+    if slots.numel() != sum(n_in):
         raise ValueError(
             f"input_ids hold {slots.numel()} image placeholders (id {image_token_id}), the "
-            f"images need {int(counts_in.sum())}"
+            f"images need {sum(n_in)}"
         )
     image_of = torch.repeat_interleave(torch.arange(len(n_in), device=dev), counts_in)
     rank = torch.arange(slots.numel(), device=dev) - (counts_in.cumsum(0) - counts_in)[image_of]

@@ -20,7 +20,8 @@ Policies:
   importance  skip probabilities from a bias-corrected EMA of each layer's measured change
               `1 - cos(x, out)` (from skip_residual(stats=True), measured with the gate applied),
               proportional to 1 / change and normalised so their mean over eligible layers is
-              `target_skip` (capped at MAX_SKIP); gate 1 / (1 - p).
+              `target_skip` (capped at MAX_SKIP), recomputed once per pass at the first
+              eligible layer; gate 1 / (1 - p).
 With `keep_first_last`, the first and last layer always run densely. In eval() every layer
 runs densely and exactly as the unwrapped layer.
 
@@ -213,6 +214,7 @@ class LayerDynamicSkipper(nn.Module):
         self.register_buffer("change_ema", torch.zeros(n))
         self.register_buffer("change_updates", torch.zeros(n))
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._pass_probabilities: Tensor | None = None  # importance: this pass's [L] probs
         self.report = SkipReport([0] * n, [0] * n, [None] * n, [None] * n)
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -234,11 +236,12 @@ class LayerDynamicSkipper(nn.Module):
             return probs.index_copy(0, idx, self._importance_probabilities(idx))
         if self.policy == "router":
             return probs.index_fill(0, idx, 1.0 - self.capacity)
-        return probs.index_copy(0, idx, probs.new_tensor(list(map(self._schedule_p, idx))))
+        schedule = [self._schedule_p(i) for i in self.eligible]  # host ints: no device reads
+        return probs.index_copy(0, idx, probs.new_tensor(schedule))
 
     def _schedule_p(self, idx: int) -> float:
         """p_max * j / n for the j-th (1-based) of the n eligible layers."""
-        return self.p_max * (self.eligible.index(int(idx)) + 1) / len(self.eligible)
+        return self.p_max * (self.eligible.index(idx) + 1) / len(self.eligible)
 
     def _importance_probabilities(self, idx: Tensor) -> Tensor:
         """Probabilities proportional to 1 / measured change, mean `target_skip`, <= MAX_SKIP.
@@ -284,10 +287,16 @@ class LayerDynamicSkipper(nn.Module):
             p = self._schedule_p(idx)
             if p == 0.0:
                 return None, None
+            gate = torch.full(rows, 1.0 / (1.0 - p), device=device)  # stochastic-depth rescale
         else:
-            p = self.skip_probabilities()[idx].to(device)
+            # importance: one set of probabilities per pass (refreshed at the first eligible
+            # layer), so a step's layers share one distribution whose mean is the budget and
+            # the water-filling runs once per step rather than once per layer
+            if self._pass_probabilities is None or idx == self.eligible[0]:
+                self._pass_probabilities = self.skip_probabilities()
+            p = self._pass_probabilities[idx].to(device)
+            gate = (1.0 - p).reciprocal().expand(rows)  # stochastic-depth rescale
         draw = torch.rand(rows, generator=self._generator(device), device=device)
-        gate = torch.full(rows, 1.0, device=device) / (1.0 - p)  # stochastic-depth rescale
         return draw >= p, gate
 
     def _route_top_k(self, idx: int, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
@@ -297,7 +306,9 @@ class LayerDynamicSkipper(nn.Module):
             scores = router(pooled.mean(dim=1)).squeeze(-1)  # [B]
         else:
             scores = router(hidden_states).squeeze(-1)  # [B, T]
-        num_keep = round(self.capacity * scores.shape[-1])
+        # at least one row for any capacity > 0: with B = 1, round(0.5) = 0 would skip the
+        # layer on every step and the router would never get a gradient
+        num_keep = max(round(self.capacity * scores.shape[-1]), int(self.capacity > 0))
         top = scores.topk(num_keep, dim=-1).indices
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
         return keep, torch.sigmoid(scores)
