@@ -18,6 +18,7 @@ import contextvars
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -62,12 +63,22 @@ def triton_interpreter() -> bool:
 
 @functools.cache
 def extension():
-    """The compiled module `sts_kernels._C`, or None when it was not built (STS_NO_EXT=1)."""
+    """The compiled module `sts_kernels._C`, or None when it was not built (STS_NO_EXT=1) or
+    is disabled (STS_DISABLE_EXT=1)."""
     if os.environ.get("STS_DISABLE_EXT", "0") == "1":
         return None
     try:
         from . import _C
-    except ImportError:
+    except ImportError as error:
+        if importlib.util.find_spec(f"{__package__}._C") is not None:
+            # built, but against another torch (e.g. an isolated `pip install .` build env)
+            warnings.warn(
+                f"sts_kernels._C exists but does not load ({error}); running without the "
+                "extension. Rebuild it against this torch: "
+                "pip install --no-build-isolation --force-reinstall .",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return None
     return _C
 

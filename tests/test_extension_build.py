@@ -135,3 +135,40 @@ def test_cuda_build_has_cuda_kernels_for_sm80_sm90(tmp_path):
             [cuobjdump, "--list-elf", str(so)], capture_output=True, text=True, check=True
         ).stdout
         assert all(arch in listing for arch in CUDA_ARCHS), listing
+
+
+def test_unloadable_extension_warns_and_falls_back(tmp_path):
+    """An `_C` built against another torch must not fail silently: the package warns and runs
+    on the reference / Triton backends."""
+    pkg = tmp_path / "sts_kernels"
+    shutil.copytree(
+        ROOT / "sts_kernels", pkg, ignore=shutil.ignore_patterns("_C*.so", "__pycache__")
+    )
+    (pkg / f"_C{_ext_suffix()}").write_bytes(b"not a shared object")
+    code = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import sts_kernels
+            backends = sts_kernels.available_backends("cpu")
+        assert "cpp" not in backends, backends
+        assert any("does not load" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        x = torch.randn(2, 3, 4)
+        plan = sts_kernels.route(torch.tensor([True, False]))
+        assert sts_kernels.gather_rows(x, plan).shape == (1, 3, 4)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "STS_DISABLE_EXT"}
+    env["PYTHONPATH"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _ext_suffix() -> str:
+    import sysconfig
+
+    return sysconfig.get_config_var("EXT_SUFFIX")
