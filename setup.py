@@ -19,6 +19,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _extensions():
     if os.environ.get("STS_NO_EXT", "0") == "1":
         return [], {}
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists(
+        "/usr/local/cuda/bin/nvcc"
+    ):
+        # cpp_extension guesses CUDA_HOME from the nvcc on PATH; a wrapper script such as
+        # /usr/local/bin/nvcc makes that /usr/local, where libcudart is not
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
