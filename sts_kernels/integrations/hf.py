@@ -34,7 +34,10 @@ for `generate()`.
 Distributed: call `apply_sts` before wrapping. DDP needs `find_unused_parameters=True` with LDS
 (a rank whose samples all skip a layer gives its parameters no gradient) and
 `static_graph=False`; gradients then equal a single-process step (tests/test_ddp.py). Give each
-rank its own skipper seed (e.g. seed + rank). FSDP is untested.
+rank its own skipper seed (e.g. seed + rank). FSDP2: `fully_shard` each decoder layer after
+`apply_sts` (a patched layer is called on every rank, only its inner work is skipped) and call
+`set_reduce_scatter_unused_params(True)` on the root (README; tests/test_fsdp.py checks the
+plain skipper, not this patch).
 
 Pass the skipper as a dict (or None) rather than a ready `LayerDynamicSkipper`: a ready one
 wraps the real layers, so their module hooks (and `output_hidden_states` recorders) also see the

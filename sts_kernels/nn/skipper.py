@@ -28,7 +28,8 @@ runs densely and exactly as the unwrapped layer.
 Limitations: random decisions come from the skipper's own generator, so activation
 checkpointing that re-runs a layer's forward would redraw them (keep checkpointing off on the
 wrapped layers). A layer skipped for every row is not called: it returns
-`output_setter(None, hidden_states)` (the bare hidden states by default).
+`output_setter(None, hidden_states)` (the bare hidden states by default). Under FSDP2 the
+`SkippableLayer` (called on every rank) must be the sharded unit, not the layer it wraps.
 """
 
 from __future__ import annotations
