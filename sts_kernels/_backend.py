@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ._triton import HAS_TRITON
+
 BACKENDS = ("auto", "reference", "triton", "cpp")
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sts_backend", default=None)
@@ -52,9 +54,9 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-@functools.cache
 def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Triton imports (an installed but broken Triton counts as missing)."""
+    return HAS_TRITON
 
 
 def triton_interpreter() -> bool:

@@ -13,17 +13,11 @@ try:
 except ImportError:  # the package works without Triton: reference / C++ backends only
     HAS_TRITON = False
 
-    def _identity_decorator(fn=None, **_kwargs):
-        return fn if fn is not None else (lambda f: f)
-
     class _Constexpr:  # annotation placeholder for `tl.constexpr`
         pass
 
     triton = types.SimpleNamespace(
-        jit=_identity_decorator,
-        heuristics=lambda *_a, **_k: _identity_decorator,
-        autotune=lambda *_a, **_k: _identity_decorator,
-        Config=lambda *a, **k: None,
+        jit=lambda fn: fn,
         cdiv=lambda a, b: -(-a // b),
         next_power_of_2=lambda n: 1 << max(n - 1, 0).bit_length(),
     )
