@@ -108,7 +108,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
+def start_rank(rank: int, port: int, state: dict):
+    """Join the gloo group; this rank's copy of the net, its samples and its fixed decisions."""
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -120,7 +121,11 @@ def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
     net = Net()
     net.load_state_dict(state)
     samples = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    step = fixed_decisions(net.skipper, samples)
+    return net, samples, fixed_decisions(net.skipper, samples)
+
+
+def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
+    net, samples, step = start_rank(rank, port, state)
     model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
     x, y = data()
     grads = train_steps(model, step, x[samples], y[samples])

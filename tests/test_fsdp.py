@@ -15,7 +15,6 @@ Gradients then equal a single-process step on the concatenated batch with the sa
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
 
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_ddp import DECISIONS, PER_RANK, WORLD, Net, data, fixed_decisions, free_port
+from test_ddp import DECISIONS, WORLD, Net, data, fixed_decisions, free_port, start_rank
 from torch import nn
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP")
@@ -76,18 +75,7 @@ def shard(net: Net) -> Net:
 
 
 def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
-    torch.set_num_threads(1)
-    net = Net()
-    net.load_state_dict(state)
-    samples = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    step = fixed_decisions(net.skipper, samples)
+    net, samples, step = start_rank(rank, port, state)
     try:
         model = shard(net)
     except (RuntimeError, NotImplementedError, ValueError) as err:
