@@ -161,7 +161,7 @@ def evaluate(model, handle, batches: list[Batch], device, questions) -> tuple[fl
 
 
 def run_setting(setting: str, args, task: TaskConfig, train: list[Batch], held_out: list[Batch]):
-    from tqdm import tqdm
+    from tqdm import tqdm  # a dependency of transformers
 
     from sts_kernels.integrations.hf import apply_sts
 
@@ -269,8 +269,12 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-def plot(results: list[Result], path: Path, title: str) -> None:
-    import matplotlib
+def plot(results: list[Result], path: Path, title: str) -> bool:
+    """Loss, accuracy and step-time panels as PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -298,6 +302,7 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -395,6 +400,8 @@ def main(argv=None) -> dict:
         "results": [asdict(r) for r in results],
     }
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    plot(results, stem.with_suffix(".png"), title)
-    print(f"wrote {stem}.json and {stem}.png")
+    if plot(results, stem.with_suffix(".png"), title):
+        print(f"wrote {stem}.json and {stem}.png")
+    else:
+        print(f"wrote {stem}.json (no plot: matplotlib is not installed)")
     return record
