@@ -124,17 +124,23 @@ def start_rank(rank: int, port: int, state: dict):
     return net, samples, fixed_decisions(net.skipper, samples)
 
 
-def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
-    net, samples, step = start_rank(rank, port, state)
-    model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+def finish_rank(model: nn.Module, train, step, samples: slice, rank: int, out_dir: str) -> None:
+    """Train this rank's samples with `train(model, step, x, y)`, save the gradients, leave."""
     x, y = data()
-    grads = train_steps(model, step, x[samples], y[samples])
+    grads = train(model, step, x[samples], y[samples])
     torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
-    # tear DDP's reducer down while the process group is alive: destroying it after
+    # tear the wrapper down while the process group is alive: destroying DDP's reducer after
     # destroy_process_group() intermittently hangs at interpreter exit
     del model
     dist.barrier()
     dist.destroy_process_group()
+
+
+def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
+    net, samples, step = start_rank(rank, port, state)
+    model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    del net  # finish_rank must hold the last reference
+    finish_rank(model, train_steps, step, samples, rank, out_dir)
 
 
 def free_port() -> int:

@@ -23,7 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_ddp import DECISIONS, WORLD, Net, data, fixed_decisions, free_port, start_rank
+from test_ddp import (
+    DECISIONS,
+    WORLD,
+    Net,
+    data,
+    finish_rank,
+    fixed_decisions,
+    free_port,
+    start_rank,
+)
 from torch import nn
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP")
@@ -84,12 +93,8 @@ def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
         raise
     if not all(isinstance(p, DTensor) for p in model.parameters()):
         raise AssertionError("fully_shard left parameters unsharded")
-    x, y = data()
-    grads = train_steps(model, step, x[samples], y[samples])
-    torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
-    del model
-    dist.barrier()
-    dist.destroy_process_group()
+    del net  # the same module as model; finish_rank must hold the last reference
+    finish_rank(model, train_steps, step, samples, rank, out_dir)
 
 
 def run_workers(state: dict, out_dir: str) -> None:
