@@ -52,12 +52,12 @@ step() {
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0}}
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
   # in place: no pip metadata or network needed; a stale _C of another Python is ignored
-  step build 240 $PY setup.py build_ext --inplace
-  step env 30 $PY -m sts_kernels.env
-  step pytest-gpu 150 $PY -m pytest -q -m gpu --junitxml="$OUT/pytest-gpu.xml" tests/
-  step pytest-rest 240 $PY -m pytest -q -m "not gpu and not slow" --junitxml="$OUT/pytest-rest.xml" tests/
-  step bench-ops 150 $PY -m bench.ops --device cuda
-  step bench-demo 150 $PY -m bench --device cuda
+  step build 120 $PY setup.py build_ext --inplace
+  step env 20 $PY -m sts_kernels.env
+  step pytest-gpu 90 $PY -m pytest -q -m gpu --junitxml="$OUT/pytest-gpu.xml" tests/
+  step pytest-rest 150 $PY -m pytest -q -m "not gpu and not slow" --junitxml="$OUT/pytest-rest.xml" tests/
+  step bench-ops 110 $PY -m bench.ops --device cuda
+  step bench-demo 80 $PY -m bench --device cuda
   echo "total $((SECONDS - START))s"
   cat "$SUMMARY"
 } 2>&1 | tee "$OUT/gpu-run.log"

@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     quick = device.type != "cuda" and not args.full
     copy_gbs = copy_bandwidth_gbs(device, nbytes=1 << (30 if device.type == "cuda" else 26))
     print(f"device {device_tag(device)}: measured copy bandwidth {copy_gbs:.1f} GB/s")
+    from sts_kernels.env import collect
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"ops-{device_tag(device)}-{stamp}.json"
+    env = collect()
     rows: list[dict] = []
     for name in args.only.split(","):
         suite = importlib.import_module(f"bench.{name}")
@@ -61,15 +67,10 @@ def main(argv: list[str] | None = None) -> None:
             row.setdefault("suite", name)
         rows += suite_rows
         print(format_table(suite_rows), flush=True)
-
-    from sts_kernels.env import collect
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"ops-{device_tag(device)}-{stamp}.json"
-    path.write_text(
-        json.dumps({"env": collect(), "copy_gbs": copy_gbs, "rows": rows}, indent=1, default=str)
-    )
+        # after every suite, so a run cut short by a time limit keeps what it measured
+        path.write_text(
+            json.dumps({"env": env, "copy_gbs": copy_gbs, "rows": rows}, indent=1, default=str)
+        )
     print(f"wrote {path}")
 
 
