@@ -1,4 +1,4 @@
-"""One-call STS patch for Hugging Face LLaVA and Qwen2-VL (transformers 5.x).
+"""One-call STS patch for Hugging Face VLMs (transformers 5.x); families in `adapters/`.
 
     handle = apply_sts(model, stage="align")      # VTC only; "instruct": LDS only; None: both
     loss = model(**batch).loss                     # the same batches as dense training
@@ -7,13 +7,13 @@
 
 What the patch does, on this instance only (no class is modified):
 
-- VTC: a forward pre-hook on the model runs the vision tower and projector itself
-  (`model.model.get_image_features`), compresses each image's projected tokens with the
-  `VisualTokenCompressor`, and calls the model with `mm_encoder_outputs` instead of
-  `pixel_values`. It removes the surplus image placeholders from `input_ids` (each image keeps
-  its first `kept` placeholders), drops the same columns from `attention_mask`, `labels`,
-  `mm_token_type_ids` and `position_ids`, and re-pads rows tightly on the side the batch was
-  padded on. Llava positions are renumbered; Qwen2-VL M-RoPE positions are rebuilt by the model
+- VTC: a forward pre-hook on the model runs the vision tower and projector itself (through
+  the family's adapter, `adapters/`), compresses the projected tokens of all images (and
+  videos) with the `VisualTokenCompressor`, one call per distinct grid, and calls the model
+  with `mm_encoder_outputs` instead of `pixel_values`. It removes the surplus image
+  placeholders from `input_ids` (each image keeps its first `kept` placeholders), drops the
+  same columns from `attention_mask`, `labels`, `mm_token_type_ids` and `position_ids`, and
+  re-pads rows tightly on the side the batch was padded on. Llava positions are renumbered; Qwen2-VL M-RoPE positions are rebuilt by the model
   from the shrunk ids and the pooled grid (any `position_ids` passed in are dropped).
   The returned logits are those of the shrunk sequence: use `out.loss`, or
   `handle.last_inputs["labels"]` to align them.
@@ -55,9 +55,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapters import adapter_for, supported_models
+
 __all__ = ["SUPPORTED_MODELS", "StsHandle", "StsReport", "apply_sts"]
 
-SUPPORTED_MODELS = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+SUPPORTED_MODELS = supported_models()
 
 # stage -> (VTC on by default, LDS on by default); STS compresses during modality alignment
 # and skips layers during instruction tuning
@@ -75,6 +77,10 @@ class StsReport:
 
     visual_tokens_in: int = 0  # visual tokens the projector produced
     visual_tokens_kept: int = 0  # visual tokens the LM received
+    image_tokens_in: int = 0  # the same two counts for images only
+    image_tokens_kept: int = 0
+    video_tokens_in: int = 0  # and for videos only
+    video_tokens_kept: int = 0
     lm_tokens_in: int = 0  # B * T of the batch as passed
     lm_tokens: int = 0  # B * T' the LM ran on (after placeholder removal)
     layer_fraction: float = 1.0  # skipper: rows run / rows a dense pass runs, over all layers
@@ -126,7 +132,7 @@ def apply_sts(
     skip: None | bool | dict | nn.Module = None,
     stage: str | None = None,
 ) -> StsHandle:
-    """Patch a `LlavaForConditionalGeneration` or `Qwen2VLForConditionalGeneration` in place.
+    """Patch a Hugging Face VLM in place (`SUPPORTED_MODELS`; one adapter per family).
 
     `compress` / `skip`: `None` follows `stage` (None: both on, "align": VTC only, "instruct":
     LDS only); `False` off; a dict of constructor arguments (defaults: pool 2x2 / sample-mode
@@ -134,27 +140,18 @@ def apply_sts(
     `LayerDynamicSkipper` (the latter built on `model.model.language_model.layers`).
     Build DDP/FSDP wrappers after this call.
     """
-    kind = _model_kind(model)
+    adapter = adapter_for(model)
     if stage not in _STAGES:
         raise ValueError(f"stage must be None, 'align' or 'instruct', got {stage!r}")
     if model in _HANDLES:
         raise RuntimeError("apply_sts: this model is already patched; call handle.remove() first")
     compress_default, skip_default = _STAGES[stage]
-    inner = model.model
-    layers = inner.language_model.layers
-    text_config = model.config.text_config
+    layers = adapter.layers(model)
 
     compressor = _build_compressor(compress, compress_default)
-    if (
-        compressor is not None
-        and kind == "qwen2_vl"
-        and getattr(compressor, "mode", "pool") != "pool"
-    ):
-        raise ValueError(
-            "compress: Qwen2-VL needs mode='pool' (M-RoPE positions need the output grid; "
-            f"merge mode has none), got mode={compressor.mode!r}"
-        )
-    skipper, layer_calls = _build_skipper(skip, skip_default, layers, text_config.hidden_size)
+    if compressor is not None:
+        adapter.check_compressor(compressor)
+    skipper, layer_calls = _build_skipper(skip, skip_default, layers, adapter.hidden_size(model))
     handle = StsHandle(model, compressor, skipper)
     weight = next(model.parameters())
 
@@ -174,7 +171,7 @@ def apply_sts(
         for i, layer in enumerate(layers):
             _patch_layer(handle, layer, i, layer_calls)
 
-    pre = model.register_forward_pre_hook(_make_pre_hook(handle, kind), with_kwargs=True)
+    pre = model.register_forward_pre_hook(_make_pre_hook(handle, adapter), with_kwargs=True)
     post = model.register_forward_hook(_make_post_hook(handle))
     handle._undo += [pre.remove, post.remove]
     _HANDLES[model] = handle
@@ -183,21 +180,6 @@ def apply_sts(
 
 # ---------------------------------------------------------------------------------------------
 # construction
-
-
-def _model_kind(model: nn.Module) -> str:
-    try:
-        from transformers import LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
-    except ImportError as e:  # pragma: no cover - transformers is an optional dependency
-        raise ImportError("apply_sts needs transformers>=5: pip install 'sts_kernels[hf]'") from e
-    if isinstance(model, LlavaForConditionalGeneration):
-        return "llava"
-    if isinstance(model, Qwen2VLForConditionalGeneration):
-        return "qwen2_vl"
-    raise TypeError(
-        f"apply_sts: model must be one of {', '.join(SUPPORTED_MODELS)} (transformers 5.x), "
-        f"got {type(model).__name__}"
-    )
 
 
 def _build_compressor(compress, default_on: bool) -> nn.Module | None:
@@ -304,10 +286,9 @@ def _patch_layer(handle: StsHandle, layer: nn.Module, idx: int, calls: list[nn.M
 # forward hooks
 
 
-def _make_pre_hook(handle: StsHandle, kind: str):
+def _make_pre_hook(handle: StsHandle, adapter):
     model = handle.model
     signature = inspect.signature(type(model).forward)
-    compress = _compress_llava if kind == "llava" else _compress_qwen2_vl
 
     def pre_hook(module, args, kwargs):
         if not handle.enabled:
@@ -323,12 +304,17 @@ def _make_pre_hook(handle: StsHandle, kind: str):
         if (
             compressor is not None
             and (module.training or getattr(compressor, "enabled_in_eval", False))
-            and kw.get("pixel_values") is not None
+            and adapter.has_visual(kw)
         ):
             if ids is None:
                 raise ValueError("apply_sts: VTC needs input_ids (got inputs_embeds)")
             _follow(compressor, module.training, ids.device)
-            kw = compress(model, compressor, kw, report)
+            kw, counts = adapter.compress(model, compressor, kw)
+            for modality, (n_in, n_kept) in counts.items():  # "image" / "video"
+                setattr(report, f"{modality}_tokens_in", n_in)
+                setattr(report, f"{modality}_tokens_kept", n_kept)
+            report.visual_tokens_in = sum(n for n, _ in counts.values())
+            report.visual_tokens_kept = sum(k for _, k in counts.values())
             report.lm_tokens = kw["input_ids"].numel()
         if handle.skipper is not None and module.training:
             kw["use_cache"] = False  # a subset of rows must not write a shared KV cache
@@ -353,76 +339,7 @@ def _make_post_hook(handle: StsHandle):
 
 
 # ---------------------------------------------------------------------------------------------
-# VTC: compress image features, then shrink the text side to match
-
-
-def _compress_llava(model, compressor, kw: dict, report: StsReport) -> dict:
-    config = model.config
-    strategy = kw.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
-    image_sizes = kw.get("image_sizes")
-    features = model.model.get_image_features(
-        pixel_values=kw["pixel_values"],
-        vision_feature_layer=kw.get("vision_feature_layer"),
-        vision_feature_select_strategy=strategy,
-        image_sizes=image_sizes,
-        return_dict=True,
-    )
-    patch = config.vision_config.patch_size
-    if image_sizes is not None:
-        grids = [(int(h) // patch, int(w) // patch) for h, w in image_sizes.tolist()]
-    else:
-        side = config.vision_config.image_size // patch
-        grids = [(side, side)] * len(features.pooler_output)
-    cls = 1 if strategy == "full" else 0  # "full" keeps CLS first: it takes no part
-    compressed = []
-    for f, grid in zip(features.pooler_output, grids):  # f [cls + h*w, D]
-        out = compressor(f[None, cls:], grid=grid)
-        compressed.append(torch.cat([f[:cls], out.x[0]], 0))
-    return _finish(model, kw, features, compressed, report, extra={})
-
-
-def _compress_qwen2_vl(model, compressor, kw: dict, report: StsReport) -> dict:
-    merge = model.config.vision_config.spatial_merge_size
-    thw = kw["image_grid_thw"]  # [n_img, 3] raw-patch grids
-    features = model.model.get_image_features(kw["pixel_values"], thw, return_dict=True)
-    compressed, rope_grid = [], []
-    for f, (t, h, w) in zip(features.pooler_output, thw.tolist()):  # f [t*(h/m)*(w/m), D]
-        # the merger emits row-major (t, h/m, w/m): each frame is one grid, one batch row
-        out = compressor(f.view(t, (h // merge) * (w // merge), -1), grid=(h // merge, w // merge))
-        compressed.append(out.x.reshape(-1, f.shape[-1]))
-        gh, gw = out.grid
-        rope_grid.append((t, gh * merge, gw * merge))  # get_rope_index divides by merge again
-    # the model rebuilds M-RoPE positions from the shrunk ids and this grid
-    extra = {"image_grid_thw": torch.tensor(rope_grid, dtype=thw.dtype, device=thw.device)}
-    kw["position_ids"] = None
-    return _finish(model, kw, features, compressed, report, extra)
-
-
-def _finish(model, kw: dict, features, compressed: list[Tensor], report: StsReport, extra: dict):
-    n_in = [f.shape[0] for f in features.pooler_output]
-    n_out = [f.shape[0] for f in compressed]
-    report.visual_tokens_in, report.visual_tokens_kept = sum(n_in), sum(n_out)
-    features.pooler_output = compressed
-    pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
-    shrunk = shrink_placeholders(
-        kw["input_ids"],
-        model.config.image_token_id,
-        n_in,
-        n_out,
-        attention_mask=kw.get("attention_mask"),
-        labels=kw.get("labels"),
-        position_ids=kw.get("position_ids"),
-        mm_token_type_ids=kw.get("mm_token_type_ids"),
-        pad_token_id=pad_id,
-    )
-    kw.update(shrunk)
-    kw.update(extra)
-    kw["pixel_values"] = None
-    kw["image_sizes"] = None
-    mm = dict(kw.get("mm_encoder_outputs") or {})
-    mm["image"] = features
-    kw["mm_encoder_outputs"] = mm
-    return kw
+# VTC: shrink the text side to match the compressed features (adapters call this)
 
 
 def shrink_placeholders(

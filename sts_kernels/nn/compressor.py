@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -43,10 +44,11 @@ class VisualTokenCompressor(nn.Module):
     stay size-weighted and pooled sizes add up. In eval() the module is the identity unless
     `enabled_in_eval=True`.
 
-    Every sample of a batch shares one grid and keeps the same number of tokens. Images with
-    different grids (a list of grids): call the module once per image with `x[i:i+1]` of
-    shape `[1, N_i, D]` and that image's grid, then concatenate as the model needs;
-    `output_tokens(N_i, grid_i)` gives each image's output length without running it.
+    Every sample of a batch shares one grid and keeps the same number of tokens. Images (and
+    videos) with different grids: `compress_many` groups them by shape and runs one call per
+    distinct grid, never one per image; `output_tokens(N_i, grid_i)` gives an image's output
+    length without running it. `time_window=k` (pool mode) also averages each video's
+    consecutive frames in windows of `k` in `compress_many`.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class VisualTokenCompressor(nn.Module):
         r: int | None = None,
         protected: int = 0,
         enabled_in_eval: bool = False,
+        time_window: int = 1,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -75,6 +78,12 @@ class VisualTokenCompressor(nn.Module):
             raise ValueError(f"protected must be an int >= 0, got {protected!r}")
         self.protected = protected
         self.enabled_in_eval = enabled_in_eval
+        if not isinstance(time_window, int) or isinstance(time_window, bool) or time_window < 1:
+            raise ValueError(f"time_window must be an int >= 1, got {time_window!r}")
+        if time_window > 1 and mode != "pool":
+            # merged tokens of consecutive frames do not correspond: nothing to average
+            raise ValueError(f"time_window > 1 needs mode='pool', got mode={mode!r}")
+        self.time_window = time_window
 
     @staticmethod
     def _check_r(r: object) -> int:
@@ -150,8 +159,59 @@ class VisualTokenCompressor(nn.Module):
         kept = torch.full((b,), out_x.shape[1], dtype=torch.int64, device=x.device)
         return CompressedTokens(out_x, out_size, out_grid, kept)
 
+    def compress_many(
+        self, xs: Sequence[Tensor], grids: Sequence[tuple[int, int] | None]
+    ) -> list[CompressedTokens]:
+        """Compress several images or videos with one call per distinct shape.
+
+        `xs[i]`: `[F_i, N_i, D]`, the `F_i` frames of item `i` (1 for an image) on `grids[i]`
+        (ignored in merge mode). Items of the same grid (merge mode: the same `N`) are
+        concatenated along the frame axis and go through ONE `token_pool` / `bipartite_merge`
+        call, so the launches grow with the distinct grids, not with the images. With
+        `time_window=k` the frames of each item are then averaged in windows of `k` consecutive
+        frames (one more pooling call per group; items then also group by `F_i`).
+        Returns one `CompressedTokens` per item: x `[F_i', N_i', D]`, size `[F_i', N_i']`.
+        """
+        if len(xs) != len(grids):
+            raise ValueError(
+                f"xs and grids must have the same length, got {len(xs)} and {len(grids)}"
+            )
+        groups: dict[tuple, list[int]] = {}
+        for i, (x, grid) in enumerate(zip(xs, grids)):
+            _checks.tensor(f"xs[{i}]", x, ndim=3)
+            n = x.shape[1]
+            shape = n if self.mode == "merge" else self._grid(n, grid)
+            frames = x.shape[0] if self.time_window > 1 else 0
+            groups.setdefault((shape, frames), []).append(i)
+        out: list[CompressedTokens | None] = [None] * len(xs)
+        for (shape, _), members in groups.items():
+            parts = [xs[i] for i in members]
+            batch = parts[0] if len(parts) == 1 else torch.cat(parts)  # [sum F, N, D]
+            res = self(batch, grid=None if self.mode == "merge" else shape)
+            frames = parts[0].shape[0]
+            if self.time_window > 1 and frames > 1 and self.active:
+                res = self._pool_frames(res, len(parts), frames)
+                frames = res.x.shape[0] // len(parts)
+            xs_out, sizes, kept = (t.split(frames) for t in (res.x, res.size, res.kept))
+            for i, x, size, k in zip(members, xs_out, sizes, kept):
+                out[i] = CompressedTokens(x, size, res.grid, k)
+        return out
+
+    def _pool_frames(self, res: CompressedTokens, items: int, frames: int) -> CompressedTokens:
+        """[items * F, N, D] -> [items * ceil(F / time_window), N, D]: frame windows averaged,
+        as a `token_pool` over each item's (F, N) grid with window (time_window, 1)."""
+        n = res.x.shape[1]
+        grid, window = (frames, n), (self.time_window, 1)
+        x = token_pool(res.x.reshape(items, frames * n, -1), grid, window)
+        size = _window_sums(res.size.reshape(items, frames * n), grid, window)
+        x, size = x.reshape(-1, n, x.shape[-1]), size.reshape(-1, n)
+        kept = torch.full((x.shape[0],), n, dtype=torch.int64, device=x.device)
+        return CompressedTokens(x, size, res.grid, kept)
+
     def extra_repr(self) -> str:
         how = f"window={self.window}" if self.mode == "pool" else f"ratio={self.ratio}, r={self.r}"
+        if self.time_window > 1:
+            how += f", time_window={self.time_window}"
         return (
             f"mode={self.mode!r}, {how}, protected={self.protected}, "
             f"enabled_in_eval={self.enabled_in_eval}"

@@ -1,0 +1,60 @@
+"""Per-family adapters for `apply_sts`: a table from transformers class name to the adapter that
+knows where the family's vision features, placeholders, positions and decoder layers are.
+
+Adding a family = one module here defining `ADAPTER` (an `Adapter` subclass instance), listed in
+`_FAMILIES`, plus its tests. Importing this package does not import transformers.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from torch import nn
+
+from ._base import Adapter, feed_features
+
+__all__ = ["Adapter", "adapter_for", "feed_features", "supported_models", "support_table"]
+
+_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+
+ADAPTERS: dict[str, Adapter] = {}  # class name -> adapter
+for _family in _FAMILIES:
+    _adapter = import_module(f".{_family}", __name__).ADAPTER
+    ADAPTERS.update(dict.fromkeys(_adapter.classes, _adapter))
+
+
+def supported_models() -> tuple[str, ...]:
+    return tuple(ADAPTERS)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of `model`'s class (or its nearest registered base class); TypeError naming
+    the class and the supported ones otherwise."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return ADAPTERS[cls.__name__]
+    raise TypeError(
+        f"apply_sts: model must be one of {', '.join(ADAPTERS)} (transformers 5.x), "
+        f"got {type(model).__name__}"
+    )
+
+
+def support_table() -> str:
+    """The README's support table (markdown), rendered from the registry."""
+    yes = {True: "yes", False: "-"}
+    rows = [
+        "| family | classes | VTC pool | VTC merge | LDS sample | LDS token | video |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for adapter in dict.fromkeys(ADAPTERS.values()):
+        cells = [
+            adapter.name,
+            ", ".join(f"`{c}`" for c in adapter.classes),
+            yes["pool" in adapter.modes],
+            yes["merge" in adapter.modes],
+            yes["sample" in adapter.lds_modes],
+            yes["token" in adapter.lds_modes],
+            yes[adapter.video],
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,89 @@
+"""What the generic patch (`integrations/hf.py`) needs to know about one model family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class Adapter:
+    """One family of Hugging Face VLMs. Subclass, set the class attributes, override `compress`
+    (and `layers` when the decoder layers live elsewhere), then `register` an instance.
+
+    `compress(model, compressor, kw)` receives the bound forward arguments of a training call
+    that carries visual inputs; it runs the vision tower itself, compresses the features, hands
+    them to the model as `mm_encoder_outputs` and shrinks the placeholders (and positions) to
+    match. It returns the new arguments and `{modality: (tokens in, tokens kept)}`.
+    """
+
+    name: str = ""  # family label in the support table
+    classes: tuple[str, ...] = ()  # transformers classes this adapter patches
+    modes: tuple[str, ...] = ("pool", "merge")  # VTC modes the placeholder layout allows
+    mode_reason: str = ""  # why a mode is missing (ValueError text)
+    lds_modes: tuple[str, ...] = ("sample", "token")
+    video: bool = False  # compresses video inputs too
+    pixel_keys: tuple[str, ...] = ("pixel_values",)  # forward arguments that carry visual input
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers LDS wraps."""
+        return model.model.language_model.layers
+
+    def hidden_size(self, model: nn.Module) -> int:
+        return model.config.text_config.hidden_size
+
+    def check_compressor(self, compressor: nn.Module) -> None:
+        """ValueError, before any forward, for a compressor this layout cannot take."""
+        mode = getattr(compressor, "mode", "pool")
+        if mode not in self.modes:
+            allowed = " or ".join(f"mode={m!r}" for m in self.modes)
+            raise ValueError(
+                f"compress: {self.name} needs {allowed} ({self.mode_reason}), got mode={mode!r}"
+            )
+        if getattr(compressor, "time_window", 1) > 1 and not self.video:
+            raise ValueError(f"compress: time_window applies to video; {self.name} takes none")
+
+    def has_visual(self, kw: dict[str, Any]) -> bool:
+        return any(kw.get(key) is not None for key in self.pixel_keys)
+
+    def compress(
+        self, model: nn.Module, compressor: nn.Module, kw: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+        raise NotImplementedError
+
+
+def feed_features(
+    model: nn.Module,
+    kw: dict[str, Any],
+    modality: str,
+    features: Any,
+    compressed: list[Tensor],
+    token_id: int,
+) -> tuple[int, int]:
+    """Hand `compressed` (one `[n_out_k, D]` per item) to the model as `mm_encoder_outputs`
+    under `modality`, and shrink `token_id` placeholders (item k keeps its first n_out_k) with
+    the matching columns of the masks, labels and positions in `kw`. Returns (tokens in, kept).
+    """
+    from ..hf import shrink_placeholders  # hf imports this package at load time
+
+    n_in = [f.shape[0] for f in features.pooler_output]
+    n_out = [f.shape[0] for f in compressed]
+    features.pooler_output = compressed
+    pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
+    kw.update(
+        shrink_placeholders(
+            kw["input_ids"],
+            token_id,
+            n_in,
+            n_out,
+            attention_mask=kw.get("attention_mask"),
+            labels=kw.get("labels"),
+            position_ids=kw.get("position_ids"),
+            mm_token_type_ids=kw.get("mm_token_type_ids"),
+            pad_token_id=pad_id,
+        )
+    )
+    mm = dict(kw.get("mm_encoder_outputs") or {})
+    mm[modality] = features
+    kw["mm_encoder_outputs"] = mm
+    return sum(n_in), sum(n_out)
