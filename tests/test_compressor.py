@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kernel_count import count_kernels
 
 import sts_kernels
 from sts_kernels import reference
@@ -98,6 +99,65 @@ def test_per_image_calls_for_different_grids():
     outs = [vtc(img, grid=g) for img, g in zip(images, grids)]
     assert [o.x.shape[1] for o in outs] == [vtc.output_tokens(h * w, (h, w)) for h, w in grids]
     assert [o.x.shape[1] for o in outs] == [6, 6]
+
+
+@pytest.mark.parametrize("mode", ["pool", "merge"])
+def test_compress_many_equals_one_call_per_item(mode):
+    vtc = VisualTokenCompressor(mode, ratio=0.6)
+    grids = [(4, 6), (3, 5), (4, 6), (3, 5), (2, 2)]
+    frames = [1, 3, 2, 1, 1]
+    xs = [torch.randn(f, h * w, 8) for f, (h, w) in zip(frames, grids)]
+    outs = vtc.compress_many(xs, grids)
+    for x, grid, out in zip(xs, grids, outs):
+        expected = vtc(x, grid=grid)
+        assert torch.equal(out.x, expected.x) and torch.equal(out.size, expected.size)
+        assert out.grid == expected.grid and out.kept.tolist() == expected.kept.tolist()
+
+
+def test_compress_many_time_window_averages_frame_windows():
+    vtc = VisualTokenCompressor("pool", window=(2, 2), time_window=2)
+    video, image = torch.randn(3, 16, 4), torch.randn(1, 16, 4)  # 3 frames: windows {0,1}, {2}
+    out_video, out_image = vtc.compress_many([video, image], [(4, 4), (4, 4)])
+    frames = reference.token_pool(video, (4, 4), (2, 2))  # [3, 4, 4]
+    expected = torch.stack([frames[:2].mean(0), frames[2]])
+    torch.testing.assert_close(out_video.x, expected)
+    assert out_video.size.tolist() == [[8.0] * 4, [4.0] * 4] and out_video.grid == (2, 2)
+    torch.testing.assert_close(out_image.x, reference.token_pool(image, (4, 4), (2, 2)))
+    assert (
+        VisualTokenCompressor("pool", time_window=2)
+        .eval()
+        .compress_many([video], [(4, 4)])[0]
+        .x.equal(video)
+    )
+
+
+@pytest.mark.parametrize("mode", ["pool", "merge"])
+def test_compress_many_kernel_count_does_not_grow_with_images(mode):
+    """Images sharing a grid go through one call: 4 or 12 images of two grids cost the same."""
+    vtc = VisualTokenCompressor(mode)
+    counts = []
+    for n in (2, 6):
+        grids = [(4, 6), (3, 5)] * n
+        xs = [torch.randn(1, h * w, 8) for h, w in grids]
+        with count_kernels() as c:
+            vtc.compress_many(xs, grids)
+        counts.append((c.kernels, c.syncs, str(c)))
+    assert counts[0][:2] == counts[1][:2], counts
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "call", "words"),
+    [
+        (dict(time_window=0), None, "time_window"),
+        (dict(time_window=2, mode="merge"), None, "time_window"),
+        ({}, ([torch.randn(1, 4, 2)], []), "same length"),
+        ({}, ([torch.randn(4, 2)], [(2, 2)]), "xs"),
+        ({}, ([torch.randn(1, 4, 2)], [(3, 3)]), "grid"),
+    ],
+)
+def test_compress_many_bad_input(kwargs, call, words):
+    with pytest.raises(ValueError, match=words):
+        VisualTokenCompressor(**kwargs).compress_many(*call)
 
 
 @pytest.mark.interpreter

@@ -188,10 +188,10 @@ class VisualTokenCompressor(nn.Module):
             parts = [xs[i] for i in members]
             batch = parts[0] if len(parts) == 1 else torch.cat(parts)  # [sum F, N, D]
             res = self(batch, grid=None if self.mode == "merge" else shape)
-            frames = parts[0].shape[0]
-            if self.time_window > 1 and frames > 1 and self.active:
-                res = self._pool_frames(res, len(parts), frames)
-                frames = res.x.shape[0] // len(parts)
+            frames = [x.shape[0] for x in parts]  # all equal when time_window > 1
+            if self.time_window > 1 and frames[0] > 1 and self.active:
+                res = self._pool_frames(res, len(parts), frames[0])
+                frames = [res.x.shape[0] // len(parts)] * len(parts)
             xs_out, sizes, kept = (t.split(frames) for t in (res.x, res.size, res.kept))
             for i, x, size, k in zip(members, xs_out, sizes, kept):
                 out[i] = CompressedTokens(x, size, res.grid, k)

@@ -1,0 +1,216 @@
+"""Tiny random-init Hugging Face VLMs (no downloads), their batches, and the checks every
+family's adapter must pass (tests/test_hf_<family>.py).
+
+`make_qwen2_5_vl()` + `qwen_batch()` also serve as the tiny Qwen2.5-VL for the demo.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+IMG, VID, PAD = 999, 998, 0
+V_START, V_END = 997, 996  # Qwen vision start / end tokens
+TOKEN = {"image": IMG, "video": VID}
+TYPE_ID = {"image": 1, "video": 2}  # mm_token_type_ids
+
+
+def build_ids(rows: list[list], placeholders: dict[str, list[int]], pad_left: bool) -> dict:
+    """rows: per sample a list of text token lists and "image" / "video" markers; the k-th
+    item of a modality (row-major) gets `placeholders[modality][k]` tokens. Returns input_ids,
+    attention_mask, labels (-100 on placeholders and padding) and mm_token_type_ids."""
+    seqs, types, seen = [], [], {"image": 0, "video": 0}
+    for parts in rows:
+        seq, typ = [], []
+        for part in parts:
+            if isinstance(part, str):
+                n = placeholders[part][seen[part]]
+                seen[part] += 1
+                seq += [TOKEN[part]] * n
+                typ += [TYPE_ID[part]] * n
+            else:
+                seq += part
+                typ += [0] * len(part)
+        seqs.append(seq)
+        types.append(typ)
+    length = max(map(len, seqs))
+    ids = torch.full((len(seqs), length), PAD)
+    mask, mm = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (seq, typ) in enumerate(zip(seqs, types)):
+        cols = slice(length - len(seq), length) if pad_left else slice(0, len(seq))
+        ids[i, cols], mask[i, cols], mm[i, cols] = torch.tensor(seq), 1, torch.tensor(typ)
+    labels = torch.where((mm != 0) | (mask == 0), -100, ids)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "mm_token_type_ids": mm}
+
+
+def _text_config(**extra) -> dict:
+    return dict(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=PAD,
+        **extra,
+    )
+
+
+# ---- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------
+
+_QWEN_VISION = dict(
+    depth=2,
+    num_heads=4,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    in_channels=3,
+)
+_MROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}
+_QWEN_IDS = dict(
+    image_token_id=IMG,
+    video_token_id=VID,
+    vision_start_token_id=V_START,
+    vision_end_token_id=V_END,
+)
+
+
+def _finish(model_cls, config, attn: str):
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return model_cls(config)
+
+
+def make_qwen2_vl(attn: str = "sdpa"):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        vision_config=dict(_QWEN_VISION, embed_dim=64, hidden_size=128),
+        text_config=_text_config(rope_parameters=_MROPE),
+        **_QWEN_IDS,
+    )
+    return _finish(Qwen2VLForConditionalGeneration, config, attn)
+
+
+def make_qwen2_5_vl(attn: str = "sdpa"):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(
+        _QWEN_VISION,
+        hidden_size=64,
+        intermediate_size=128,
+        out_hidden_size=128,
+        window_size=16,  # 2x2 merged patches per attention window
+        fullatt_block_indexes=[1],
+    )
+    config = Qwen2_5_VLConfig(
+        vision_config=vision, text_config=_text_config(rope_parameters=_MROPE), **_QWEN_IDS
+    )
+    return _finish(Qwen2_5_VLForConditionalGeneration, config, attn)
+
+
+# raw-patch grids (t, h, w); merged 2x2 -> 4x4, 2x3 (images) and 2 frames of 2x2 (video)
+QWEN_IMAGES = [(1, 8, 8), (1, 4, 6)]
+QWEN_VIDEOS = [(2, 4, 4)]
+QWEN_ROWS = [
+    [[5], [V_START], "image", [V_END], [20, 21]],
+    [[6, 7], [V_START], "image", [V_END], [V_START], "video", [V_END], [22]],
+    [[8, 9, 10, 11]],  # text only
+]
+
+
+def qwen_batch(pad_left: bool, images=QWEN_IMAGES, videos=QWEN_VIDEOS, rows=QWEN_ROWS) -> dict:
+    """A batch of images (several in a row), a video and a text-only row."""
+    batch = build_ids(
+        rows,
+        {
+            "image": [t * h * w // 4 for t, h, w in images],
+            "video": [t * h * w // 4 for t, h, w in videos],
+        },
+        pad_left,
+    )
+    gen = torch.Generator().manual_seed(1)
+    patch_dim = 3 * 2 * 4 * 4  # channels * temporal_patch * patch * patch
+    for key, grids in (("image", images), ("video", videos)):
+        if grids:
+            n = sum(t * h * w for t, h, w in grids)
+            pixels = "pixel_values" if key == "image" else "pixel_values_videos"
+            batch[pixels] = torch.randn(n, patch_dim, generator=gen)
+            batch[f"{key}_grid_thw"] = torch.tensor(grids)
+    return batch
+
+
+def pooled(n: int, window: int = 2) -> int:
+    return math.ceil(n / window)
+
+
+# ---- the checks every family passes ---------------------------------------------------------
+
+
+def check_eval_equals_unpatched(model, batch) -> None:
+    """Eval logits with the patch (VTC + LDS) are exactly the unpatched model's."""
+    from sts_kernels.integrations.hf import apply_sts
+
+    model.eval()
+    with torch.no_grad():
+        dense = model(**batch).logits
+        handle = apply_sts(model)
+        assert torch.equal(model(**batch).logits, dense)
+    handle.remove()
+    model.train()
+
+
+def check_train_step_is_sparser(model, batch, **apply_kwargs) -> object:
+    """A train step with compression and skipping: finite loss, fewer LM tokens than the batch,
+    fewer layer rows than dense, gradients reach the model. Returns the handle's report."""
+    from sts_kernels.integrations.hf import apply_sts
+
+    model.train()
+    kwargs = {"skip": {"seed": 0, "p_max": 0.9}} | apply_kwargs
+    handle = apply_sts(model, **kwargs)
+    try:
+        loss = model(**batch).loss
+        loss.backward()
+        report = copy.copy(handle.report)
+    finally:
+        handle.remove()
+    assert torch.isfinite(loss)
+    assert report.lm_tokens < report.lm_tokens_in, report
+    assert report.visual_tokens_kept < report.visual_tokens_in, report
+    assert sum(report.rows_run) < sum(report.rows_total), report
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad()
+    return report
+
+
+def check_remove_restores(model, batch) -> None:
+    """After a patched train step, remove() leaves state_dict, modules and eval logits exactly
+    as before."""
+    from sts_kernels.integrations.hf import apply_sts
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    model.eval()
+    with torch.no_grad():
+        dense = model(**batch).logits
+    handle = apply_sts(model, skip={"seed": 0})
+    model.train()
+    model(**batch).loss.backward()
+    handle.remove()
+    model.zero_grad()
+    assert dict(model.named_modules()) == modules
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, dense)
+    model.train()
