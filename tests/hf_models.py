@@ -117,9 +117,9 @@ def make_qwen2_5_vl(attn: str = "sdpa"):
     return _finish(Qwen2_5_VLForConditionalGeneration, config, attn)
 
 
-# raw-patch grids (t, h, w); merged 2x2 -> 4x4, 2x3 (images) and 2 frames of 2x2 (video)
+# raw-patch grids (t, h, w); merged 2x2 -> 4x4, 2x3 (images) and 4 frames of 2x2 (video)
 QWEN_IMAGES = [(1, 8, 8), (1, 4, 6)]
-QWEN_VIDEOS = [(2, 4, 4)]
+QWEN_VIDEOS = [(4, 4, 4)]
 QWEN_ROWS = [
     [[5], [V_START], "image", [V_END], [20, 21]],
     [[6, 7], [V_START], "image", [V_END], [V_START], "video", [V_END], [22]],
@@ -214,3 +214,55 @@ def check_remove_restores(model, batch) -> None:
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, dense)
     model.train()
+
+
+def _pool_item(f, thw, time_window: int):
+    """Reference VTC of one Qwen item [t*(h/2)*(w/2), D]: 2x2 pooling of every frame, then
+    windows of `time_window` frames averaged. Returns (tokens, rope grid)."""
+    from sts_kernels import token_pool
+
+    t, h, w = thw
+    frames = token_pool(f.view(t, (h // 2) * (w // 2), -1), (h // 2, w // 2), (2, 2))
+    out = torch.stack([frames[i : i + time_window].mean(0) for i in range(0, t, time_window)])
+    return out.reshape(-1, f.shape[-1]), (out.shape[0], 2 * pooled(h // 2), 2 * pooled(w // 2))
+
+
+def check_qwen_vtc_matches_reference(model, pad_left: bool, time_window: int, **extra) -> None:
+    """The patched Qwen model (VTC only) on `qwen_batch` gives the logits, loss and shrunk
+    inputs of the unpatched model fed reference-pooled features and the shrunk batch (its
+    M-RoPE positions rebuilt from the pooled grids; `extra` model inputs, with
+    `second_per_grid_ts` scaled by `time_window` for the reference). Checks the report's
+    image / video counts."""
+    from sts_kernels.integrations.hf import apply_sts
+
+    ref = copy.deepcopy(model)
+    batch = qwen_batch(pad_left) | extra
+    handle = apply_sts(model, compress={"time_window": time_window}, skip=False)
+    out = model(**batch)
+
+    mm, rope = {}, {}
+    with torch.no_grad():
+        for key, grids, getter in (
+            ("image", QWEN_IMAGES, ref.model.get_image_features),
+            ("video", QWEN_VIDEOS, ref.model.get_video_features),
+        ):
+            pixels = batch["pixel_values" if key == "image" else "pixel_values_videos"]
+            feats = getter(pixels, torch.tensor(grids), return_dict=True)
+            items = [_pool_item(f, g, time_window) for f, g in zip(feats.pooler_output, grids)]
+            feats.pooler_output = [x for x, _ in items]
+            mm[key], rope[key] = feats, [g for _, g in items]
+    shrunk = qwen_batch(pad_left, images=rope["image"], videos=rope["video"])
+    del shrunk["pixel_values"], shrunk["pixel_values_videos"]
+    if "second_per_grid_ts" in extra:
+        shrunk["second_per_grid_ts"] = extra["second_per_grid_ts"] * time_window
+    expected = ref(**shrunk, mm_encoder_outputs=mm)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    for name in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+        assert torch.equal(handle.last_inputs[name], shrunk[name]), name
+
+    r = handle.report  # images 4x4 -> 2x2 and 2x3 -> 1x2; video 4 frames of 2x2 -> 1x1 each
+    assert (r.image_tokens_in, r.image_tokens_kept) == (16 + 6, 4 + 2)
+    assert (r.video_tokens_in, r.video_tokens_kept) == (16, 4 // time_window)
+    assert r.visual_tokens_in == 38 and r.visual_tokens_kept == 6 + 4 // time_window
+    handle.remove()

@@ -2,81 +2,37 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from hf_models import (  # noqa: E402
-    QWEN_IMAGES,
-    QWEN_VIDEOS,
     V_END,
     V_START,
     check_eval_equals_unpatched,
+    check_qwen_vtc_matches_reference,
     check_remove_restores,
     check_train_step_is_sparser,
     make_qwen2_vl,
-    pooled,
     qwen_batch,
 )
 from kernel_count import count_kernels  # noqa: E402
 
-from sts_kernels import token_pool  # noqa: E402
 from sts_kernels.integrations.adapters import adapter_for  # noqa: E402
-from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 from sts_kernels.nn import VisualTokenCompressor  # noqa: E402
-
-
-def _pool_item(f, thw, time_window: int):
-    """Reference VTC of one item: 2x2 pooling of every frame, then frame windows averaged."""
-    t, h, w = thw
-    frames = token_pool(f.view(t, (h // 2) * (w // 2), -1), (h // 2, w // 2), (2, 2))
-    n = frames.shape[1]
-    out = torch.stack([frames[i : i + time_window].mean(0) for i in range(0, t, time_window)])
-    return out.reshape(-1, f.shape[-1]), (out.shape[0], 2 * pooled(h // 2), 2 * pooled(w // 2)), n
 
 
 @pytest.mark.parametrize(("pad_left", "time_window"), [(False, 1), (True, 2)])
 def test_image_and_video_batch_equals_unpatched_on_shrunk_batch(pad_left, time_window):
-    model = make_qwen2_vl("eager")
-    ref = copy.deepcopy(model)
-    batch = qwen_batch(pad_left)
-    handle = apply_sts(model, compress={"time_window": time_window}, skip=False)
-    out = model(**batch)
-
-    expected_mm, rope = {}, {}
-    with torch.no_grad():
-        for key, grids, getter in (
-            ("image", QWEN_IMAGES, ref.model.get_image_features),
-            ("video", QWEN_VIDEOS, ref.model.get_video_features),
-        ):
-            pixels = batch["pixel_values" if key == "image" else "pixel_values_videos"]
-            feats = getter(pixels, torch.tensor(grids), return_dict=True)
-            items = [_pool_item(f, g, time_window) for f, g in zip(feats.pooler_output, grids)]
-            feats.pooler_output = [x for x, _, _ in items]
-            expected_mm[key], rope[key] = feats, [g for _, g, _ in items]
-    shrunk = qwen_batch(pad_left, images=rope["image"], videos=rope["video"])
-    del shrunk["pixel_values"], shrunk["pixel_values_videos"]
-    expected = ref(**shrunk, mm_encoder_outputs=expected_mm)
-    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
-    for name in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
-        assert torch.equal(handle.last_inputs[name], shrunk[name]), name
-
-    r = handle.report  # images 4x4 -> 2x2 and 2x3 -> 1x2; video 2 frames of 2x2 -> 1x1 each
-    assert (r.image_tokens_in, r.image_tokens_kept) == (16 + 6, 4 + 2)
-    assert (r.video_tokens_in, r.video_tokens_kept) == (8, 2 // time_window)
-    assert r.visual_tokens_in == 30 and r.visual_tokens_kept == 6 + 2 // time_window
-    handle.remove()
+    check_qwen_vtc_matches_reference(make_qwen2_vl("eager"), pad_left, time_window)
 
 
 @pytest.mark.parametrize("pad_left", [False, True])
 def test_train_step_with_compression_and_skipping(pad_left):
     model = make_qwen2_vl()
     report = check_train_step_is_sparser(model, qwen_batch(pad_left), compress={"time_window": 2})
-    assert report.video_tokens_kept == 1 and report.image_tokens_kept == 6
+    assert report.video_tokens_kept == 2 and report.image_tokens_kept == 6
 
 
 def test_eval_equals_unpatched_and_remove_restores():
@@ -90,7 +46,7 @@ def test_video_only_batch():
     model = make_qwen2_vl()
     batch = qwen_batch(False, images=[], rows=[[[5], [V_START], "video", [V_END]], [[6, 7]]])
     report = check_train_step_is_sparser(model, batch)
-    assert report.image_tokens_in == 0 and report.video_tokens_kept == 2
+    assert report.image_tokens_in == 0 and report.video_tokens_kept == 4
 
 
 def _compress_counts(model, batch) -> tuple:
