@@ -15,8 +15,12 @@ What the patch does, on this instance only (no class is modified):
   same columns from `attention_mask`, `labels`, `mm_token_type_ids` and `position_ids`, and
   re-pads rows tightly on the side the batch was padded on. Llava positions are renumbered; Qwen2-VL M-RoPE positions are rebuilt by the model
   from the shrunk ids and the pooled grid (any `position_ids` passed in are dropped).
-  The returned logits are those of the shrunk sequence: use `out.loss`, or
-  `handle.last_inputs["labels"]` to align them.
+  Logits: a call with `labels` computes its loss inside on the shrunk sequence and returns
+  the shrunk logits (no full-length copy); a call without `labels` (the Trainer with label
+  smoothing or `compute_loss_func`, any loss outside the model) gets logits at the caller's
+  length, zeros in the dropped placeholder columns (whose labels must be -100, as in LLaVA
+  training). `handle.full_logits = True` expands always; `handle.shrink(x)` maps any [B, T]
+  tensor of the caller to the shrunk layout.
 - LDS: every decoder layer of `model.model.language_model.layers` keeps its module object,
   parameters and hooks; only its `forward` is replaced by an instance attribute that, in
   training, calls the skipper's `SkippableLayer` for that depth, which runs the original forward
@@ -28,8 +32,14 @@ What the patch does, on this instance only (no class is modified):
   nothing is attached and `state_dict()` keeps its keys. Caching is switched off in training.
 
 In `eval()` (and with `handle.enabled = False`) the model runs exactly as unpatched, unless the
-compressor was built with `enabled_in_eval=True`. VTC is for training and plain forwards, not
-for `generate()`.
+compressor was built with `enabled_in_eval=True`. `model.generate()` always runs unpatched (in
+`train()` too): a KV cache needs every layer and the prompt's placeholders.
+
+The patch lives on the instance as data: hooks and layer forwards are partials over the handle,
+which the model holds (`sts_handle(model)`). `copy.deepcopy` (EMA / reference models) and
+`torch.save` / `pickle` of the module therefore give an independent patched model bound to its
+own layers; a stale handle's `remove()` is a no-op. `handle.last_inputs` is detached.
+`handle.totals` sums the reports of all training forwards (`StsCallback` logs and resets them).
 
 Distributed: call `apply_sts` before wrapping. DDP needs `find_unused_parameters=True` with LDS
 (a rank whose samples all skip a layer gives its parameters no gradient) and
@@ -46,9 +56,9 @@ row-subset call.
 
 from __future__ import annotations
 
+import functools
 import inspect
-import weakref
-from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +67,7 @@ from torch import Tensor, nn
 
 from .adapters import adapter_for, supported_models
 
-__all__ = ["SUPPORTED_MODELS", "StsHandle", "StsReport", "apply_sts"]
+__all__ = ["SUPPORTED_MODELS", "StsHandle", "StsReport", "apply_sts", "sts_handle"]
 
 SUPPORTED_MODELS = supported_models()
 
@@ -68,7 +78,12 @@ _STAGES = {None: (True, True), "align": (True, False), "instruct": (False, True)
 _DEFAULT_COMPRESS = {"mode": "pool", "window": (2, 2)}
 _DEFAULT_SKIP = {"mode": "sample", "policy": "schedule", "p_max": 0.5, "keep_first_last": True}
 
-_HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the live patch of a model is a plain attribute of the model: deepcopy / pickle carry it (and
+# every hook and layer forward, all bound to the handle rather than closures) to the copy
+_HANDLE_ATTR = "_sts_handle"
+
+# shrink_placeholders appends its column map here while a patch compresses (see _pre_hook)
+_COLUMN_MAPS: ContextVar[list[Tensor] | None] = ContextVar("sts_column_maps", default=None)
 
 
 @dataclass
@@ -86,6 +101,10 @@ class StsReport:
     layer_fraction: float = 1.0  # skipper: rows run / rows a dense pass runs, over all layers
     rows_run: list[int] = field(default_factory=list)  # per layer, from the skipper
     rows_total: list[int] = field(default_factory=list)
+    # [B, T'] column of the caller's batch each LM column came from (-1: re-padding); None when
+    # the forward shrank nothing. Placeholders map to the last `kept` columns of their image so
+    # that logits stay next to the text they predict.
+    columns: Tensor | None = field(default=None, repr=False)
 
     @property
     def executed_fraction(self) -> float:
@@ -95,23 +114,100 @@ class StsReport:
         return tokens * self.layer_fraction
 
 
+@dataclass
+class StsTotals:
+    """`StsReport`s summed over the training forwards since the last `reset()` (all
+    micro-batches of a gradient-accumulation step alike); what `StsCallback` logs."""
+
+    forwards: int = 0
+    visual_tokens_in: int = 0
+    visual_tokens_kept: int = 0
+    lm_tokens_in: int = 0
+    lm_tokens_executed: float = 0.0  # sum of lm_tokens_in * executed_fraction
+    rows_run: int = 0  # decoder-layer rows run, over all layers
+    rows_total: int = 0
+
+    def add(self, report: StsReport) -> None:
+        self.forwards += 1
+        self.visual_tokens_in += report.visual_tokens_in
+        self.visual_tokens_kept += report.visual_tokens_kept
+        self.lm_tokens_in += report.lm_tokens_in
+        self.lm_tokens_executed += report.lm_tokens_in * report.executed_fraction
+        self.rows_run += sum(report.rows_run)
+        self.rows_total += sum(report.rows_total)
+
+    def merge(self, other: StsTotals) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def reset(self) -> None:
+        self.__init__()
+
+    @property
+    def executed_fraction(self) -> float:
+        """LM layer-FLOPs executed over these forwards relative to dense ones."""
+        return self.lm_tokens_executed / self.lm_tokens_in if self.lm_tokens_in else 1.0
+
+
 class StsHandle:
-    """Returned by `apply_sts`: toggle with `enabled`, undo with `remove()`."""
+    """Returned by `apply_sts`: toggle with `enabled`, undo with `remove()`.
+
+    A deepcopy (or pickle) of the patched model is patched too, by its own handle, bound to the
+    copy's layers: `sts_handle(copy)`. `full_logits`: return logits at the caller's sequence
+    length even when the model computed the loss from `labels` (by default only calls without
+    `labels`, whose loss is computed outside the model, get them; see `shrink`).
+    """
 
     def __init__(self, model: nn.Module, compressor: nn.Module | None, skipper: nn.Module | None):
         self.model = model
         self.compressor = compressor
         self.skipper = skipper
         self.enabled = True
+        self.full_logits = False
         self.report = StsReport()
-        self.last_inputs: dict[str, Any] | None = None  # kwargs the model last ran on
-        self._undo: list[Callable[[], None]] = []
+        # detached kwargs the model last ran on (without the vision features): no graph kept
+        self.last_inputs: dict[str, Any] | None = None
+        self.totals = StsTotals()  # summed over training forwards since the last reset
+        self._layers: list[nn.Module] = []  # patched decoder layers and their previous
+        self._previous: list[Any] = []  # instance-level forward (None: the class's)
+        self._hooks: list[Any] = []  # RemovableHandles
+        self._attached: list[str] = []  # modules set on the model (sts_compressor / sts_skipper)
+        self._inside = False  # a patched forward is running the skipper's call
+        self._generating = False  # generate() is running: the patch steps aside
 
     def remove(self) -> None:
-        """Restore the model: same module objects, forwards, hooks and state_dict."""
-        while self._undo:
-            self._undo.pop()()
-        _HANDLES.pop(self.model, None)
+        """Restore the model: same module objects, forwards, hooks and state_dict. A no-op for a
+        handle that is no longer the model's live patch (removed, or replaced by a newer one)."""
+        if self.model.__dict__.get(_HANDLE_ATTR) is not self:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        for layer, previous in zip(self._layers, self._previous):
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
+        for name in self._attached:
+            delattr(self.model, name)
+        for name in ("generate", _HANDLE_ATTR):
+            self.model.__dict__.pop(name, None)
+
+    def shrink(self, x: Tensor, fill=-100) -> Tensor:
+        """`x` [B, T, ...] laid out like the last forward's `input_ids`, in the LM's layout
+        [B, T', ...] (what `labels` became inside the model; `fill` where rows were re-padded).
+        For losses computed outside the model from the full-length logits' counterparts."""
+        cols = self.report.columns
+        if cols is None:
+            return x
+        if x.shape[:1] != cols.shape[:1]:
+            raise ValueError(
+                f"shrink: x must have the last forward's batch size {cols.shape[0]} as dim 0, "
+                f"got shape {tuple(x.shape)}"
+            )
+        index = cols.clamp_min(0).view(*cols.shape, *([1] * (x.dim() - 2)))
+        out = x.gather(1, index.expand(*cols.shape, *x.shape[2:]))
+        pad = (cols < 0).view_as(index)
+        return out.masked_fill(pad, fill)
 
     def __enter__(self) -> StsHandle:
         return self
@@ -143,7 +239,7 @@ def apply_sts(
     adapter = adapter_for(model)
     if stage not in _STAGES:
         raise ValueError(f"stage must be None, 'align' or 'instruct', got {stage!r}")
-    if model in _HANDLES:
+    if sts_handle(model) is not None:
         raise RuntimeError("apply_sts: this model is already patched; call handle.remove() first")
     compress_default, skip_default = _STAGES[stage]
     layers = adapter.layers(model)
@@ -164,18 +260,35 @@ def apply_sts(
         if _has_own_parameters(module, model):
             module.to(device=weight.device, dtype=weight.dtype)
             setattr(model, name, module)
-            handle._undo.append(lambda name=name: delattr(model, name))
+            handle._attached.append(name)
         else:
             module.to(weight.device)
     if skipper is not None:
+        handle._layers = list(layers)
+        handle._previous = [layer.__dict__.get("forward") for layer in layers]
+        handle._calls = layer_calls
         for i, layer in enumerate(layers):
-            _patch_layer(handle, layer, i, layer_calls)
+            # partials of module-level functions, not closures: a deepcopy / pickle of the
+            # model rebinds them to the copy's handle and layers
+            layer.forward = functools.partial(_layer_forward, handle, i)
 
-    pre = model.register_forward_pre_hook(_make_pre_hook(handle, adapter), with_kwargs=True)
-    post = model.register_forward_hook(_make_post_hook(handle))
-    handle._undo += [pre.remove, post.remove]
-    _HANDLES[model] = handle
+    pre = functools.partial(_pre_hook, handle, adapter)
+    handle._hooks = [
+        model.register_forward_pre_hook(pre, with_kwargs=True),
+        model.register_forward_hook(functools.partial(_post_hook, handle)),
+    ]
+    model.generate = functools.partial(_generate, handle)
+    model.__dict__[_HANDLE_ATTR] = handle
     return handle
+
+
+def sts_handle(model: nn.Module) -> StsHandle | None:
+    """The live patch of `model` (or of the module a DDP / torch.compile wrapper holds), or
+    None: how to reach the handle of a deepcopied or unpickled model."""
+    for candidate in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        if isinstance(candidate, nn.Module) and _HANDLE_ATTR in candidate.__dict__:
+            return candidate.__dict__[_HANDLE_ATTR]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,17 +312,24 @@ def _build_compressor(compress, default_on: bool) -> nn.Module | None:
     )
 
 
+def _unpatched_forward(layer: nn.Module, previous) -> Any:
+    """The forward `layer` had before the patch: an instance-level one (e.g. accelerate's), or
+    its class's."""
+    return previous if previous is not None else type(layer).forward.__get__(layer)
+
+
 class _LayerCall(nn.Module):
     """Stands in for a decoder layer inside the skipper: calls the layer's own forward, without
     going through the layer's `__call__` again (its hooks already ran on the outer call, and
     output recorders such as `output_hidden_states` must see only full-batch outputs)."""
 
-    def __init__(self, forward: Callable[..., Tensor]):
+    def __init__(self, layer: nn.Module):
         super().__init__()
-        self.layer_forward = forward  # a bound method, not a submodule: no duplicate parameters
+        object.__setattr__(self, "layer", layer)  # not a submodule: no duplicate parameters
+        self.previous = layer.__dict__.get("forward")
 
     def forward(self, *args, **kwargs):
-        return self.layer_forward(*args, **kwargs)
+        return _unpatched_forward(self.layer, self.previous)(*args, **kwargs)
 
 
 def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: int):
@@ -231,7 +351,7 @@ def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: i
             "skip must be None, a bool, a dict of LayerDynamicSkipper arguments or a "
             f"LayerDynamicSkipper, got {type(skip).__name__}"
         )
-    calls = nn.ModuleList(_LayerCall(layer.forward) for layer in layers)
+    calls = nn.ModuleList(_LayerCall(layer) for layer in layers)
     kwargs = {**_DEFAULT_SKIP, **skip}
     kwargs.setdefault("token_arg_builder", token_layer_args)
     skipper = LayerDynamicSkipper(calls, hidden_size, **kwargs)
@@ -254,88 +374,127 @@ def _follow(module: nn.Module, training: bool, device: torch.device) -> None:
         module.to(device)
 
 
-def _patch_layer(handle: StsHandle, layer: nn.Module, idx: int, calls: list[nn.Module]) -> None:
-    """Route `layer`'s forward through the skipper in training; restore on remove()."""
-    had_own = "forward" in layer.__dict__
-    previous = layer.__dict__.get("forward")
-    original = layer.forward
-    inside = [False]  # a user-built skipper calls the real layer back: run it plainly then
+def _layer_forward(handle: StsHandle, idx: int, *args, **kwargs):
+    """Patched forward of decoder layer `idx`: through the skipper in training."""
+    layer = handle._layers[idx]
+    # a user-built skipper calls the real layer back (`_inside`): run it plainly then
+    if handle._inside or handle._generating or not (handle.enabled and layer.training):
+        return _unpatched_forward(layer, handle._previous[idx])(*args, **kwargs)
+    _follow(handle.skipper, True, args[0].device if args else kwargs["hidden_states"].device)
+    handle._inside = True
+    try:
+        return handle._calls[idx](*args, **kwargs)
+    finally:
+        handle._inside = False
 
-    def forward(*args, **kwargs):
-        if inside[0] or not (handle.enabled and layer.training):
-            return original(*args, **kwargs)
-        _follow(handle.skipper, True, args[0].device if args else kwargs["hidden_states"].device)
-        inside[0] = True
-        try:
-            return calls[idx](*args, **kwargs)
-        finally:
-            inside[0] = False
 
-    layer.forward = forward
-
-    def undo():
-        if had_own:
-            layer.forward = previous
-        else:
-            del layer.forward
-
-    handle._undo.append(undo)
+def _generate(handle: StsHandle, *args, **kwargs):
+    """Patched `model.generate`: the patch steps aside (dense, uncompressed, in train() too:
+    a KV cache needs every row of every layer and the prompt's full placeholders)."""
+    model = handle.model
+    previous = type(model).generate.__get__(model)
+    handle._generating = True
+    try:
+        return previous(*args, **kwargs)
+    finally:
+        handle._generating = False
 
 
 # ---------------------------------------------------------------------------------------------
 # forward hooks
 
 
-def _make_pre_hook(handle: StsHandle, adapter):
-    model = handle.model
-    signature = inspect.signature(type(model).forward)
-
-    def pre_hook(module, args, kwargs):
-        if not handle.enabled:
-            return None
-        bound = signature.bind(module, *args, **kwargs)
-        kw = dict(bound.arguments)
-        kw.pop("self", None)
-        kw.update(kw.pop("kwargs", {}))
-        ids = kw.get("input_ids")
-        report = StsReport(lm_tokens_in=ids.numel() if ids is not None else 0)
-        report.lm_tokens = report.lm_tokens_in
-        compressor = handle.compressor
-        if (
-            compressor is not None
-            and (module.training or getattr(compressor, "enabled_in_eval", False))
-            and adapter.has_visual(kw)
-        ):
-            if ids is None:
-                raise ValueError("apply_sts: VTC needs input_ids (got inputs_embeds)")
-            _follow(compressor, module.training, ids.device)
-            kw, counts = adapter.compress(model, compressor, kw)
-            for modality, (n_in, n_kept) in counts.items():  # "image" / "video"
-                setattr(report, f"{modality}_tokens_in", n_in)
-                setattr(report, f"{modality}_tokens_kept", n_kept)
-            report.visual_tokens_in = sum(n for n, _ in counts.values())
-            report.visual_tokens_kept = sum(k for _, k in counts.values())
-            report.lm_tokens = kw["input_ids"].numel()
-        if handle.skipper is not None and module.training:
-            kw["use_cache"] = False  # a subset of rows must not write a shared KV cache
-        handle.report = report
-        handle.last_inputs = kw
-        return (), kw
-
-    return pre_hook
+@functools.cache
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
 
 
-def _make_post_hook(handle: StsHandle):
-    def post_hook(module, args, output):
-        skipper = handle.skipper
-        if handle.enabled and skipper is not None and module.training:
-            skip_report = skipper.report
-            handle.report.rows_run = list(skip_report.rows_run)
-            handle.report.rows_total = list(skip_report.rows_total)
-            handle.report.layer_fraction = float(skip_report.executed_fraction)
+def _pre_hook(handle: StsHandle, adapter, module, args, kwargs):
+    """The model's forward pre-hook: compress the visual tokens, shrink the text side to match,
+    switch the cache off under LDS; returns the arguments the model runs on."""
+    if not handle.enabled or handle._generating:
         return None
+    model = handle.model
+    bound = _forward_signature(type(model)).bind(module, *args, **kwargs)
+    kw = dict(bound.arguments)
+    kw.pop("self", None)
+    kw.update(kw.pop("kwargs", {}))
+    ids = kw.get("input_ids")
+    report = StsReport(lm_tokens_in=ids.numel() if ids is not None else 0)
+    report.lm_tokens = report.lm_tokens_in
+    compressor = handle.compressor
+    if (
+        compressor is not None
+        and (module.training or getattr(compressor, "enabled_in_eval", False))
+        and adapter.has_visual(kw)
+    ):
+        if ids is None:
+            raise ValueError("apply_sts: VTC needs input_ids (got inputs_embeds)")
+        _follow(compressor, module.training, ids.device)
+        maps = _COLUMN_MAPS.set([])  # shrink_placeholders appends one map per call
+        try:
+            kw, counts = adapter.compress(model, compressor, kw)
+            report.columns = _compose_columns(_COLUMN_MAPS.get())
+        finally:
+            _COLUMN_MAPS.reset(maps)
+        for modality, (n_in, n_kept) in counts.items():  # "image" / "video"
+            setattr(report, f"{modality}_tokens_in", n_in)
+            setattr(report, f"{modality}_tokens_kept", n_kept)
+        report.visual_tokens_in = sum(n for n, _ in counts.values())
+        report.visual_tokens_kept = sum(k for _, k in counts.values())
+        report.lm_tokens = kw["input_ids"].numel()
+    if handle.skipper is not None and module.training:
+        kw["use_cache"] = False  # a subset of rows must not write a shared KV cache
+    handle.report = report
+    handle.last_inputs = {
+        name: value.detach() if isinstance(value, Tensor) else value
+        for name, value in kw.items()
+        if name != "mm_encoder_outputs"  # the compressed features and their graph
+    }
+    return (), kw
 
-    return post_hook
+
+def _compose_columns(maps: list[Tensor]) -> Tensor | None:
+    """One column map from the successive shrinks of one forward (images, then videos)."""
+    if not maps:
+        return None
+    cols = maps[0]
+    for later in maps[1:]:  # later [B, T''] indexes the previous layout
+        cols = torch.where(later >= 0, cols.gather(1, later.clamp_min(0)), -1)
+    return cols
+
+
+def _post_hook(handle: StsHandle, module, args, output):
+    """The model's forward hook: the skipper's counts into the report and the totals; logits
+    back at the caller's length when the loss is computed outside the model."""
+    if not handle.enabled or handle._generating:
+        return None
+    report = handle.report
+    skipper = handle.skipper
+    if skipper is not None and module.training:
+        skip_report = skipper.report
+        report.rows_run = list(skip_report.rows_run)
+        report.rows_total = list(skip_report.rows_total)
+        report.layer_fraction = float(skip_report.executed_fraction)
+    if module.training:
+        handle.totals.add(report)
+    logits = getattr(output, "logits", None)
+    wanted = handle.full_logits or handle.last_inputs.get("labels") is None
+    if report.columns is None or logits is None or not wanted:
+        return None
+    length = report.lm_tokens_in // report.columns.shape[0]
+    output.logits = _expand_columns(logits, report.columns, length)
+    return output
+
+
+def _expand_columns(x: Tensor, cols: Tensor, length: int) -> Tensor:
+    """x [B, T', ...] in the LM's layout -> [B, length, ...] in the caller's; zeros in the
+    columns the shrink dropped (image placeholders, whose labels LLaVA-style training sets to
+    -100, and padding)."""
+    dest = torch.where(cols >= 0, cols, length)  # re-padding lands in a scratch column
+    dest = dest.view(*cols.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    out = x.new_zeros(x.shape[0], length + 1, *x.shape[2:])
+    return out.scatter(1, dest, x)[:, :length]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +545,7 @@ def shrink_placeholders(
     shift = (new_len - row_len)[:, None] if left else 0
     dest = keep.long().cumsum(1) - 1 + shift  # [B, L] new column of each kept token
     dest = torch.where(keep, dest, new_len)  # everything else lands in a scratch column
+    _record_columns(keep, dest, new_len, slots, (counts_in - counts_out)[image_of])
 
     def move(t: Tensor, fill) -> Tensor:  # t [..., B, L] -> [..., B, new_len]
         lead = t.shape[:-2]
@@ -410,6 +570,22 @@ def shrink_placeholders(
     else:
         out["position_ids"] = move(position_ids, 0)
     return out
+
+
+def _record_columns(keep: Tensor, dest: Tensor, new_len: int, slots, surplus) -> None:
+    """Hand the active patch (if any) this shrink's column map [B, new_len]: the source column
+    of every new column, -1 for re-padding. A kept placeholder maps `surplus` columns later, to
+    the last `kept` columns of its image, so that the logit predicting the text after an image
+    lands next to that text when the logits are expanded back."""
+    maps = _COLUMN_MAPS.get()
+    if maps is None:
+        return
+    b, length = keep.shape
+    source = torch.arange(length, device=dest.device).repeat(b)  # [B * L]
+    source[slots] += surplus  # dropped slots are never read below
+    cols = torch.full((b, new_len + 1), -1, dtype=torch.long, device=dest.device)
+    cols.scatter_(1, dest, torch.where(keep, source.view(b, length), -1))
+    maps.append(cols[:, :new_len])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,3 +643,11 @@ def token_layer_args(args: tuple, kwargs: dict, plan) -> tuple[tuple, dict]:
     kwargs["cache"] = None
     kwargs["use_cache"] = False
     return args, kwargs
+
+
+def __getattr__(name: str):  # StsCallback imports transformers: only when asked for
+    if name == "StsCallback":
+        from .callback import StsCallback
+
+        return StsCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,268 @@
+"""apply_sts under what training stacks do to a model: deepcopy / pickle (EMA and reference
+models), re-applying, losses computed outside the model, generate() in train(), the Trainer
+with StsCallback (tiny LLaVA, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_hf import IMG, llava_batch, make_llava
+
+from sts_kernels.integrations.hf import StsTotals, apply_sts, sts_handle
+
+DENSE_P = {"p_max": 0.0}  # every layer runs through the skipper's path, nothing is skipped
+
+
+def lm_layers(model):
+    return model.model.language_model.layers
+
+
+def train_logits(model, batch):
+    model.train()
+    return model(**batch).logits
+
+
+def test_deepcopy_is_patched_and_bound_to_its_own_layers():
+    model = make_llava()
+    handle = apply_sts(model, skip=DENSE_P)
+    batch = llava_batch(pad_left=False)
+    before = train_logits(model, batch).detach()
+
+    twin = copy.deepcopy(model)
+    twin_handle = sts_handle(twin)
+    assert twin_handle is not handle and twin_handle.model is twin
+    assert torch.equal(train_logits(twin, batch), before)
+    assert twin_handle.report.visual_tokens_kept < twin_handle.report.visual_tokens_in
+    assert sum(twin_handle.report.rows_total) > 0  # its own skipper ran its own layers
+
+    with torch.no_grad():
+        for p in lm_layers(twin).parameters():
+            p.zero_()
+    logits = train_logits(twin, batch)
+    assert not torch.allclose(logits, before)
+    assert torch.equal(train_logits(model, batch), before)
+
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert any(p.grad is not None for p in lm_layers(twin).parameters())
+
+    twin_handle.remove()  # undoes the copy only
+    assert "forward" not in lm_layers(twin)[1].__dict__
+    assert "forward" in lm_layers(model)[1].__dict__
+
+
+def test_torch_save_round_trip_keeps_an_independent_patch():
+    model = make_llava()  # pickles only before its first forward: transformers then adds
+    apply_sts(model, skip=DENSE_P)  # local-function hooks (unpatched models alike)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    batch = llava_batch(pad_left=True)
+    before = train_logits(model, batch).detach()
+    assert torch.equal(train_logits(loaded, batch), before)
+    with torch.no_grad():
+        lm_layers(loaded)[2].mlp.down_proj.weight.zero_()
+    assert not torch.allclose(train_logits(loaded, batch), before)
+    assert torch.equal(train_logits(model, batch), before)
+    sts_handle(loaded).remove()
+    assert sts_handle(loaded) is None and sts_handle(model) is not None
+
+
+def test_stale_handle_never_touches_a_newer_patch():
+    model = make_llava()
+    reference = copy.deepcopy(model)
+    batch = llava_batch(pad_left=False)
+    first = apply_sts(model)
+    first.remove()
+    second = apply_sts(model)
+    first.remove()  # stale: a no-op
+    assert sts_handle(model) is second
+    with pytest.raises(RuntimeError, match="already patched"):
+        apply_sts(model)
+    second.remove()
+    second.remove()
+    assert sts_handle(model) is None
+    assert all("forward" not in layer.__dict__ for layer in lm_layers(model))
+    assert "generate" not in model.__dict__
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    torch.testing.assert_close(model(**batch).loss, reference(**batch).loss, rtol=0, atol=0)
+
+
+def test_last_inputs_hold_no_graph():
+    model = make_llava()
+    handle = apply_sts(model)
+    model.train()
+    model(**llava_batch(pad_left=False))
+    assert "mm_encoder_outputs" not in handle.last_inputs
+    for name, value in handle.last_inputs.items():
+        if isinstance(value, torch.Tensor):
+            assert value.grad_fn is None and not value.requires_grad, name
+
+
+def shifted_loss(logits, labels):
+    """The causal LM loss of HF's ForCausalLMLoss, computed outside the model."""
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_loss_outside_the_model_sees_full_length_logits(pad_left):
+    """VTC only (deterministic): without labels the logits come back at the caller's length
+    and a loss computed from them equals the model's own loss on the shrunk batch."""
+    model = make_llava()
+    handle = apply_sts(model, stage="align")
+    model.train()
+    batch = llava_batch(pad_left=pad_left)
+    labels = batch.pop("labels")
+    inside = model(**batch, labels=labels)
+    shrunk_labels = handle.last_inputs["labels"]
+    assert inside.logits.shape[1] < labels.shape[1]  # the model's own loss: shrunk logits
+
+    outside = model(**batch)
+    assert outside.logits.shape[:2] == labels.shape
+    torch.testing.assert_close(shifted_loss(outside.logits, labels), inside.loss)
+    assert torch.equal(handle.shrink(labels), shrunk_labels)
+
+    handle.full_logits = True  # on request also with labels
+    assert model(**batch, labels=labels).logits.shape[:2] == labels.shape
+
+
+def test_shrink_rejects_another_batch():
+    model = make_llava()
+    handle = apply_sts(model, stage="align")
+    model.train()
+    batch = llava_batch(pad_left=False)
+    model(**batch)
+    with pytest.raises(ValueError, match="batch size 3"):
+        handle.shrink(batch["labels"][:2])
+
+
+def test_generate_in_train_mode_runs_dense():
+    model = make_llava()
+    batch = llava_batch(pad_left=True)
+    del batch["labels"]
+    model.train()
+    expected = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    handle = apply_sts(model, skip={"p_max": 0.9, "seed": 0})
+    got = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, expected)
+    assert not handle._generating
+    model(**batch)  # training forwards are compressed again
+    assert handle.report.visual_tokens_kept < handle.report.visual_tokens_in
+
+
+def test_totals_sum_every_training_forward():
+    model = make_llava()
+    handle = apply_sts(model, skip={"seed": 0})
+    model.train()
+    batch = llava_batch(pad_left=False)
+    reports = []
+    for _ in range(3):
+        model(**batch)
+        reports.append(handle.report)
+    expected = StsTotals()
+    for report in reports:
+        expected.add(report)
+    assert handle.totals == expected
+    assert handle.totals.visual_tokens_in == 3 * reports[0].visual_tokens_in
+    assert handle.totals.rows_total == 3 * sum(reports[0].rows_total)
+    model.eval()
+    model(**batch)
+    assert handle.totals == expected  # evaluation forwards are not training work
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers.Trainer
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Each item one row of the LLaVA test batch (one image, placeholders fixed to 16)."""
+
+    def __init__(self, n: int):
+        gen = torch.Generator().manual_seed(2)
+        self.items = []
+        for _ in range(n):
+            text = torch.randint(3, 900, (6,), generator=gen)
+            ids = torch.cat([text[:2], torch.full((16,), IMG), text[2:]])
+            labels = torch.where(ids == IMG, -100, ids)
+            pixels = torch.randn(3, 32, 32, generator=gen)
+            self.items.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class _Recorder:
+    """A reporting callback placed after StsCallback: what reached the reporters."""
+
+    def __init__(self):
+        self.logs = []
+
+    def __getattr__(self, event):
+        if not event.startswith("on_"):
+            raise AttributeError(event)
+        return self._event
+
+    def _event(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            self.logs.append(dict(logs))
+
+
+def run_trainer(tmp_path, label_smoothing: float, **callback_kwargs):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from sts_kernels.integrations.hf import StsCallback
+
+    model = make_llava()
+    apply_sts(model, stage="align")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        logging_steps=1,
+        learning_rate=1e-3,
+        label_smoothing_factor=label_smoothing,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(16))
+    recorder = _Recorder()
+    trainer.add_callback(recorder)
+    StsCallback.install(trainer, **callback_kwargs)
+    trainer.train()
+    return model, [log for log in recorder.logs if "loss" in log]
+
+
+def test_trainer_with_label_smoothing_and_callback(tmp_path):
+    model, logs = run_trainer(tmp_path, label_smoothing=0.1, switch_step=2)
+    assert len(logs) == 4
+    for step, log in enumerate(logs):
+        assert torch.isfinite(torch.tensor(log["loss"]))
+        if step < 2:  # align: 2x2 pooling, every layer dense, no skipper
+            assert log["sts/stage"] == 0
+            # 2 micro-batches of 2 images of 4x4 patches per optimizer step
+            assert log["sts/visual_tokens_in"] == 2 * 2 * 16
+            assert log["sts/visual_tokens_kept"] == 2 * 2 * 4
+            assert log["sts/layer_rows_run"] == log["sts/layer_rows_total"] == 0
+            # 22 tokens per row, 16 - 4 placeholders removed
+            assert log["sts/lm_flop_fraction"] == round(10 / 22, 4)
+        else:  # instruct: no VTC (no visual token counts), sample-mode skipping
+            assert log["sts/stage"] == 1
+            assert log["sts/visual_tokens_in"] == log["sts/visual_tokens_kept"] == 0
+            assert log["sts/layer_rows_total"] == 2 * 4 * 2  # micro-batches x layers x rows
+            run = log["sts/layer_rows_run"]
+            assert 2 * 2 * 2 <= run <= log["sts/layer_rows_total"]  # first, last layer dense
+            assert log["sts/lm_flop_fraction"] == round(run / log["sts/layer_rows_total"], 4)
+    assert sts_handle(model).compressor is None and sts_handle(model).skipper is not None
