@@ -6,6 +6,7 @@ family's adapter must pass (tests/test_hf_<family>.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -62,6 +63,54 @@ def _text_config(**extra) -> dict:
         pad_token_id=PAD,
         **extra,
     )
+
+
+# ---- LLaVA family ---------------------------------------------------------------------------
+
+
+def clip_config(**extra):
+    from transformers import CLIPVisionConfig
+
+    kwargs = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,  # 4x4 patches per 32 px image (or tile)
+    )
+    return CLIPVisionConfig(**(kwargs | extra))
+
+
+def llama_config(**extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_text_config(**extra))
+
+
+def make_llava(attn: str = "sdpa", **extra):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=clip_config(),
+        text_config=llama_config(),
+        image_token_index=IMG,
+        vision_feature_layer=-1,  # every vision layer gets a gradient
+        **extra,
+    )
+    return _finish(LlavaForConditionalGeneration, config, attn)
+
+
+# several images in a row, one image, text only
+LLAVA_ROWS = [[[5, 6], "image", [7], "image", [8, 9]], [[10], "image", [11, 12]], [[14, 15, 16]]]
+
+
+def llava_batch(pad_left: bool, images: int = 3, rows=LLAVA_ROWS, tokens: int = 16) -> dict:
+    batch = build_ids(rows, {"image": [tokens] * images}, pad_left)
+    del batch["mm_token_type_ids"]
+    gen = torch.Generator().manual_seed(1)
+    batch["pixel_values"] = torch.randn(images, 3, 32, 32, generator=gen)
+    return batch
 
 
 # ---- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------
@@ -150,6 +199,19 @@ def qwen_batch(pad_left: bool, images=QWEN_IMAGES, videos=QWEN_VIDEOS, rows=QWEN
 
 def pooled(n: int, window: int = 2) -> int:
     return math.ceil(n / window)
+
+
+@contextlib.contextmanager
+def frozen_features(inner, getter: str, features):
+    """Replace `inner.<getter>` (e.g. get_image_features) by one returning `features` again
+    (a fresh output object each call: adapters replace its pooler_output), so that counting
+    kernels sees the adapter's work only, not the vision tower's."""
+    outputs = tuple(features.pooler_output)
+    setattr(inner, getter, lambda *args, **kwargs: type(features)(pooler_output=list(outputs)))
+    try:
+        yield
+    finally:
+        delattr(inner, getter)
 
 
 # ---- the checks every family passes ---------------------------------------------------------

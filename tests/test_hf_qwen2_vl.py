@@ -14,6 +14,7 @@ from hf_models import (  # noqa: E402
     check_qwen_vtc_matches_reference,
     check_remove_restores,
     check_train_step_is_sparser,
+    frozen_features,
     make_qwen2_vl,
     qwen_batch,
 )
@@ -50,25 +51,13 @@ def test_video_only_batch():
 
 
 def _compress_counts(model, batch) -> tuple:
-    """Kernels and syncs of the adapter's work around the vision tower (features stubbed)."""
+    """Kernels and syncs of the adapter's work around the vision tower."""
     with torch.no_grad():
         feats = model.model.get_image_features(
             batch["pixel_values"], batch["image_grid_thw"], return_dict=True
         )
-    outputs = tuple(feats.pooler_output)
-    inner = model.model
-
-    def stub(*args, **kwargs):  # a fresh output each call: the adapter replaces pooler_output
-        return type(feats)(pooler_output=outputs)
-
-    inner.get_image_features = stub
-    compressor = VisualTokenCompressor().train()
-    kw = {k: v for k, v in batch.items()}
-    try:
-        with count_kernels() as c:
-            kw, counts = adapter_for(model).compress(model, compressor, kw)
-    finally:
-        del inner.get_image_features
+    with frozen_features(model.model, "get_image_features", feats), count_kernels() as c:
+        _, counts = adapter_for(model).compress(model, VisualTokenCompressor(), dict(batch))
     return c.kernels, c.syncs, counts["image"]
 
 
