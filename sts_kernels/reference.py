@@ -22,6 +22,7 @@ __all__ = [
     "token_pool",
     "bipartite_merge",
     "bipartite_match",
+    "merge_index",
     "unmerge",
     "route",
     "gather_rows",
@@ -54,10 +55,16 @@ def _split(n: int, protected: int, device: torch.device) -> tuple[Tensor, Tensor
 
 def bipartite_match(metric: Tensor, protected: int = 0) -> tuple[Tensor, Tensor]:
     """For every unprotected source: best cosine score and the index (into the destinations)
-    of the lowest destination reaching it. Returns (best [B, |A|] fp32, dst [B, |A|] int64)."""
+    of the lowest destination reaching it. Returns (best [B, |A|] fp32, dst [B, |A|] int64).
+
+    A row whose fp32 squared norm is not finite (a NaN or Inf in it) scores 0 against every
+    token, like a zero row: one deterministic rule on every backend, with no host sync."""
     src, dst = _split(metric.shape[1], protected, metric.device)
-    m = F.normalize(metric.float(), dim=-1, eps=1e-12)
+    m32 = metric.float()
+    finite = torch.isfinite(m32.square().sum(-1))  # [B, N]
+    m = F.normalize(m32, dim=-1, eps=1e-12)
     scores = m[:, src] @ m[:, dst].transpose(1, 2)  # [B, |A|, |Bd|]
+    scores = scores.masked_fill(~(finite[:, src, None] & finite[:, None, dst]), 0.0)
     best = scores.amax(dim=-1)
     # argmax returns the first maximal index: ties go to the lowest destination
     return best, scores.argmax(dim=-1)
@@ -79,7 +86,6 @@ def bipartite_merge(
     if r <= 0:
         return MergeResult(x, size, torch.arange(n, device=dev).expand(b, n))
     src, dst = _split(n, protected, dev)
-    na, nb = src.numel(), dst.numel()
     best, match = bipartite_match(x if metric is None else metric, protected)
     # the r best-scoring sources merge; a stable sort sends ties to the lower position
     order = torch.sort(best, dim=-1, descending=True, stable=True).indices  # [B, |A|]
@@ -104,16 +110,27 @@ def bipartite_merge(
     )
     size_out = torch.cat([size[:, :protected], size[:, src].gather(1, kept), den.to(size.dtype)], 1)
 
-    # where every input token went
+    return MergeResult(x_out, size_out, merge_index(best, match, n, protected, r))
+
+
+def merge_index(best: Tensor, match: Tensor, n: int, protected: int, r: int) -> Tensor:
+    """[B, N] int64 output position of every token, given the matching (`bipartite_match`)
+    and `r` (already capped, > 0): protected tokens, then the kept sources in position order,
+    then the destinations; a merged source goes to its destination's position."""
+    b, na = best.shape
+    dev = best.device
+    src, dst = _split(n, protected, dev)
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices  # [B, |A|]
+    merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values
     base = protected + na - r  # output position of the first destination
     index = torch.empty(b, n, dtype=torch.int64, device=dev)
     index[:, :protected] = torch.arange(protected, device=dev)
-    index[:, dst] = base + torch.arange(nb, device=dev)
+    index[:, dst] = base + torch.arange(dst.numel(), device=dev)
     src_out = torch.empty(b, na, dtype=torch.int64, device=dev)
     src_out.scatter_(1, kept, (protected + torch.arange(na - r, device=dev)).expand(b, -1))
-    src_out.scatter_(1, merged, base + merged_dst)
+    src_out.scatter_(1, merged, base + match.gather(1, merged))
     index[:, src] = src_out
-    return MergeResult(x_out, size_out, index)
+    return index
 
 
 def unmerge(y: Tensor, index: Tensor) -> Tensor:

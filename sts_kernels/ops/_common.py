@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._backend import triton_interpreter
@@ -12,6 +14,15 @@ from .._triton import tl, triton
 # it gets 16x larger tiles and fewer programs.
 _GPU_TILE = 1 << 12
 _INTERPRETER_TILE = 1 << 16
+
+
+def check_values(t: torch.Tensor) -> bool:
+    """Whether to validate the values of `t` (index ranges, positive sizes) on the host: always
+    for CPU tensors (no device sync), for GPU tensors only with `STS_DEBUG=1` (a host sync per
+    check), never while `torch.compile` traces (data-dependent control flow)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("STS_DEBUG", "0") == "1"
 
 
 def acc_dtype(dtype: torch.dtype):

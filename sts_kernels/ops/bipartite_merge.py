@@ -1,13 +1,18 @@
 """bipartite_merge / unmerge: ToMe bipartite soft matching with size-weighted averages.
 
-The Triton path has three steps (STS_SPEC.md §1):
+The Triton path is five kernels forward, one backward, and no host synchronisation
+(STS_SPEC.md §1):
   1. `sts::bipartite_match`: one fused kernel normalises, dots and keeps a running max/argmax
-     over tiles of destinations, so the [|A|, |Bd|] score matrix never exists (O(B*N) memory);
-  2. top-r selection and the output index of every token, a few small torch ops on [B, N];
-  3. `sts::merge_wavg`: every output token is the size-weighted mean of the input tokens that
-     went into it, a deterministic segmented reduction over the tokens sorted by output row
-     (no atomics); its backward `sts::merge_wavg_backward` is a gather with the weights.
-`sts::unmerge` (a gather) and `sts::unmerge_backward` (the segmented sum) are adjoint.
+     over tiles of destinations, so the [|A|, |Bd|] score matrix never exists;
+  2. `sts::merge_index`: the `r` best sources by a stable descending rank (`_select_kernel`),
+     then the output position of every token (`_index_kernel`);
+  3. `sts::merge_wavg`: a stable counting sort of the tokens by output row (`_csr_kernel`),
+     then every output row is the size-weighted mean of its tokens in position order, a
+     deterministic segmented reduction without atomics (`_segment_reduce_kernel`); its
+     backward `sts::merge_wavg_backward` is a gather with the weights (`_gather_rows_kernel`).
+`sts::unmerge` (the gather) and `sts::unmerge_backward` (counting sort + segmented sum) are
+adjoint. Counting sorts compare every pair of a sample's tokens: O(N^2) integer work that a
+GPU does in microseconds at N = 576 and well under a millisecond at N = 9216.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from .. import _checks, reference
 from .._backend import select, triton_interpreter
 from .._triton import tl, triton
 from .._types import MergeResult
-from ._common import acc_dtype, register_adjoint_autograd, tile_shape
+from ._common import acc_dtype, check_values, register_adjoint_autograd, tile_shape
 
 
 @triton.jit
@@ -44,9 +49,11 @@ def _match_kernel(
     """best[a] = max_j s[a, j], dst[a] = min{j : s[a, j] = best[a]} with
 
     s[a, j] = <m_a, m_j> / (max(|m_a|, EPS) * max(|m_j|, EPS)),  m_a = M[b, SRC0 + 2a],
-    m_j = M[b, DST0 + 2j]: the cosine of F.normalize(eps=EPS), in fp32. Destinations are
-    visited in tiles; a tile replaces the running best only when strictly better, so ties go
-    to the lowest destination.
+    m_j = M[b, DST0 + 2j]: the cosine of F.normalize(eps=EPS), in fp32, and s[a, j] = 0 when
+    |m_a|^2 or |m_j|^2 is not finite (NaN/Inf rows score like zero rows). Square root and
+    division round to nearest (sqrt_rn/div_rn, not the GPU's approximations), so bitwise-equal
+    rows give bitwise-equal scores; the row max comes with its leftmost index and a tile
+    replaces the running best only when strictly better, so ties go to the lowest destination.
     """
     pid_a = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -62,7 +69,8 @@ def _match_kernel(
         )
         xa = xa.to(tl.float32)
         a_sq += tl.sum(xa * xa, axis=1)
-    a_norm = tl.maximum(tl.sqrt(a_sq), EPS)
+    a_ok = a_sq < float("inf")  # false for NaN too
+    a_norm = tl.maximum(tl.sqrt_rn(a_sq), EPS)
     best = tl.full((BLOCK_A,), float("-inf"), dtype=tl.float32)
     arg = tl.zeros((BLOCK_A,), dtype=tl.int64)
     for j0 in range(0, NB, BLOCK_B):
@@ -84,41 +92,150 @@ def _match_kernel(
                 dot += tl.dot(xa, tl.trans(xb), out_dtype=tl.float32)
             else:
                 dot += tl.dot(xa.to(tl.float32), tl.trans(xb32), input_precision="ieee")
-        b_norm = tl.maximum(tl.sqrt(b_sq), EPS)
-        score = dot / (a_norm[:, None] * b_norm[None, :])
+        b_ok = b_sq < float("inf")
+        b_norm = tl.maximum(tl.sqrt_rn(b_sq), EPS)
+        score = tl.div_rn(dot, a_norm[:, None] * b_norm[None, :])
+        score = tl.where(a_ok[:, None] & b_ok[None, :], score, 0.0)
         score = tl.where(j_mask[None, :], score, float("-inf"))
-        # best of the tile (lowest j on ties), merged into the running best
-        tile_best = tl.max(score, axis=1)
-        tile_arg = tl.min(tl.where(score == tile_best[:, None], j[None, :], NB), axis=1)
+        # best of the tile with its leftmost index, merged into the running best
+        tile_best, tile_arg = tl.max(
+            score, axis=1, return_indices=True, return_indices_tie_break_left=True
+        )
         better = tile_best > best
         best = tl.where(better, tile_best, best)
-        arg = tl.where(better, tile_arg, arg)
+        arg = tl.where(better, j0 + tile_arg.to(tl.int64), arg)
     tl.store(BEST_ptr + b * NA + a, best, mask=a_mask)
     tl.store(DST_ptr + b * NA + a, arg, mask=a_mask)
 
 
 @triton.jit
+def _select_kernel(
+    BEST_ptr,  # [B, NA] fp32
+    MERGED_ptr,  # [B, NA] int8 out
+    NA,
+    R,
+    BLOCK_A: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """merged[a] = rank[a] < R, where rank[a] = #{k : best[k] > best[a]} + #{k < a : best[k] =
+    best[a]} is a's place in a stable descending sort: the R best sources, ties to the lower
+    position."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    a = pid * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = a < NA
+    best_a = tl.load(BEST_ptr + b * NA + a, mask=a_mask, other=0.0)
+    # count the sources ranked ahead of each a, a chunk of the sample at a time
+    rank = tl.zeros((BLOCK_A,), dtype=tl.int32)
+    for k0 in range(0, NA, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < NA
+        best_k = tl.load(BEST_ptr + b * NA + k, mask=k_mask, other=0.0)
+        ahead = (best_k[None, :] > best_a[:, None]) | (
+            (best_k[None, :] == best_a[:, None]) & (k[None, :] < a[:, None])
+        )
+        rank += tl.sum((ahead & k_mask[None, :]).to(tl.int32), axis=1)
+    tl.store(MERGED_ptr + b * NA + a, (rank < R).to(tl.int8), mask=a_mask)
+
+
+@triton.jit
+def _index_kernel(
+    MERGED_ptr,  # [B, NA] int8
+    DST_ptr,  # [B, NA] int64: each source's destination j
+    INDEX_ptr,  # [B, N] int64 out
+    N,
+    NA,
+    PROTECTED,
+    SRC0,
+    DST0,
+    FIRST_DST,  # output position of destination 0: PROTECTED + NA - R
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """index[n] = n for a protected token; FIRST_DST + j for destination j (n = DST0 + 2j);
+    for source a (n = SRC0 + 2a): FIRST_DST + dst[a] if merged, else its place among the kept
+    sources, PROTECTED + a - #{k < a : merged[k]}."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    is_src = (n >= SRC0) & ((n - SRC0) % 2 == 0)
+    is_dst = (n >= DST0) & ((n - DST0) % 2 == 0)
+    a = (n - SRC0) // 2
+    src_mask = n_mask & is_src
+    merged = tl.load(MERGED_ptr + b * NA + a, mask=src_mask, other=0)
+    dst = tl.load(DST_ptr + b * NA + a, mask=src_mask, other=0)
+    # merged sources before each source, a chunk of the sample at a time
+    merged_before = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for k0 in range(0, NA, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        merged_k = tl.load(MERGED_ptr + b * NA + k, mask=k < NA, other=0).to(tl.int32)
+        merged_before += tl.sum(tl.where(k[None, :] < a[:, None], merged_k[None, :], 0), axis=1)
+    src_out = tl.where(merged != 0, FIRST_DST + dst, PROTECTED + a - merged_before)
+    out = tl.where(is_src, src_out, tl.where(is_dst, FIRST_DST + (n - DST0) // 2, n))
+    tl.store(INDEX_ptr + b * N + n, out.to(tl.int64), mask=n_mask)
+
+
+@triton.jit
+def _csr_kernel(
+    INDEX_ptr,  # [B, N] int64 output row of every token
+    PERM_ptr,  # [B, N] int32 out: the tokens sorted (stably) by output row
+    OFFSETS_ptr,  # [B, NOUT + 1] int32 out: output row j owns PERM[offsets[j]:offsets[j + 1]]
+    N,
+    NOUT,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """A stable counting sort by output row, sample by sample:
+
+    pos[n] = #{k : index[k] < index[n]} + #{k < n : index[k] = index[n]},  perm[pos[n]] = n,
+    offsets[j] = #{k : index[k] < j} for j in [0, NOUT].
+    Tokens whose index is outside [0, NOUT) fall outside every segment."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    e = pid * BLOCK + tl.arange(0, BLOCK)  # a token n and an output row j at once
+    n_mask = e < N
+    idx = tl.load(INDEX_ptr + b * N + e, mask=n_mask, other=0)
+    pos = tl.zeros((BLOCK,), dtype=tl.int32)
+    below = tl.zeros((BLOCK,), dtype=tl.int32)
+    # compare with every token of the sample, a chunk at a time
+    for k0 in range(0, N, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = (k < N)[None, :]
+        idx_k = tl.load(INDEX_ptr + b * N + k, mask=k < N, other=0)[None, :]
+        ahead = (idx_k < idx[:, None]) | ((idx_k == idx[:, None]) & (k[None, :] < e[:, None]))
+        pos += tl.sum((ahead & k_mask).to(tl.int32), axis=1)
+        below += tl.sum(((idx_k < e[:, None]) & k_mask).to(tl.int32), axis=1)
+    tl.store(PERM_ptr + b * N + pos, e.to(tl.int32), mask=n_mask)
+    tl.store(OFFSETS_ptr + b * (NOUT + 1) + e, below, mask=e <= NOUT)
+
+
+@triton.jit
 def _segment_reduce_kernel(
     X_ptr,  # [B, N, D] any strides
-    W_ptr,  # [B, N] fp32 weights (MEAN only)
-    PERM_ptr,  # [B, N] int64: input rows sorted by the output row they go to
-    OFFSETS_ptr,  # [B, NOUT + 1] int64: output row j owns PERM[offsets[j]:offsets[j+1]]
+    W_ptr,  # [B, N] any float dtype (MEAN and HAS_W only)
+    PERM_ptr,  # [B, N] int32: input rows sorted by the output row they go to
+    OFFSETS_ptr,  # [B, NOUT + 1] int32: output row j owns PERM[offsets[j]:offsets[j+1]]
     Y_ptr,  # [B, NOUT, D] contiguous
-    DEN_ptr,  # [B, NOUT] fp32 (MEAN only)
+    DEN_ptr,  # [B, NOUT] (MEAN only)
     N,
     NOUT,
     D,
     stride_xb,
     stride_xn,
     stride_xd,
+    stride_wb,
+    stride_wn,
     MEAN: tl.constexpr,
+    HAS_W: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """MEAN:  y[j] = sum_{n in S_j} w[n] x[n] / den[j],  den[j] = sum_{n in S_j} w[n]
-              (a one-token segment copies its token exactly);
-    else:  y[j] = sum_{n in S_j} x[n]  (0 for an empty segment)."""
+              (w = 1 without HAS_W; a one-token segment copies its token exactly);
+    else:  y[j] = sum_{n in S_j} x[n]  (0 for an empty segment).
+    Members are added in position order, in ACC_DTYPE."""
     pid_p = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -129,36 +246,35 @@ def _segment_reduce_kernel(
     start = tl.load(OFFSETS_ptr + b * (NOUT + 1) + j, mask=j_mask, other=0)
     length = tl.load(OFFSETS_ptr + b * (NOUT + 1) + j + 1, mask=j_mask, other=0) - start
     x_base = X_ptr + b * stride_xb + d[None, :] * stride_xd
-    # first member of every segment, kept apart for the exact copy of one-token segments
-    has = length > 0
-    n0 = tl.load(PERM_ptr + b * N + start, mask=has, other=0)
-    x0 = tl.load(x_base + n0[:, None] * stride_xn, mask=has[:, None] & d_mask[None, :], other=0.0)
-    x0 = x0.to(ACC_DTYPE)
-    if MEAN:
-        w0 = tl.load(W_ptr + b * N + n0, mask=has, other=0.0)
-        den = w0
-        acc = x0 * w0.to(ACC_DTYPE)[:, None]
-    else:
-        acc = x0
-    # the remaining members, up to the longest segment of the tile
-    for k in range(1, tl.max(length, axis=0)):
-        active = k < length
-        n = tl.load(PERM_ptr + b * N + start + k, mask=active, other=0)
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=ACC_DTYPE)
+    den = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+    x0 = acc
+    # the members, up to the longest segment of the tile; x0 keeps the first one
+    for k in range(0, tl.max(length, axis=0)):
+        active = (k < length) & j_mask
+        n = tl.load(PERM_ptr + b * N + start + k, mask=active, other=0).to(tl.int64)
         xv = tl.load(
             x_base + n[:, None] * stride_xn, mask=active[:, None] & d_mask[None, :], other=0.0
         )
         xv = xv.to(ACC_DTYPE)
+        x0 = tl.where((k == 0) & active[:, None], xv, x0)
         if MEAN:
-            wv = tl.load(W_ptr + b * N + n, mask=active, other=0.0)
+            if HAS_W:
+                wv = tl.load(W_ptr + b * stride_wb + n * stride_wn, mask=active, other=0.0)
+                wv = wv.to(ACC_DTYPE)
+            else:
+                wv = active.to(ACC_DTYPE)
             den += wv
-            acc += xv * wv.to(ACC_DTYPE)[:, None]
+            acc += xv * wv[:, None]
         else:
             acc += xv
     if MEAN:
-        # (empty segments only occur in padding lanes here: divide them by 1, not 0)
-        den_safe = tl.where(length > 0, den, 1.0).to(ACC_DTYPE)
+        # empty segments only occur in padding lanes here: divide them by 1, not 0
+        den_safe = tl.where(length > 0, den, 1.0)
         acc = tl.where((length == 1)[:, None], x0, acc / den_safe[:, None])
-        tl.store(DEN_ptr + b * NOUT + j, den, mask=j_mask & (pid_d == 0))
+        tl.store(
+            DEN_ptr + b * NOUT + j, den.to(DEN_ptr.dtype.element_ty), mask=j_mask & (pid_d == 0)
+        )
     y_ptrs = Y_ptr + (b * NOUT + j[:, None]) * D + d[None, :]
     tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=j_mask[:, None] & d_mask[None, :])
 
@@ -166,9 +282,9 @@ def _segment_reduce_kernel(
 @triton.jit
 def _gather_rows_kernel(
     Y_ptr,  # [B, NOUT, D] any strides
-    INDEX_ptr,  # [B, N] int64 in [0, NOUT)
-    W_ptr,  # [B, N] fp32 (WEIGHTED only)
-    DEN_ptr,  # [B, NOUT] fp32 (WEIGHTED only)
+    INDEX_ptr,  # [B, N] int64, valid in [0, NOUT)
+    W_ptr,  # [B, N] any float dtype (WEIGHTED and HAS_W only)
+    DEN_ptr,  # [B, NOUT] (WEIGHTED only)
     OUT_ptr,  # [B, N, D] contiguous
     N,
     NOUT,
@@ -176,12 +292,16 @@ def _gather_rows_kernel(
     stride_yb,
     stride_yn,
     stride_yd,
+    stride_wb,
+    stride_wn,
     WEIGHTED: tl.constexpr,
+    HAS_W: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out[n] = y[index[n]] * (w[n] / den[index[n]] if WEIGHTED else 1)."""
+    """out[n] = y[index[n]] * (w[n] / den[index[n]] if WEIGHTED else 1), and NaN for an index
+    outside [0, NOUT): never read out of bounds, never a silent zero row."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -190,14 +310,18 @@ def _gather_rows_kernel(
     n_mask = n < N
     mask = n_mask[:, None] & (d < D)[None, :]
     idx = tl.load(INDEX_ptr + b * N + n, mask=n_mask, other=0)
-    # an index outside [0, NOUT) reads nothing (memory safety for hand-made indices)
     valid = n_mask & (idx >= 0) & (idx < NOUT)
     y_ptrs = Y_ptr + b * stride_yb + idx[:, None] * stride_yn + d[None, :] * stride_yd
-    out = tl.load(y_ptrs, mask=mask & valid[:, None], other=0.0)
+    out = tl.load(y_ptrs, mask=mask & valid[:, None], other=0.0).to(ACC_DTYPE)
     if WEIGHTED:
-        w = tl.load(W_ptr + b * N + n, mask=valid, other=0.0)
-        den = tl.load(DEN_ptr + b * NOUT + idx, mask=valid, other=1.0)
-        out = out.to(ACC_DTYPE) * (w / den).to(ACC_DTYPE)[:, None]
+        if HAS_W:
+            w = tl.load(W_ptr + b * stride_wb + n * stride_wn, mask=valid, other=0.0)
+            w = w.to(ACC_DTYPE)
+        else:
+            w = tl.full((BLOCK_N,), 1.0, dtype=ACC_DTYPE)
+        den = tl.load(DEN_ptr + b * NOUT + idx, mask=valid, other=1.0).to(ACC_DTYPE)
+        out = out * (w / den)[:, None]
+    out = tl.where(valid[:, None], out, float("nan"))
     tl.store(
         OUT_ptr + (b * N + n[:, None]) * D + d[None, :], out.to(OUT_ptr.dtype.element_ty), mask=mask
     )
@@ -205,6 +329,15 @@ def _gather_rows_kernel(
 
 # D is tiled across programs; capping it at 512 leaves a 4K-element GPU tile >= 8 rows tall
 _MAX_BLOCK_D = 512
+# counting kernels: elements per program and per compared chunk (the interpreter wants few,
+# big programs; a GPU wants a [BLOCK, BLOCK_K] int32 compare tile in registers)
+_COUNT_BLOCK, _COUNT_BLOCK_K = (1024, 1024) if triton_interpreter() else (128, 64)
+
+
+def _count_blocks(n: int) -> tuple[int, int]:
+    """(BLOCK, BLOCK_K) of a counting kernel over `n` elements."""
+    block = max(16, min(triton.next_power_of_2(max(n, 1)), _COUNT_BLOCK))
+    return block, max(16, min(triton.next_power_of_2(max(n, 1)), _COUNT_BLOCK_K))
 
 
 def _split(n: int, protected: int) -> tuple[int, int, int, int]:
@@ -214,53 +347,60 @@ def _split(n: int, protected: int) -> tuple[int, int, int, int]:
     return src0, dst0, (n - src0 + 1) // 2, (n - dst0 + 1) // 2
 
 
+def _weight_args(weight: Tensor | None) -> tuple:
+    """(W, stride_wb, stride_wn) of an optional [B, N] weight: no copy, no default tensor."""
+    return (weight, *weight.stride()) if weight is not None else (None, 0, 0)
+
+
 def _segments(index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
-    """CSR of the inverse of `index`: (perm [B, N], offsets [B, n_out + 1]), the input rows
-    sorted (stably) by output row and where each output row's run starts."""
-    perm = torch.argsort(index, dim=1, stable=True)
-    counts = torch.zeros(index.shape[0], n_out, dtype=torch.int64, device=index.device)
-    counts.scatter_add_(1, index, torch.ones_like(index))
-    offsets = torch.nn.functional.pad(counts.cumsum(1), (1, 0))
+    """Launch `_csr_kernel`: (perm [B, N] int32, offsets [B, n_out + 1] int32)."""
+    b, n = index.shape
+    perm = torch.empty(b, n, dtype=torch.int32, device=index.device)
+    offsets = torch.empty(b, n_out + 1, dtype=torch.int32, device=index.device)
+    block, block_k = _count_blocks(n)
+    _csr_kernel[(triton.cdiv(max(n, n_out + 1), block), b)](
+        index, perm, offsets, n, n_out, BLOCK=block, BLOCK_K=block_k
+    )
     return perm, offsets
 
 
-def _segment_reduce(x: Tensor, index: Tensor, n_out: int, weight: Tensor | None):
-    """Launch `_segment_reduce_kernel`; returns (y, den) with den None unless weighted."""
+def _segment_reduce(
+    x: Tensor, index: Tensor, n_out: int, weight: Tensor | None, mean: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Launch `_csr_kernel` and `_segment_reduce_kernel`; returns (y, den), den (in the
+    accumulation dtype) None unless `mean`."""
     b, n, d = x.shape
     y = torch.empty(b, n_out, d, dtype=x.dtype, device=x.device)
-    den = (
-        torch.empty(b, n_out, dtype=torch.float32, device=x.device) if weight is not None else None
-    )
+    den_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    den = torch.empty(b, n_out, dtype=den_dtype, device=x.device) if mean else None
     if b * n_out == 0:
         return y, den
-    perm, offsets = _segments(index.contiguous(), n_out)
-    weight = weight.contiguous() if weight is not None else None
+    perm, offsets = _segments(index, n_out)
+    w, stride_wb, stride_wn = _weight_args(weight)
     block_p, block_d, num_warps = tile_shape(n_out, d, _MAX_BLOCK_D)
     grid = (triton.cdiv(n_out, block_p), triton.cdiv(max(d, 1), block_d), b)
     _segment_reduce_kernel[grid](
-        x, weight, perm, offsets, y, den, n, n_out, d, *x.stride(),
-        MEAN=weight is not None, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_P=block_p, BLOCK_D=block_d,
-        num_warps=num_warps,
+        x, w, perm, offsets, y, den, n, n_out, d, *x.stride(), stride_wb, stride_wn,
+        MEAN=mean, HAS_W=weight is not None, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_P=block_p,
+        BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     return y, den
 
 
 def _gather_rows(y: Tensor, index: Tensor, weight: Tensor | None, den: Tensor | None) -> Tensor:
-    """Launch `_gather_rows_kernel`: [B, NOUT, D] -> [B, N, D]."""
+    """Launch `_gather_rows_kernel`: [B, NOUT, D] -> [B, N, D], weighted when `den` is given."""
     b, n_out, d = y.shape
     n = index.shape[1]
     out = torch.empty(b, n, d, dtype=y.dtype, device=y.device)
     if out.numel() == 0:
         return out
-    index = index.contiguous()
-    if weight is not None:
-        weight, den = weight.contiguous(), den.contiguous()
+    w, stride_wb, stride_wn = _weight_args(weight)
     block_n, block_d, num_warps = tile_shape(n, d, _MAX_BLOCK_D)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d), b)
     _gather_rows_kernel[grid](
-        y, index, weight, den, out, n, n_out, d, *y.stride(),
-        WEIGHTED=weight is not None, ACC_DTYPE=acc_dtype(y.dtype), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps,
+        y, index, w, den, out, n, n_out, d, *y.stride(), stride_wb, stride_wn,
+        WEIGHTED=den is not None, HAS_W=weight is not None, ACC_DTYPE=acc_dtype(y.dtype),
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -277,15 +417,16 @@ def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]
     if b * na == 0:
         return best, dst
     interp = triton_interpreter()
-    # tl.dot needs every tile side >= 16 on a GPU; 64x64 fp32 tiles fit 4 warps' registers
-    block_a = max(16, min(triton.next_power_of_2(na), 64))
+    lowp_dot = not interp and metric.dtype in (torch.float16, torch.bfloat16)
+    # tl.dot needs every tile side >= 16 on a GPU; the FMA (fp32) path keeps 32x64 tiles and
+    # 8 warps so its operands and accumulator fit in registers without spilling
+    block_a = max(16, min(triton.next_power_of_2(na), 64 if lowp_dot or interp else 32))
     block_b = max(16, min(triton.next_power_of_2(nb), 128 if interp else 64))
     block_c = max(16, min(triton.next_power_of_2(c), 128 if interp else 64))
-    # the interpreter's fp16/bf16 tl.dot is unreliable: it takes the fp32 ("ieee") path
-    lowp_dot = not interp and metric.dtype in (torch.float16, torch.bfloat16)
     _match_kernel[(triton.cdiv(na, block_a), b)](
         metric, best, dst, na, nb, c, src0, dst0, *metric.stride(),
         EPS=1e-12, LOWP_DOT=lowp_dot, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c,
+        num_warps=4 if lowp_dot else 8,
     )  # fmt: skip
     return best, dst
 
@@ -300,26 +441,59 @@ def _(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]:
     )
 
 
+# ---- sts::merge_index ----------------------------------------------------------------------
+
+
+@torch.library.custom_op("sts::merge_index", mutates_args=())
+def _merge_index_op(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -> Tensor:
+    b, na = best.shape
+    src0, dst0, _, _ = _split(n, protected)
+    index = torch.empty(b, n, dtype=torch.int64, device=best.device)
+    if b * n == 0:
+        return index
+    merged = torch.empty(b, na, dtype=torch.int8, device=best.device)
+    block, block_k = _count_blocks(na)
+    _select_kernel[(triton.cdiv(na, block), b)](best, merged, na, r, BLOCK_A=block, BLOCK_K=block_k)
+    block_n = _count_blocks(n)[0]
+    _index_kernel[(triton.cdiv(n, block_n), b)](
+        merged, dst, index, n, na, protected, src0, dst0, protected + na - r,
+        BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return index
+
+
+@_merge_index_op.register_fake
+def _(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -> Tensor:
+    return best.new_empty(best.shape[0], n, dtype=torch.int64)
+
+
 # ---- sts::merge_wavg and its backward ----------------------------------------------------
 
 
 @torch.library.custom_op("sts::merge_wavg", mutates_args=())
-def _merge_wavg_op(x: Tensor, weight: Tensor, index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
-    return _segment_reduce(x, index, n_out, weight)
+def _merge_wavg_op(
+    x: Tensor, weight: Tensor | None, index: Tensor, n_out: int
+) -> tuple[Tensor, Tensor]:
+    return _segment_reduce(x, index, n_out, weight, mean=True)
 
 
 @_merge_wavg_op.register_fake
-def _(x: Tensor, weight: Tensor, index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape[0], n_out, x.shape[2]), weight.new_empty(x.shape[0], n_out)
+def _(x: Tensor, weight: Tensor | None, index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
+    den_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[0], n_out, x.shape[2]), x.new_empty(
+        x.shape[0], n_out, dtype=den_dtype
+    )
 
 
 @torch.library.custom_op("sts::merge_wavg_backward", mutates_args=())
-def _merge_wavg_backward_op(grad: Tensor, weight: Tensor, index: Tensor, den: Tensor) -> Tensor:
+def _merge_wavg_backward_op(
+    grad: Tensor, weight: Tensor | None, index: Tensor, den: Tensor
+) -> Tensor:
     return _gather_rows(grad, index, weight, den)
 
 
 @_merge_wavg_backward_op.register_fake
-def _(grad: Tensor, weight: Tensor, index: Tensor, den: Tensor) -> Tensor:
+def _(grad: Tensor, weight: Tensor | None, index: Tensor, den: Tensor) -> Tensor:
     return grad.new_empty(grad.shape[0], index.shape[1], grad.shape[2])
 
 
@@ -327,14 +501,33 @@ def _merge_wavg_setup(ctx, inputs, output) -> None:
     _, weight, index, _ = inputs
     ctx.save_for_backward(weight, index, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for den
 
 
-def _merge_wavg_grad(ctx, grad_y: Tensor, _grad_den: Tensor | None):
+def _merge_wavg_grad(ctx, grad_y: Tensor | None, _grad_den: Tensor | None):
     weight, index, den = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None
     return _merge_wavg_backward_op(grad_y, weight, index, den), None, None, None
 
 
+def _merge_wavg_backward_setup(ctx, inputs, output) -> None:
+    _, weight, index, den = inputs
+    ctx.save_for_backward(weight, index)
+    ctx.n_out = den.shape[1]
+
+
+def _merge_wavg_backward_grad(ctx, grad_dx: Tensor):
+    # the forward is linear in x (y = A x, the backward is A^T g), so the backward's own
+    # gradient is A again: double backward is exact
+    weight, index = ctx.saved_tensors
+    return _merge_wavg_op(grad_dx, weight, index, ctx.n_out)[0], None, None, None
+
+
 _merge_wavg_op.register_autograd(_merge_wavg_grad, setup_context=_merge_wavg_setup)
+_merge_wavg_backward_op.register_autograd(
+    _merge_wavg_backward_grad, setup_context=_merge_wavg_backward_setup
+)
 
 
 # ---- sts::unmerge and its backward (adjoint of each other) -------------------------------
@@ -352,7 +545,7 @@ def _(y: Tensor, index: Tensor) -> Tensor:
 
 @torch.library.custom_op("sts::unmerge_backward", mutates_args=())
 def _unmerge_backward_op(grad: Tensor, index: Tensor, n_out: int) -> Tensor:
-    return _segment_reduce(grad, index, n_out, None)[0]
+    return _segment_reduce(grad, index, n_out, None, mean=False)[0]
 
 
 @_unmerge_backward_op.register_fake
@@ -366,23 +559,25 @@ register_adjoint_autograd("sts::unmerge", "sts::unmerge_backward", row_dim=1)
 # ---- public API ---------------------------------------------------------------------------
 
 
-def _merge_index(best: Tensor, dst: Tensor, r: int, n: int, protected: int) -> Tensor:
-    """[B, N] output position of every input token: protected tokens, then the kept sources
-    in position order, then the destinations; a merged source goes to its destination."""
-    b = best.shape[0]
-    src0, dst0, na, nb = _split(n, protected)
-    # the r best-scoring sources merge; a stable sort sends ties to the lower position
-    merged = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r]  # [B, r]
-    is_merged = torch.zeros_like(best, dtype=torch.bool).scatter(1, merged, True)  # [B, |A|]
-    first_dst = protected + na - r
-    kept_rank = torch.cumsum(~is_merged, dim=1) - 1
-    src_out = torch.where(is_merged, first_dst + dst, protected + kept_rank)  # [B, |A|]
-    dev = best.device
-    index = torch.empty(b, n, dtype=torch.int64, device=dev)
-    index[:, :protected] = torch.arange(protected, device=dev)
-    index[:, src0::2] = src_out
-    index[:, dst0::2] = first_dst + torch.arange(nb, device=dev)
-    return index
+def _check_size_values(size: Tensor | None) -> None:
+    """`size` must be positive (a zero gives 0/0 rows). Checked where it costs no device sync
+    (CPU tensors; CUDA with STS_DEBUG=1)."""
+    if size is not None and check_values(size) and not bool((size > 0).all()):
+        bad = size[~(size > 0)]
+        raise ValueError(
+            f"size must be positive (> 0, not NaN) everywhere, got {bad.numel()} entries like "
+            f"{bad[0].item()} (size: {tuple(size.shape)})"
+        )
+
+
+def _check_index_values(index: Tensor, n_out: int) -> None:
+    """`index` must lie in [0, n_out). Checked where it costs no device sync (CPU tensors;
+    CUDA with STS_DEBUG=1); elsewhere the Triton gather writes NaN rows for bad entries."""
+    if check_values(index) and index.numel() and not bool(((index >= 0) & (index < n_out)).all()):
+        lo, hi = int(index.min()), int(index.max())
+        raise ValueError(
+            f"index must lie in [0, {n_out}) (y has {n_out} rows), got values in [{lo}, {hi}]"
+        )
 
 
 def bipartite_merge(
@@ -394,24 +589,29 @@ def bipartite_merge(
 ) -> MergeResult:
     """Merge the `r` most redundant tokens of each sample (STS_SPEC.md §1)."""
     _checks.bipartite_merge(x, r, metric, size, protected)
+    _check_size_values(size)
+    # fp64 stays exact: the Triton path accumulates weights and values in fp64 for fp64 x
     if select("bipartite_merge", x.device, ("triton",)) != "triton":
         return reference.bipartite_merge(x, r, metric, size, protected)
     b, n, _ = x.shape
-    if size is None:
-        size = torch.ones(b, n, dtype=torch.float32, device=x.device)
     r = min(r, (n - protected) // 2)
     if r <= 0:
+        if size is None:
+            size = torch.ones(b, n, dtype=torch.float32, device=x.device)
         return MergeResult(x, size, torch.arange(n, device=x.device).expand(b, n))
     # the matching gets no gradient: metric (x by default) only chooses the pairs
     best, dst = _bipartite_match_op((x if metric is None else metric).detach(), protected)
-    index = _merge_index(best, dst, r, n, protected)
-    y, den = _merge_wavg_op(x, size.detach().float(), index, n - r)
-    return MergeResult(y, den.to(size.dtype), index)
+    index = _merge_index_op(best, dst, n, protected, r)
+    weight = None if size is None else size.detach()
+    y, den = _merge_wavg_op(x, weight, index, n - r)
+    size_dtype = torch.float32 if size is None else size.dtype
+    return MergeResult(y, den if den.dtype == size_dtype else den.to(size_dtype), index)
 
 
 def unmerge(y: Tensor, index: Tensor) -> Tensor:
     """`[B, N_out, D]` -> `[B, N, D]`: each original token gets its merged token's value."""
     _checks.unmerge(y, index)
+    _check_index_values(index, y.shape[1])
     if select("unmerge", y.device, ("triton",)) == "triton":
         return _unmerge_op(y, index)
     return reference.unmerge(y, index)
