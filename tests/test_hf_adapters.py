@@ -1,0 +1,43 @@
+"""The adapter registry: lookup, the TypeError for unsupported models, the README table."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+from torch import nn
+
+from sts_kernels.integrations.adapters import ADAPTERS, adapter_for, support_table
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_support_table_matches_the_registry():
+    text = README.read_text()
+    found = re.search(r"<!-- support-table:[^\n]*-->\n(.*?)<!-- /support-table -->", text, re.S)
+    assert found, "README.md lost its support-table markers"
+    assert found.group(1) == support_table(), (
+        "README support table is stale: paste sts_kernels.integrations.adapters.support_table()"
+    )
+
+
+def test_every_registered_class_has_a_row():
+    table = support_table()
+    assert all(f"`{name}`" in table for name in ADAPTERS)
+    assert table.count("\n") == 2 + len(set(ADAPTERS.values()))
+
+
+def test_unsupported_model_names_its_class_and_the_supported_ones():
+    class TinyNet(nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match="TinyNet") as info:
+        adapter_for(TinyNet())
+    assert all(name in str(info.value) for name in ADAPTERS)
+
+
+def test_subclass_of_a_supported_model_uses_its_adapter():
+    base = type("Qwen2VLForConditionalGeneration", (nn.Module,), {})
+    sub = type("MyQwen", (base,), {})
+    assert adapter_for(sub()) is ADAPTERS["Qwen2VLForConditionalGeneration"]
