@@ -222,9 +222,12 @@ def test_opcheck(triton_device):
     kw = dict(device=triton_device)
     x = torch.randn(2, 21, 8, **kw, requires_grad=True)
     torch.library.opcheck(torch.ops.sts.bipartite_match.default, (x.detach(), 1))
+    best, dst = reference.bipartite_match(x.detach(), 1)
+    torch.library.opcheck(torch.ops.sts.merge_index.default, (best, dst, 21, 1, 6))
     m = reference.bipartite_merge(x.detach(), 6, protected=1)
     weight = torch.rand(2, 21, **kw) + 1
     torch.library.opcheck(torch.ops.sts.merge_wavg.default, (x, weight, m.index, 15))
+    torch.library.opcheck(torch.ops.sts.merge_wavg.default, (x, None, m.index, 15))
     grad = torch.randn(2, 15, 8, **kw)
     den = torch.rand(2, 15, **kw) + 1
     torch.library.opcheck(torch.ops.sts.merge_wavg_backward.default, (grad, weight, m.index, den))
@@ -314,8 +317,12 @@ def test_many_programs(triton_device, monkeypatch):
     tokens and features, partial tiles at both ends."""
     monkeypatch.setattr(ops_common, "_INTERPRETER_TILE", 16)
     monkeypatch.setattr(ops_common, "_GPU_TILE", 16)
+    # the counting kernels (selection, index, counting sort) in 16-element programs and chunks
+    monkeypatch.setattr(merge_module, "_COUNT_BLOCK", 16)
+    monkeypatch.setattr(merge_module, "_COUNT_BLOCK_K", 16)
     x = torch.randn(2, 35, 24, device=triton_device)
     _check_merge_against_reference(x, r=10, protected=1)
+    _check_merge_against_reference(x, r=17, protected=0)
 
 
 @pytest.mark.gpu
