@@ -113,6 +113,35 @@ def llava_batch(pad_left: bool, images: int = 3, rows=LLAVA_ROWS, tokens: int = 
     return batch
 
 
+def make_llava_next(attn: str = "sdpa"):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(
+        vision_config=clip_config(),
+        text_config=llama_config(),
+        image_token_index=IMG,
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],  # 1x2, 2x1, 2x2 tiles of 32 px
+    )
+    return _finish(LlavaNextForConditionalGeneration, config, attn)
+
+
+# original (H, W) of each image: 1x2 tiles, 2x1 tiles, 2x2 tiles unpadded to a 6x8 crop grid
+LLAVA_NEXT_SIZES = [(32, 64), (64, 32), (48, 64)]
+
+
+def llava_next_batch(model, pad_left: bool, sizes=LLAVA_NEXT_SIZES, rows=LLAVA_ROWS) -> dict:
+    """Anyres images; placeholder counts are the packed lengths the model computes."""
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(len(sizes), 5, 3, 32, 32, generator=gen)  # base + up to 4 tiles
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixels, image_sizes, return_dict=True)
+    batch = build_ids(rows, {"image": [f.shape[0] for f in feats.pooler_output]}, pad_left)
+    del batch["mm_token_type_ids"]
+    return batch | {"pixel_values": pixels, "image_sizes": image_sizes}
+
+
 # ---- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------
 
 _QWEN_VISION = dict(

@@ -1,0 +1,102 @@
+"""apply_sts on a tiny LLaVA-NeXT: anyres base + crops, image_newline kept at every row end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hf_models import (  # noqa: E402
+    LLAVA_ROWS,
+    build_ids,
+    check_eval_equals_unpatched,
+    check_remove_restores,
+    check_train_step_is_sparser,
+    frozen_features,
+    llava_next_batch,
+    make_llava_next,
+)
+from kernel_count import count_kernels  # noqa: E402
+
+from sts_kernels import token_pool  # noqa: E402
+from sts_kernels.integrations.adapters import adapter_for  # noqa: E402
+from sts_kernels.integrations.hf import apply_sts  # noqa: E402
+from sts_kernels.nn import VisualTokenCompressor  # noqa: E402
+
+
+def _reference_pack(packed, newline, crop_grid):
+    """One image, plainly: pool the 4x4 base and the (H, W) crops 2x2, newline per row."""
+    hc, wc = crop_grid
+    base = token_pool(packed[None, :16], (4, 4), (2, 2))[0]
+    crops = packed[16:].view(hc, wc + 1, -1)[:, :wc].reshape(1, hc * wc, -1)
+    hp, wp = -(-hc // 2), -(-wc // 2)
+    crops = token_pool(crops, (hc, wc), (2, 2))[0].view(hp, wp, -1)
+    rows = torch.cat([crops, newline.expand(hp, 1, -1)], 1).reshape(-1, packed.shape[-1])
+    return torch.cat([base, rows])
+
+
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_vtc_equals_unpatched_on_reference_packed_features(pad_left):
+    model = make_llava_next("eager")
+    ref = copy.deepcopy(model)
+    batch = llava_next_batch(model, pad_left)
+    handle = apply_sts(model, stage="align")
+    out = model(**batch)
+
+    grids = [(4, 8), (8, 4), (6, 8)]  # unpadded crop grids of LLAVA_NEXT_SIZES
+    with torch.no_grad():
+        feats = ref.model.get_image_features(
+            batch["pixel_values"], batch["image_sizes"], return_dict=True
+        )
+        newline = ref.model.image_newline
+        packed = [_reference_pack(f, newline, g) for f, g in zip(feats.pooler_output, grids)]
+        assert [f.shape[0] for f in feats.pooler_output] == [16 + h * (w + 1) for h, w in grids]
+    feats.pooler_output = packed
+    shrunk = handle.last_inputs  # the ids / masks the patch fed the model
+    expected = ref(
+        input_ids=shrunk["input_ids"],
+        attention_mask=shrunk["attention_mask"],
+        labels=shrunk["labels"],
+        mm_encoder_outputs={"image": feats},
+    )
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    kept = [4 + -(-h // 2) * (-(-w // 2) + 1) for h, w in grids]
+    assert handle.report.image_tokens_kept == sum(kept)
+    for name, tensor in build_ids(LLAVA_ROWS, {"image": kept}, pad_left).items():
+        if name != "mm_token_type_ids":
+            assert torch.equal(shrunk[name], tensor), name
+    handle.remove()
+
+
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_train_step_with_compression_and_skipping(pad_left):
+    model = make_llava_next()
+    check_train_step_is_sparser(model, llava_next_batch(model, pad_left))
+
+
+def test_eval_equals_unpatched_remove_restores_and_merge_is_refused():
+    model = make_llava_next()
+    batch = llava_next_batch(model, True)
+    check_eval_equals_unpatched(model, batch)
+    check_remove_restores(model, batch)
+    with pytest.raises(ValueError, match="mode='pool'.*image_newline"):
+        apply_sts(model, compress={"mode": "merge"})
+
+
+def test_compressor_kernel_count_does_not_grow_with_images():
+    model = make_llava_next()
+    results = []
+    for n in (2, 4):  # images of two crop grids
+        sizes = [(32, 64), (48, 64)] * n
+        batch = llava_next_batch(model, False, sizes=sizes, rows=[[[5], "image", [6]]] * 2 * n)
+        with torch.no_grad():
+            feats = model.model.get_image_features(
+                batch["pixel_values"], batch["image_sizes"], return_dict=True
+            )
+        with frozen_features(model.model, "get_image_features", feats), count_kernels() as c:
+            adapter_for(model).compress(model, VisualTokenCompressor(), dict(batch))
+        results.append((c.kernels, c.syncs))
+    assert results[0] == results[1], results
