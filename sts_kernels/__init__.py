@@ -12,7 +12,7 @@ from ._types import MergeResult, RoutePlan
 from .integrations.hf import apply_sts
 from .ops import bipartite_merge, gather_rows, route, skip_residual, token_pool, unmerge
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "MergeResult",

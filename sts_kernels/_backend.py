@@ -17,12 +17,15 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
+import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
+from ._abi import BUILD_FILE, abi_tag
 from ._triton import HAS_TRITON
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
@@ -64,15 +67,54 @@ def triton_interpreter() -> bool:
 
 
 @functools.cache
+def build_record() -> dict | None:
+    """How this install was built, from `_build.json` (written by setup.py): version,
+    extension, torch, torch_cuda, cuda_archs, ptx. None in a checkout that was never built."""
+    try:
+        return json.loads(Path(__file__).with_name(BUILD_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def _abi_mismatch(record: dict) -> str | None:
+    """Why the recorded extension build cannot load into this torch, or None if it can."""
+    built = abi_tag(record["torch"], record["torch_cuda"])
+    here = abi_tag(torch.__version__, torch.version.cuda)
+    if built == here:
+        return None
+    return (
+        f"sts_kernels {record['version']} was built for torch {record['torch']} ({built}) but "
+        f"this is torch {torch.__version__} ({here}). Its compiled extension sts_kernels._C is "
+        "ABI-bound to the torch it was built against, so it is not loaded: the ops run on the "
+        f"reference / Triton backends. For the compiled kernels install the wheel tagged +{here}, "
+        "or build from source against this torch: pip install --no-build-isolation sts_kernels"
+        "-<version>.tar.gz (or the pure-Python wheel to silence this)."
+    )
+
+
+def has_built_extension() -> bool:
+    """A compiled `_C` file is installed (whether or not it loads into this torch)."""
+    return importlib.util.find_spec(f"{__package__}._C") is not None
+
+
+@functools.cache
 def extension():
-    """The compiled module `sts_kernels._C`, or None when it was not built (STS_NO_EXT=1) or
-    is disabled (STS_DISABLE_EXT=1)."""
+    """The compiled module `sts_kernels._C`, or None when it was not built (STS_NO_EXT=1), is
+    disabled (STS_DISABLE_EXT=1), or was built for another torch (warns)."""
     if os.environ.get("STS_DISABLE_EXT", "0") == "1":
         return None
+    record = build_record()
+    if record is not None and record["extension"]:
+        # check before importing: a library bound to another torch may fail to load, or load
+        # and crash later
+        mismatch = _abi_mismatch(record)
+        if mismatch is not None:
+            warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
+            return None
     try:
         from . import _C
     except ImportError as error:
-        if importlib.util.find_spec(f"{__package__}._C") is not None:
+        if has_built_extension():
             # built, but against another torch (e.g. an isolated `pip install .` build env)
             warnings.warn(
                 f"sts_kernels._C exists but does not load ({error}); running without the "

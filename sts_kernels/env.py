@@ -1,4 +1,5 @@
-"""`python -m sts_kernels.env`: versions, devices and the backends this install can use."""
+"""`python -m sts_kernels.env`: versions, devices, the backends this install can use and the
+torch / CUDA architectures its build was made for."""
 
 from __future__ import annotations
 
@@ -44,8 +45,14 @@ def collect() -> dict[str, object]:
         "backends_cpu": _backend.available_backends("cpu"),
         "backends_cuda": _backend.available_backends("cuda") if torch.cuda.is_available() else [],
     }
+    # what the installed build was made for (torch, CUDA archs, PTX), readable even when the
+    # extension cannot load into this torch
+    info["build"] = _backend.build_record() or "no build record (a checkout never built)"
     ext = _backend.extension()
-    info["extension"] = dict(ext.build_info()) if ext is not None else "not built"
+    if ext is not None:
+        info["extension"] = dict(ext.build_info())
+    else:
+        info["extension"] = "not loaded" if _backend.has_built_extension() else "not built"
     return info
 
 

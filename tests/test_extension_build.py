@@ -140,30 +140,53 @@ def test_cuda_build_has_cuda_kernels_for_sm80_sm90(tmp_path):
 def test_unloadable_extension_warns_and_falls_back(tmp_path):
     """An `_C` built against another torch must not fail silently: the package warns and runs
     on the reference / Triton backends."""
+    _assert_runs_without_extension(_package_with_broken_extension(tmp_path), "does not load")
+
+
+def test_extension_built_for_another_torch_is_not_loaded(tmp_path):
+    """The build record names another torch (a CUDA wheel next to the CPU torch): a clear ABI
+    warning, and the library is not even opened (it could load and crash later)."""
+    pkg = _package_with_broken_extension(tmp_path)
+    record = {"version": "0.0.0+cu130torch9.9", "extension": True, "torch": "9.9.0+cu130"}
+    record.update(torch_cuda="13.0", cuda_kernels=True, cuda_archs=["sm_90"], ptx=[])
+    (pkg / "_build.json").write_text(json.dumps(record))
+    _assert_runs_without_extension(pkg, "ABI-bound")
+
+
+def _package_with_broken_extension(tmp_path: Path) -> Path:
+    """A copy of the package whose `_C` library is garbage, without a build record."""
     pkg = tmp_path / "sts_kernels"
     shutil.copytree(
-        ROOT / "sts_kernels", pkg, ignore=shutil.ignore_patterns("_C*.so", "__pycache__")
+        ROOT / "sts_kernels",
+        pkg,
+        ignore=shutil.ignore_patterns("_C*.so", "_build.json", "__pycache__"),
     )
     (pkg / f"_C{_ext_suffix()}").write_bytes(b"not a shared object")
+    return pkg
+
+
+def _assert_runs_without_extension(pkg: Path, warning: str) -> None:
+    """Importing `pkg` warns once with `warning`, and the ops run without the extension."""
     code = textwrap.dedent(
-        """
+        f"""
         import warnings
         import torch
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import sts_kernels
             backends = sts_kernels.available_backends("cpu")
+        ours = [str(w.message) for w in caught if "sts_kernels" in str(w.message)]
+        assert len(ours) == 1 and {warning!r} in ours[0], ours
         assert "cpp" not in backends, backends
-        assert any("does not load" in str(w.message) for w in caught), [str(w.message) for w in caught]
         x = torch.randn(2, 3, 4)
         plan = sts_kernels.route(torch.tensor([True, False]))
         assert sts_kernels.gather_rows(x, plan).shape == (1, 3, 4)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "STS_DISABLE_EXT"}
-    env["PYTHONPATH"] = str(tmp_path)
+    env["PYTHONPATH"] = str(pkg.parent)
     result = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", code], env=env, cwd=pkg.parent, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
 
