@@ -1,16 +1,26 @@
-"""End-to-end STS demo: train a small LLaVA (random init, built from a config) on the synthetic
-task of bench/task.py under dense / VTC / LDS / VTC+LDS with the same seed, data and steps, and
-compare step time, throughput, memory, executed LM FLOPs, loss and held-out accuracy.
+"""End-to-end STS demo: train a small LLaVA or Qwen2.5-VL (random init, built from a config) on
+the synthetic task of bench/task.py under dense / VTC / LDS / VTC+LDS with the same seed, data
+and steps, and compare step time, throughput, memory, executed LM FLOPs, loss and held-out
+accuracy.
+
+The settings train side by side: each round runs one step of every setting (the order rotates
+per round), so machine load that changes over the run hits all settings alike. A setting's
+`meas.` ratio is the median over rounds of its step time over dense's in the same round; the
+table gives that ratio's interquartile range. Losses and accuracies are reproducible from the
+seed on the same machine and thread count (tests/test_demo.py runs a short demo twice).
 
     python -m bench                       # defaults: a few minutes on a 2-core CPU
+    python -m bench --model qwen2_5_vl    # the same comparison on a tiny Qwen2.5-VL
     python -m bench --device cuda --steps 600 --model-size small
+    torchrun --nproc-per-node 2 -m bench  # DDP (gloo on CPU), default flags; rank 0 reports
 
-Writes `bench/results/demo_<device>_<date>.json` and `.png` (loss, accuracy, step time).
+Writes `bench/results/demo_<model>_<device>_<date>.json` and `.png` (loss, accuracy, step time).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -22,13 +32,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .task import VOCAB_SIZE, Batch, TaskConfig, answer_accuracy, make_batch
 from .timing import peak_memory_mb
 
 SETTINGS = ("dense", "vtc", "lds", "vtc+lds")
+MODELS = ("llava", "qwen2_5_vl")
 # which STS parts each setting turns on (apply_sts stage presets)
 _STAGE = {"vtc": "align", "lds": "instruct", "vtc+lds": None}
+# Qwen2.5-VL: vision start / end and placeholder ids inside the task's vocabulary (unused by it)
+QWEN_START, QWEN_END, QWEN_IMAGE = 60, 61, 62
 
 
 @dataclass(frozen=True)
@@ -54,48 +68,112 @@ MODEL_SIZES = {
 }
 
 
-def build_model(size: ModelSize, task: TaskConfig, seed: int):
-    """A LLaVA (CLIP tower, 2-layer MLP projector, Llama LM) with random weights, SDPA attention."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
+def _text_config(size: ModelSize, task: TaskConfig, **extra) -> dict:
+    return dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=size.text_hidden,
+        intermediate_size=size.text_intermediate,
+        num_hidden_layers=size.text_layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=max(1024, task.seq_len + 2),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=3,
+        **extra,
     )
 
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=size.vision_hidden,
-            intermediate_size=size.vision_intermediate,
-            num_hidden_layers=size.vision_layers,
-            num_attention_heads=size.heads,
-            image_size=task.image_size,
-            patch_size=task.patch_size,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=size.text_hidden,
-            intermediate_size=size.text_intermediate,
-            num_hidden_layers=size.text_layers,
-            num_attention_heads=size.heads,
-            num_key_value_heads=size.heads,
-            max_position_embeddings=max(1024, task.seq_len),
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=3,
-        ),
-        image_token_index=2,
-        vision_feature_layer=-1,  # every vision layer is trained
-    )
+
+def build_model(kind: str, size: ModelSize, task: TaskConfig, seed: int):
+    """A LLaVA (CLIP tower, 2-layer MLP projector, Llama LM) or a Qwen2.5-VL (window-attention
+    tower with 2x2 patch merger, Qwen2 LM with M-RoPE) with random weights, SDPA attention. Both
+    feed the LM task.image_tokens visual tokens per image."""
+    import transformers as tf
+
+    if kind == "llava":
+        config = tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(
+                hidden_size=size.vision_hidden,
+                intermediate_size=size.vision_intermediate,
+                num_hidden_layers=size.vision_layers,
+                num_attention_heads=size.heads,
+                image_size=task.image_size,
+                patch_size=task.patch_size,
+            ),
+            text_config=tf.LlamaConfig(**_text_config(size, task)),
+            image_token_index=2,
+            vision_feature_layer=-1,  # every vision layer is trained
+        )
+        model_cls = tf.LlavaForConditionalGeneration
+    else:
+        head_dim = size.text_hidden // size.heads
+        eighth = head_dim // 16  # M-RoPE sections (t, h, w): 2:3:3 of the head_dim / 2 frequencies
+        rope = {
+            "rope_type": "default",
+            "rope_theta": 1e4,
+            "mrope_section": [2 * eighth] + [3 * eighth] * 2,
+        }
+        config = tf.Qwen2_5_VLConfig(
+            vision_config=dict(
+                depth=size.vision_layers,
+                hidden_size=size.vision_hidden,
+                intermediate_size=size.vision_intermediate,
+                num_heads=size.heads,
+                out_hidden_size=size.text_hidden,
+                in_channels=3,
+                patch_size=task.patch_size // 2,  # the 2x2 merge brings it back to patch_size
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=4 * task.patch_size,  # 4x4 merged tokens per attention window
+                fullatt_block_indexes=[size.vision_layers - 1],
+            ),
+            text_config=_text_config(size, task, rope_parameters=rope),
+            image_token_id=QWEN_IMAGE,
+            video_token_id=QWEN_IMAGE + 1,
+            vision_start_token_id=QWEN_START,
+            vision_end_token_id=QWEN_END,
+        )
+        model_cls = tf.Qwen2_5_VLForConditionalGeneration
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config)
+    return model_cls(config)
+
+
+def model_inputs(kind: str, batch: Batch, task: TaskConfig) -> dict[str, torch.Tensor]:
+    """The model's forward arguments for a task batch. Qwen2.5-VL: the image's placeholders
+    between vision start / end tokens, and the pixels cut into the processor's flat patches
+    (each image repeated over the 2-frame temporal patch)."""
+    inputs = batch.model_inputs()
+    if kind == "llava":
+        return inputs
+    ids, labels, pixels = inputs["input_ids"], inputs["labels"], inputs["pixel_values"]
+    b, n = ids.shape[0], task.image_tokens
+
+    def frame(t, start, end, image):  # [B, T] -> [B, T + 2], the image run wrapped
+        col = lambda v: t.new_full((b, 1), v)  # noqa: E731
+        return torch.cat([t[:, :1], col(start), image, col(end), t[:, 1 + n :]], 1)
+
+    ids = frame(ids, QWEN_START, QWEN_END, ids.new_full((b, n), QWEN_IMAGE))
+    labels = frame(labels, -100, -100, labels[:, 1 : 1 + n])
+    p, m, c = task.patch_size // 2, 2, pixels.shape[1]
+    gh = gw = task.image_size // p
+    x = pixels[:, None].expand(b, 2, c, *pixels.shape[2:])  # [B, tp, C, H, W]
+    x = x.reshape(b, 2, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # the processor's patch order
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "mm_token_type_ids": (ids == QWEN_IMAGE).long(),
+        "pixel_values": x.reshape(b * gh * gw, c * 2 * p * p),
+        "image_grid_thw": torch.tensor([[1, gh, gw]] * b, device=ids.device),
+    }
 
 
 def train_flops(
     size: ModelSize, task: TaskConfig, batch: int, visual_kept: float, layer_frac: float
 ):
-    """Forward+backward FLOPs of one step (3x forward matmul FLOPs; norms etc. ignored).
+    """Forward+backward FLOPs of one LLaVA step (3x forward matmul FLOPs; norms etc. ignored).
 
     `visual_kept`: fraction of image tokens the LM sees; `layer_frac`: fraction of the LM's
     layer rows that run (the skipper's executed fraction)."""
@@ -118,7 +196,7 @@ def train_flops(
 @dataclass
 class Result:
     setting: str
-    step_time_ms: float = 0.0  # median over steps after warm-up
+    step_time_ms: float = 0.0  # median over timed rounds
     tokens_per_s: float = 0.0  # the batch's tokens (as given, before compression) per second
     peak_memory_mb: float | None = None  # peak of one forward+backward (activations, grads)
     executed_fraction: float = 1.0  # LM layer-FLOPs executed vs dense (mean over steps)
@@ -128,10 +206,11 @@ class Result:
     accuracy: float = 0.0  # held-out answer accuracy, model used as trained
     accuracy_dense_eval: float | None = None  # VTC settings: accuracy with VTC off at eval
     accuracy_by_question: dict = field(default_factory=dict)
-    ideal_ratio: float = 1.0  # FLOP ratio vs dense
-    measured_ratio: float = 1.0  # median step time ratio vs dense
+    ideal_ratio: float = 1.0  # FLOP ratio vs dense (LLaVA accounting)
+    measured_ratio: float = 1.0  # median over rounds of step time / dense's in that round
+    ratio_iqr: tuple = (1.0, 1.0)  # 25th and 75th percentile of those per-round ratios
     losses: list = field(default_factory=list)
-    step_times_ms: list = field(default_factory=list)
+    step_times_ms: list = field(default_factory=list)  # one per round, in round order
     eval_curve: list = field(default_factory=list)  # (step, accuracy)
 
 
@@ -140,110 +219,175 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def evaluate(model, handle, batches: list[Batch], device, questions) -> tuple[float, dict]:
-    """Held-out answer accuracy, overall and per question type."""
-    was_training = model.training
-    model.eval()
-    correct, kinds = [], []
-    for b in batches:
-        inputs = b.to(device).model_inputs()
-        logits = model(**inputs).logits
-        labels = handle.last_inputs["labels"] if handle is not None else inputs["labels"]
-        correct.append(answer_accuracy(logits, labels).cpu())
-        kinds.append(b.question_type)
-    model.train(was_training)
-    correct, kinds = torch.cat(correct).float(), torch.cat(kinds)
-    by_q = {
-        q: correct[kinds == i].mean().item() for i, q in enumerate(questions) if (kinds == i).any()
-    }
-    return correct.mean().item(), by_q
+def _world() -> tuple[int, int]:
+    """(rank, world size) under torchrun, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def run_setting(setting: str, args, task: TaskConfig, train: list[Batch], held_out: list[Batch]):
+class Run:
+    """One setting: its model (DDP-wrapped under torchrun), optimizer, schedule and records."""
+
+    def __init__(self, setting: str, args, task: TaskConfig, device: torch.device):
+        from sts_kernels.integrations.hf import apply_sts
+
+        self.setting, self.args, self.task, self.device = setting, args, task, device
+        self.size = MODEL_SIZES[args.model_size]
+        self.model = build_model(args.model, self.size, task, args.seed).to(device)
+        self.model.train()
+        self.handle = None
+        rank, world = _world()
+        if setting != "dense":
+            # explicit arguments override the stage preset, so pass False for the part left out
+            compress = {"mode": "pool", "window": (2, 2), "enabled_in_eval": True}
+            skip = {"policy": "schedule", "p_max": args.p_max, "seed": args.seed + rank}
+            self.handle = apply_sts(
+                self.model,
+                compress=compress if "vtc" in setting else False,
+                skip=skip if "lds" in setting else False,
+                stage=_STAGE[setting],
+            )
+        self.trained = self.model
+        if world > 1:
+            self.trained = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.0)
+        warmup = max(1, args.steps // 10)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: (
+                min(1.0, (s + 1) / warmup)
+                * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+            ),
+        )
+        self.result = Result(setting)
+        self.fractions, self.layer_fractions, self.kept = [], [], []
+
+    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return model_inputs(self.args.model, batch.to(self.device), self.task)
+
+    def step(self, batch: Batch) -> None:
+        """One timed training step."""
+        inputs = self.inputs(batch)
+        _sync(self.device)
+        start = time.perf_counter()
+        loss = self.trained(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        _sync(self.device)
+        self.result.step_times_ms.append(1e3 * (time.perf_counter() - start))
+        self.result.losses.append(loss.item())  # after the timed region: its sync is not timed
+        report = self.handle.report if self.handle is not None else None
+        if report is not None:
+            self.fractions.append(report.executed_fraction)
+            self.layer_fractions.append(report.layer_fraction)
+            n_img = batch.pixel_values.shape[0]
+            self.kept.append((report.visual_tokens_kept or self.task.image_tokens * n_img) / n_img)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> tuple[float, dict]:
+        """Held-out answer accuracy, overall and per question type."""
+        self.model.eval()
+        correct, kinds = [], []
+        for b in batches:
+            inputs = self.inputs(b)
+            logits = self.model(**inputs).logits
+            labels = self.handle.last_inputs["labels"] if self.handle else inputs["labels"]
+            correct.append(answer_accuracy(logits, labels).cpu())
+            kinds.append(b.question_type)
+        self.model.train()
+        correct, kinds = torch.cat(correct).float(), torch.cat(kinds)
+        by_q = {
+            q: correct[kinds == i].mean().item()
+            for i, q in enumerate(self.task.questions)
+            if (kinds == i).any()
+        }
+        return correct.mean().item(), by_q
+
+    def finish(self, probe: Batch, held_out: list[Batch]) -> Result:
+        """Peak memory of one forward+backward, held-out accuracy, means over the steps."""
+        result, task, args = self.result, self.task, self.args
+        inputs = self.inputs(probe)
+        with _quiet():  # the CPU profiler's warnings
+            result.peak_memory_mb = peak_memory_mb(
+                lambda: self.trained(**inputs).loss.backward(), self.device
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        result.accuracy, result.accuracy_by_question = self.evaluate(held_out)
+        result.eval_curve.append((args.steps, result.accuracy))
+        if self.handle is not None and self.handle.compressor is not None:
+            self.handle.compressor.enabled_in_eval = False
+            result.accuracy_dense_eval, _ = self.evaluate(held_out)
+        result.step_time_ms = statistics.median(result.step_times_ms[args.warmup_steps :])
+        result.tokens_per_s = args.batch_size * task.seq_len / (result.step_time_ms / 1e3)
+        result.executed_fraction = statistics.fmean(self.fractions) if self.fractions else 1.0
+        result.layer_fraction = (
+            statistics.fmean(self.layer_fractions) if self.layer_fractions else 1.0
+        )
+        result.visual_tokens_per_image = (
+            statistics.fmean(self.kept) if self.kept else float(task.image_tokens)
+        )
+        result.final_loss = statistics.fmean(result.losses[-max(1, args.steps // 10) :])
+        flops = train_flops(
+            self.size,
+            task,
+            args.batch_size,
+            result.visual_tokens_per_image / task.image_tokens,
+            result.layer_fraction,
+        )
+        result.ideal_ratio = flops / train_flops(self.size, task, args.batch_size, 1.0, 1.0)
+        return result
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence file descriptors 1 and 2 (C++ code such as the profiler writes there)."""
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def train_interleaved(runs: list[Run], train: list[Batch], held_out: list[Batch], steps: int):
+    """Round r runs step r of every setting, starting at setting r mod n (each setting goes
+    first equally often); a few held-out checks along the way (untimed)."""
     from tqdm import tqdm  # a dependency of transformers
 
-    from sts_kernels.integrations.hf import apply_sts
-
-    device = torch.device(args.device)
-    size = MODEL_SIZES[args.model_size]
-    model = build_model(size, task, args.seed).to(device)
-    model.train()
-    handle = None
-    if setting != "dense":
-        # explicit arguments override the stage preset, so pass False for the part left out
-        compress = {"mode": "pool", "window": (2, 2), "enabled_in_eval": True}
-        skip = {"mode": "sample", "policy": "schedule", "p_max": args.p_max, "seed": args.seed}
-        handle = apply_sts(
-            model,
-            compress=compress if "vtc" in setting else False,
-            skip=skip if "lds" in setting else False,
-            stage=_STAGE[setting],
-        )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            min(1.0, (s + 1) / warmup)
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
-        ),
+    eval_every = max(1, steps // 4)
+    bar = tqdm(
+        range(steps), desc="rounds", leave=False, dynamic_ncols=True, disable=_world()[0] > 0
     )
-    result = Result(setting)
-    fractions, layer_fractions, kept = [], [], []
-    eval_every = max(1, args.steps // 4)
-    bar = tqdm(range(args.steps), desc=f"{setting:>8}", leave=False, dynamic_ncols=True)
     for step in bar:
-        batch = train[step % len(train)].to(device)
-        _sync(device)
-        start = time.perf_counter()
-        loss = model(**batch.model_inputs()).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        _sync(device)
-        result.step_times_ms.append(1e3 * (time.perf_counter() - start))
-        result.losses.append(loss.item())  # after the timed region: its sync is not timed
-        if handle is not None:
-            fractions.append(handle.report.executed_fraction)
-            layer_fractions.append(handle.report.layer_fraction)
-            n_img = batch.pixel_values.shape[0]
-            kept.append((handle.report.visual_tokens_kept or task.image_tokens * n_img) / n_img)
-        bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
-        if (step + 1) % eval_every == 0 and step + 1 < args.steps:
-            acc, _ = evaluate(model, handle, held_out[:2], device, task.questions)
-            result.eval_curve.append((step + 1, acc))
-    # after training, so the profiler on CPU costs no timed step; no optimizer step follows
-    inputs = train[0].to(device).model_inputs()
-    result.peak_memory_mb = peak_memory_mb(lambda: model(**inputs).loss.backward(), device)
-    optimizer.zero_grad(set_to_none=True)
-    result.accuracy, result.accuracy_by_question = evaluate(
-        model, handle, held_out, device, task.questions
-    )
-    result.eval_curve.append((args.steps, result.accuracy))
-    if handle is not None and handle.compressor is not None:
-        handle.compressor.enabled_in_eval = False
-        result.accuracy_dense_eval, _ = evaluate(model, handle, held_out, device, task.questions)
-    timed = result.step_times_ms[min(args.warmup_steps, len(result.step_times_ms) - 1) :]
-    result.step_time_ms = statistics.median(timed)
-    result.tokens_per_s = args.batch_size * task.seq_len / (result.step_time_ms / 1e3)
-    result.executed_fraction = statistics.fmean(fractions) if fractions else 1.0
-    result.layer_fraction = statistics.fmean(layer_fractions) if layer_fractions else 1.0
-    result.visual_tokens_per_image = statistics.fmean(kept) if kept else float(task.image_tokens)
-    tail = max(1, args.steps // 10)
-    result.final_loss = statistics.fmean(result.losses[-tail:])
-    dense_flops = train_flops(size, task, args.batch_size, 1.0, 1.0)
-    flops = train_flops(
-        size,
-        task,
-        args.batch_size,
-        result.visual_tokens_per_image / task.image_tokens,
-        result.layer_fraction,
-    )
-    result.ideal_ratio = flops / dense_flops
-    return result
+        batch = train[step % len(train)]
+        for k in range(len(runs)):
+            runs[(step + k) % len(runs)].step(batch)
+        bar.set_postfix({r.setting: f"{r.result.losses[-1]:.3f}" for r in runs})
+        if (step + 1) % eval_every == 0 and step + 1 < steps:
+            for run in runs:
+                acc, _ = run.evaluate(held_out[:2])
+                run.result.eval_curve.append((step + 1, acc))
+
+
+def compare_to_dense(results: list[Result], warmup: int) -> None:
+    """measured_ratio / ratio_iqr from the per-round step-time ratios against dense."""
+    dense = next((r for r in results if r.setting == "dense"), None)
+    if dense is None:
+        return
+    for r in results:
+        ratios = [a / b for a, b in zip(r.step_times_ms[warmup:], dense.step_times_ms[warmup:])]
+        r.measured_ratio = statistics.median(ratios)
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        r.ratio_iqr = (q[0], q[2])
 
 
 def device_tag(device: torch.device) -> str:
@@ -256,7 +400,7 @@ def device_tag(device: torch.device) -> str:
 def format_table(results: list[Result]) -> str:
     head = (
         f"{'setting':<9}{'step ms':>9}{'tok/s':>9}{'peak MB':>9}{'vis tok':>8}{'LM FLOP':>9}"
-        f"{'loss':>8}{'acc %':>7}{'ideal':>7}{'meas.':>7}"
+        f"{'loss':>8}{'acc %':>7}{'ideal':>7}{'meas.':>7}{'IQR':>12}"
     )
     rows = [head, "-" * len(head)]
     for r in results:
@@ -265,6 +409,7 @@ def format_table(results: list[Result]) -> str:
             f"{r.setting:<9}{r.step_time_ms:>9.1f}{r.tokens_per_s:>9.0f}{mem:>9}"
             f"{r.visual_tokens_per_image:>8.0f}{r.executed_fraction:>9.2f}{r.final_loss:>8.3f}"
             f"{100 * r.accuracy:>7.1f}{r.ideal_ratio:>7.2f}{r.measured_ratio:>7.2f}"
+            f"{f'{r.ratio_iqr[0]:.2f}-{r.ratio_iqr[1]:.2f}':>12}"
         )
     return "\n".join(rows)
 
@@ -308,6 +453,10 @@ def plot(results: list[Result], path: Path, title: str) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=150, help="training steps per setting")
+    p.add_argument("--model", choices=MODELS, default="llava")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads per process (0: cores / ranks)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {SETTINGS}")
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny")
@@ -322,7 +471,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument(
-        "--warmup-steps", type=int, default=5, help="steps left out of the timing median"
+        "--warmup-steps", type=int, default=5, help="rounds left out of the timing median"
     )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument(
@@ -332,59 +481,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.settings.split(",")) - set(SETTINGS)
     if unknown:
         p.error(f"--settings: unknown {sorted(unknown)}; choose from {SETTINGS}")
+    if args.warmup_steps >= args.steps:
+        p.error(f"--warmup-steps ({args.warmup_steps}) must be below --steps ({args.steps})")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "LOCAL_RANK" in os.environ:  # torchrun: one process per rank, DDP with default flags
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rank, world = _world()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     device = torch.device(args.device)
     task = TaskConfig(image_size=args.image_size)
-    eval_bs = 32
-    print(
-        f"generating data: {args.steps} x {args.batch_size} train, {args.eval_samples} held-out samples"
+    say = print if rank == 0 else lambda *a, **k: None
+    say(
+        f"generating data: {args.steps} x {args.batch_size} train x {world} ranks, "
+        f"{args.eval_samples} held-out samples"
     )
-    train = [
-        make_batch(task, args.seed, list(range(i * args.batch_size, (i + 1) * args.batch_size)))
+    bs = args.batch_size
+    train = [  # rank r trains on its own slice of every global batch
+        make_batch(
+            task, args.seed, list(range((i * world + rank) * bs, (i * world + rank + 1) * bs))
+        )
         for i in range(args.steps)
     ]
+    eval_bs = 32
     held_out = [
         make_batch(
             task, args.seed, list(range(i, min(i + eval_bs, args.eval_samples))), split="eval"
         )
         for i in range(0, args.eval_samples, eval_bs)
     ]
-    results = []
-    settings = args.settings.split(",")
-    for setting in settings:
-        results.append(run_setting(setting, args, task, train, held_out))
-        r = results[-1]
-        print(
-            f"{setting:>8}: {r.step_time_ms:.1f} ms/step, loss {r.final_loss:.3f}, acc {100 * r.accuracy:.1f}%"
+    runs = [Run(setting, args, task, device) for setting in args.settings.split(",")]
+    train_interleaved(runs, train, held_out, args.steps)
+    results = [run.finish(train[0], held_out) for run in runs]
+    compare_to_dense(results, args.warmup_steps)
+    for r in results:
+        say(
+            f"{r.setting:>8}: {r.step_time_ms:.1f} ms/step, loss {r.final_loss:.3f}, "
+            f"acc {100 * r.accuracy:.1f}%"
         )
-    dense = next((r for r in results if r.setting == "dense"), None)
-    if dense is not None:  # ideal_ratio is already relative to dense FLOPs
-        for r in results:
-            r.measured_ratio = r.step_time_ms / dense.step_time_ms
-    tag = device_tag(device)
-    date = dt.datetime.now().strftime("%Y%m%d-%H%M")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"demo_{tag}_{date}"
-    table = format_table(results)
     size = MODEL_SIZES[args.model_size]
+    tag = device_tag(device) + (f"x{world}" if world > 1 else "")
+    name = "LLaVA" if args.model == "llava" else "Qwen2.5-VL"
+    tower = "CLIP" if args.model == "llava" else "ViT"
+    lm = "Llama" if args.model == "llava" else "Qwen2"
     title = (
-        f"STS demo: LLaVA {args.model_size} (CLIP {size.vision_layers}x{size.vision_hidden}, Llama "
-        f"{size.text_layers}x{size.text_hidden}), {task.image_tokens} image tokens, batch "
-        f"{args.batch_size}, {args.steps} steps, {tag}"
+        f"STS demo: {name} {args.model_size} ({tower} {size.vision_layers}x{size.vision_hidden}, "
+        f"{lm} {size.text_layers}x{size.text_hidden}), {task.image_tokens} image tokens, batch "
+        f"{args.batch_size}{f' per rank x {world}' if world > 1 else ''}, {args.steps} steps, "
+        f"{tag}; {args.steps - args.warmup_steps} timed rounds, settings interleaved"
     )
-    print()
-    print(title)
-    print(table)
-    print(
-        "ideal = FLOP ratio vs dense (vision + projector + LM, fwd+bwd); meas. = median step time "
-        "ratio; LM FLOP = executed LM layer-FLOP fraction; acc on held-out samples "
-        "(VTC settings evaluated with VTC on)."
+    table = format_table(results)
+    say()
+    say(title)
+    say(table)
+    say(
+        "ideal = FLOP ratio vs dense (LLaVA accounting: vision + projector + LM, fwd+bwd); meas. = "
+        "median over rounds of step time / dense's in the same round, IQR its 25-75th "
+        "percentiles; LM FLOP = executed LM layer-FLOP fraction; acc on held-out samples (VTC "
+        "settings evaluated with VTC on)."
     )
     from sts_kernels.env import collect
 
@@ -394,14 +553,24 @@ def main(argv=None) -> dict:
         "task": asdict(task),
         "model": asdict(size),
         "device": tag,
+        "world_size": world,
         "platform": platform.platform(),
         "env": {k: str(v) for k, v in collect().items()},
         "table": table,
         "results": [asdict(r) for r in results],
     }
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    if plot(results, stem.with_suffix(".png"), title):
-        print(f"wrote {stem}.json and {stem}.png")
-    else:
-        print(f"wrote {stem}.json (no plot: matplotlib is not installed)")
+    if rank == 0 and args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        date = dt.datetime.now().strftime("%Y%m%d-%H%M")
+        stem = out / f"demo_{args.model}_{tag}_{date}"
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        if plot(results, stem.with_suffix(".png"), title):
+            say(f"wrote {stem}.json and {stem}.png")
+        else:
+            say(f"wrote {stem}.json (no plot: matplotlib is not installed)")
+    if world > 1:
+        for run in runs:  # DDP's reducer before the process group (exit hang otherwise)
+            del run.trained
+        dist.destroy_process_group()
     return record

@@ -1,0 +1,77 @@
+"""The STS demo (bench/demo.py): seeded runs reproduce their losses, the settings interleave,
+and the Qwen2.5-VL variant trains with the same comparison."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tqdm")
+
+from bench import demo  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["--steps", "3", "--warmup-steps", "1", "--image-size", "16", "--batch-size", "2"]
+SHORT += ["--eval-samples", "4", "--out", "", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """main() sets the thread count for its run; the other tests keep theirs."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*extra: str) -> dict:
+    return demo.main([*SHORT, *extra])
+
+
+def test_seeded_runs_reproduce_losses_and_accuracy():
+    first = run("--settings", "dense,vtc+lds")
+    second = run("--settings", "dense,vtc+lds")
+    for a, b in zip(first["results"], second["results"], strict=True):
+        assert a["losses"] == b["losses"], a["setting"]
+        assert a["accuracy"] == b["accuracy"], a["setting"]
+    # interleaving: one timed step per setting and round, ratios from the same rounds
+    dense, sts = first["results"]
+    assert len(dense["step_times_ms"]) == len(sts["step_times_ms"]) == 3
+    low, high = sts["ratio_iqr"]
+    assert low <= sts["measured_ratio"] <= high
+    assert "2 timed rounds, settings interleaved" in first["title"]
+
+
+def test_qwen2_5_vl_variant_compresses_and_skips():
+    record = run("--model", "qwen2_5_vl", "--settings", "dense,vtc+lds")
+    dense, sts = record["results"]
+    assert dense["visual_tokens_per_image"] == 16  # (16 px / 2 px patches / 2x2 merge)^2
+    assert sts["visual_tokens_per_image"] == 4  # 2x2 pooling
+    assert sts["layer_fraction"] < 1.0
+    assert all(map(torch.isfinite, torch.tensor(dense["losses"] + sts["losses"])))
+    assert "Qwen2.5-VL" in record["title"]
+
+
+def test_model_inputs_match_the_qwen_processor_layout():
+    """The flat patches are the processor's: patch k of the [t, h, w] grid, merged 2x2 blocks
+    row-major, channels-first then the 2 temporal copies, then the p x p pixels."""
+    task = demo.TaskConfig(image_size=8)
+    batch = demo.make_batch(task, seed=0, indices=[0])
+    inputs = demo.model_inputs("qwen2_5_vl", batch, task)
+    p = task.patch_size // 2
+    patches = inputs["pixel_values"].view(
+        1, 2, 2, 2, 2, 3, 2, p, p
+    )  # [t, bh, bw, mh, mw, C, tp, p, p]
+    img = batch.pixel_values[0]
+    for bh, bw, mh, mw in [(0, 0, 0, 0), (1, 0, 1, 1), (0, 1, 1, 0)]:
+        y, x = (2 * bh + mh) * p, (2 * bw + mw) * p
+        for tp in range(2):
+            assert torch.equal(patches[0, bh, bw, mh, mw, :, tp], img[:, y : y + p, x : x + p])
+    ids = inputs["input_ids"][0]
+    assert ids[1] == demo.QWEN_START and ids[2 + task.image_tokens] == demo.QWEN_END
+    assert int((ids == demo.QWEN_IMAGE).sum()) == task.image_tokens
+    assert inputs["labels"].shape == ids[None].shape
+    assert os.environ.get("LOCAL_RANK") is None  # main() ran single-process
