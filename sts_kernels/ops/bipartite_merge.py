@@ -330,8 +330,9 @@ def _gather_rows_kernel(
 # D is tiled across programs; capping it at 512 leaves a 4K-element GPU tile >= 8 rows tall
 _MAX_BLOCK_D = 512
 # counting kernels: elements per program and per compared chunk (the interpreter wants few,
-# big programs; a GPU wants a [BLOCK, BLOCK_K] int32 compare tile in registers)
-_COUNT_BLOCK, _COUNT_BLOCK_K = (1024, 1024) if triton_interpreter() else (128, 64)
+# big programs; a GPU a [64, 64] compare tile over 8 warps: 16 lanes a thread, no spills)
+_COUNT_BLOCK, _COUNT_BLOCK_K = (1024, 1024) if triton_interpreter() else (64, 64)
+_COUNT_WARPS = 8
 
 
 def _count_blocks(n: int) -> tuple[int, int]:
@@ -359,7 +360,7 @@ def _segments(index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
     offsets = torch.empty(b, n_out + 1, dtype=torch.int32, device=index.device)
     block, block_k = _count_blocks(n)
     _csr_kernel[(triton.cdiv(max(n, n_out + 1), block), b)](
-        index, perm, offsets, n, n_out, BLOCK=block, BLOCK_K=block_k
+        index, perm, offsets, n, n_out, BLOCK=block, BLOCK_K=block_k, num_warps=_COUNT_WARPS
     )
     return perm, offsets
 
@@ -453,11 +454,13 @@ def _merge_index_op(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -
         return index
     merged = torch.empty(b, na, dtype=torch.int8, device=best.device)
     block, block_k = _count_blocks(na)
-    _select_kernel[(triton.cdiv(na, block), b)](best, merged, na, r, BLOCK_A=block, BLOCK_K=block_k)
+    _select_kernel[(triton.cdiv(na, block), b)](
+        best, merged, na, r, BLOCK_A=block, BLOCK_K=block_k, num_warps=_COUNT_WARPS
+    )
     block_n = _count_blocks(n)[0]
     _index_kernel[(triton.cdiv(n, block_n), b)](
         merged, dst, index, n, na, protected, src0, dst0, protected + na - r,
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_COUNT_WARPS,
     )  # fmt: skip
     return index
 
