@@ -142,6 +142,49 @@ def llava_next_batch(model, pad_left: bool, sizes=LLAVA_NEXT_SIZES, rows=LLAVA_R
     return batch | {"pixel_values": pixels, "image_sizes": image_sizes}
 
 
+# ---- Mllama (cross-attention) -----------------------------------------------------------------
+
+
+def make_mllama(attn: str = "sdpa"):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=4,
+        intermediate_size=64,
+        vision_output_dim=64,  # hidden_size * (1 + len(intermediate_layers_indices))
+        intermediate_layers_indices=[0],
+        image_size=16,
+        patch_size=8,
+        max_num_tiles=2,
+        supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+    )
+    text = _text_config(cross_attention_layers=[1], rope_parameters={"rope_type": "default"})
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMG)
+    return _finish(MllamaForConditionalGeneration, config, attn)
+
+
+def mllama_batch(pad_left: bool) -> dict:
+    """Rows: one image of 1 tile, one image of 2 tiles, text only (an empty image slot)."""
+    rows = [[[5], "image", [6, 7, 8]], [[9, 10], "image", [11]], [[12, 13, 14]]]
+    batch = build_ids(rows, {"image": [1, 1]}, pad_left)
+    del batch["mm_token_type_ids"]
+    b, t = batch["input_ids"].shape
+    cross = torch.zeros(b, t, 1, 2, dtype=torch.long)  # [B, T, images, tiles]
+    for row, tiles in ((0, 1), (1, 2)):  # text from the image token on sees its tiles
+        first = int((batch["input_ids"][row] == IMG).nonzero()[0, 0])
+        cross[row, first:, 0, :tiles] = 1
+    gen = torch.Generator().manual_seed(1)
+    return batch | {
+        "pixel_values": torch.randn(b, 1, 2, 3, 16, 16, generator=gen),
+        "aspect_ratio_ids": torch.tensor([[1], [2], [1]]),
+        "aspect_ratio_mask": torch.tensor([[[1, 0]], [[1, 1]], [[1, 0]]]),
+        "cross_attention_mask": cross,
+    }
+
+
 # ---- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------
 
 _QWEN_VISION = dict(

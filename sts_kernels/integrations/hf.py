@@ -244,10 +244,17 @@ def apply_sts(
     compress_default, skip_default = _STAGES[stage]
     layers = adapter.layers(model)
 
-    compressor = _build_compressor(compress, compress_default)
+    # a family without VTC (Mllama) takes stage=None as LDS only; asked for VTC (compress=True,
+    # stage="align") it refuses with the reason
+    vtc_default = compress_default and (bool(adapter.modes) or stage == "align")
+    compressor = _build_compressor(compress, vtc_default)
     if compressor is not None:
         adapter.check_compressor(compressor)
-    skipper, layer_calls = _build_skipper(skip, skip_default, layers, adapter.hidden_size(model))
+    skipper, layer_calls = _build_skipper(
+        skip, skip_default, layers, adapter.hidden_size(model), adapter.skipper_arguments()
+    )
+    if skipper is not None:
+        adapter.check_skipper(skipper)
     handle = StsHandle(model, compressor, skipper)
     weight = next(model.parameters())
 
@@ -332,8 +339,9 @@ class _LayerCall(nn.Module):
         return _unpatched_forward(self.layer, self.previous)(*args, **kwargs)
 
 
-def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: int):
-    """Returns (skipper, per-layer callables the patched forwards route to)."""
+def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: int, family: dict):
+    """Returns (skipper, per-layer callables the patched forwards route to). `family`: the
+    adapter's skipper arguments (e.g. its arg_slicer), below the user's."""
     from ..nn import LayerDynamicSkipper
 
     if skip is False or (skip is None and not default_on):
@@ -352,7 +360,7 @@ def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: i
             f"LayerDynamicSkipper, got {type(skip).__name__}"
         )
     calls = nn.ModuleList(_LayerCall(layer) for layer in layers)
-    kwargs = {**_DEFAULT_SKIP, **skip}
+    kwargs = {**_DEFAULT_SKIP, **family, **skip}
     kwargs.setdefault("token_arg_builder", token_layer_args)
     skipper = LayerDynamicSkipper(calls, hidden_size, **kwargs)
     return skipper, list(skipper.layers)

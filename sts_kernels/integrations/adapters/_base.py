@@ -35,6 +35,8 @@ class Adapter:
     def check_compressor(self, compressor: nn.Module) -> None:
         """ValueError, before any forward, for a compressor this layout cannot take."""
         mode = getattr(compressor, "mode", "pool")
+        if not self.modes:
+            raise ValueError(f"compress: {self.name} takes no VTC: {self.mode_reason}")
         if mode not in self.modes:
             allowed = " or ".join(f"mode={m!r}" for m in self.modes)
             raise ValueError(
@@ -42,6 +44,18 @@ class Adapter:
             )
         if getattr(compressor, "time_window", 1) > 1 and not self.video:
             raise ValueError(f"compress: time_window applies to video; {self.name} takes none")
+
+    def check_skipper(self, skipper: nn.Module) -> None:
+        """ValueError, before any forward, for an LDS mode this family's layers cannot take."""
+        mode = getattr(skipper, "mode", "sample")
+        if mode not in self.lds_modes:
+            raise ValueError(
+                f"skip: {self.name} supports LDS mode in {self.lds_modes}, got mode={mode!r}"
+            )
+
+    def skipper_arguments(self) -> dict[str, Any]:
+        """LayerDynamicSkipper arguments this family needs (the user's dict overrides them)."""
+        return {}
 
     def has_visual(self, kw: dict[str, Any]) -> bool:
         return any(kw.get(key) is not None for key in self.pixel_keys)
