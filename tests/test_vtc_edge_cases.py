@@ -37,6 +37,22 @@ def test_unmerge_out_of_range_index_raises(backend, bad):
         sts_kernels.unmerge(y, index)
 
 
+@pytest.mark.interpreter
+def test_unmerge_strided_index(triton_device):
+    """The index of a merge that merged nothing is an expanded arange (stride 0 over B); a
+    transposed index is strided too: both read as PyTorch reads them, forward and backward."""
+    y = torch.randn(3, 6, 4, device=triton_device, requires_grad=True)
+    nothing = sts_kernels.bipartite_merge(y.detach(), 0)
+    assert nothing.index.stride(0) == 0
+    perm = torch.stack([torch.randperm(6) for _ in range(3)], 1).to(triton_device).T
+    for index in (nothing.index, perm):
+        with sts_kernels.use_backend("triton"):
+            out = sts_kernels.unmerge(y, index)
+        (dy,) = torch.autograd.grad(out, y, torch.ones_like(out))
+        torch.testing.assert_close(out, reference.unmerge(y, index))
+        torch.testing.assert_close(dy, torch.ones_like(y))
+
+
 @pytest.mark.gpu
 def test_unmerge_out_of_range_index_on_gpu():
     """CUDA: with STS_DEBUG=1 it raises like on CPU; the fast path (no host sync) writes NaN

@@ -348,6 +348,11 @@ def _split(n: int, protected: int) -> tuple[int, int, int, int]:
     return src0, dst0, (n - src0 + 1) // 2, (n - dst0 + 1) // 2
 
 
+def _den_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sizes accumulate like the values: fp64 for fp64 tokens, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _weight_args(weight: Tensor | None) -> tuple:
     """(W, stride_wb, stride_wn) of an optional [B, N] weight: no copy, no default tensor."""
     return (weight, *weight.stride()) if weight is not None else (None, 0, 0)
@@ -356,6 +361,7 @@ def _weight_args(weight: Tensor | None) -> tuple:
 def _segments(index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
     """Launch `_csr_kernel`: (perm [B, N] int32, offsets [B, n_out + 1] int32)."""
     b, n = index.shape
+    index = index.contiguous()  # kernels address [B, N] rows as b * N + n
     perm = torch.empty(b, n, dtype=torch.int32, device=index.device)
     offsets = torch.empty(b, n_out + 1, dtype=torch.int32, device=index.device)
     block, block_k = _count_blocks(n)
@@ -372,8 +378,7 @@ def _segment_reduce(
     accumulation dtype) None unless `mean`."""
     b, n, d = x.shape
     y = torch.empty(b, n_out, d, dtype=x.dtype, device=x.device)
-    den_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    den = torch.empty(b, n_out, dtype=den_dtype, device=x.device) if mean else None
+    den = torch.empty(b, n_out, dtype=_den_dtype(x.dtype), device=x.device) if mean else None
     if b * n_out == 0:
         return y, den
     perm, offsets = _segments(index, n_out)
@@ -395,6 +400,8 @@ def _gather_rows(y: Tensor, index: Tensor, weight: Tensor | None, den: Tensor | 
     out = torch.empty(b, n, d, dtype=y.dtype, device=y.device)
     if out.numel() == 0:
         return out
+    index = index.contiguous()  # e.g. the expanded arange of a merge that merged nothing
+    den = den.contiguous() if den is not None else None
     w, stride_wb, stride_wn = _weight_args(weight)
     block_n, block_d, num_warps = tile_shape(n, d, _MAX_BLOCK_D)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d), b)
@@ -452,6 +459,7 @@ def _merge_index_op(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -
     index = torch.empty(b, n, dtype=torch.int64, device=best.device)
     if b * n == 0:
         return index
+    best, dst = best.contiguous(), dst.contiguous()
     merged = torch.empty(b, na, dtype=torch.int8, device=best.device)
     block, block_k = _count_blocks(na)
     _select_kernel[(triton.cdiv(na, block), b)](
@@ -482,9 +490,8 @@ def _merge_wavg_op(
 
 @_merge_wavg_op.register_fake
 def _(x: Tensor, weight: Tensor | None, index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
-    den_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(x.shape[0], n_out, x.shape[2]), x.new_empty(
-        x.shape[0], n_out, dtype=den_dtype
+        x.shape[0], n_out, dtype=_den_dtype(x.dtype)
     )
 
 
