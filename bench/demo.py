@@ -250,7 +250,7 @@ class Run:
             )
         self.trained = self.model
         if world > 1:
-            self.trained = torch.nn.parallel.DistributedDataParallel(self.model)
+            self.trained = self.wrap_ddp(task)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.0)
         warmup = max(1, args.steps // 10)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -262,6 +262,19 @@ class Run:
         )
         self.result = Result(setting)
         self.fractions, self.layer_fractions, self.kept = [], [], []
+
+    def wrap_ddp(self, task: TaskConfig) -> torch.nn.Module:
+        """DDP with its default flags. Parameters a dense step never reaches (LLaVA: the CLIP
+        tower's post_layernorm) are frozen first: they would never get a gradient anyway, and
+        default DDP waits for every trainable one."""
+        self.model.requires_grad_(True)
+        with _handle_off(self.handle):
+            probe = self.inputs(make_batch(task, self.args.seed, [0]))
+            self.model(**probe).loss.backward()
+        for param in self.model.parameters():
+            param.requires_grad_(param.grad is not None)
+        self.model.zero_grad(set_to_none=True)
+        return torch.nn.parallel.DistributedDataParallel(self.model)
 
     def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         return model_inputs(self.args.model, batch.to(self.device), self.task)
@@ -340,6 +353,19 @@ class Run:
         )
         result.ideal_ratio = flops / train_flops(self.size, task, args.batch_size, 1.0, 1.0)
         return result
+
+
+@contextlib.contextmanager
+def _handle_off(handle):
+    """The unpatched model for the duration (no STS, dense layers)."""
+    if handle is None:
+        yield
+        return
+    handle.enabled = False
+    try:
+        yield
+    finally:
+        handle.enabled = True
 
 
 @contextlib.contextmanager

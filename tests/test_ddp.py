@@ -108,8 +108,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def start_rank(rank: int, port: int, state: dict):
-    """Join the gloo group; this rank's copy of the net, its samples and its fixed decisions."""
+def join_group(rank: int, port: int) -> None:
+    """Join the 2-rank gloo group (one thread per rank: 2 cores)."""
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -118,6 +118,11 @@ def start_rank(rank: int, port: int, state: dict):
         timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
     torch.set_num_threads(1)
+
+
+def start_rank(rank: int, port: int, state: dict):
+    """Join the gloo group; this rank's copy of the net, its samples and its fixed decisions."""
+    join_group(rank, port)
     net = Net()
     net.load_state_dict(state)
     samples = slice(rank * PER_RANK, (rank + 1) * PER_RANK)

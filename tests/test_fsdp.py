@@ -11,6 +11,14 @@ supported setup, tested here:
 - `model.set_reduce_scatter_unused_params(True)` on the root: parameters without a gradient
   on a rank take part in the reduce-scatter with zeros (FSDP2's `find_unused_parameters`).
 Gradients then equal a single-process step on the concatenated batch with the same decisions.
+
+The same over a tiny HF LLaVA patched by `apply_sts` (VTC + LDS): `fully_shard` each decoder
+layer (the patched layer is called on every rank; only its inner work is skipped), then the
+root, which gathers the vision tower and projector (FSDP2 prepends its pre-forward hook, so it
+runs before the patch's, which calls the tower). Do not shard a transformers `PreTrainedModel`
+inside (e.g. the vision tower) on its own: FSDP2 renames its class and transformers then records
+no `hidden_states` for it (its output-capture registry is keyed by class name), which LLaVA
+needs. Gradients equal a single process running both ranks' micro-batches.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from test_ddp import (
     finish_rank,
     fixed_decisions,
     free_port,
+    join_group,
     start_rank,
 )
 from torch import nn
@@ -51,7 +60,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT_S = 20  # the whole spawn; a run takes about 3 s on 2 cores
+TIMEOUT_S = 60  # the whole spawn; a run takes about 3 s (plain) / 15 s (LLaVA) on 2 cores
 SETUP_ERROR = "setup_error.txt"  # written by a worker whose torch cannot shard on CPU
 
 
@@ -97,9 +106,9 @@ def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
     finish_rank(model, train_steps, step, samples, rank, out_dir)
 
 
-def run_workers(state: dict, out_dir: str) -> None:
+def run_workers(state: dict, out_dir: str, target=worker) -> None:
     """Spawn the ranks; fail on a hang (kills them), skip if CPU sharding is unsupported."""
-    ctx = mp.spawn(worker, args=(free_port(), state, out_dir), nprocs=WORLD, join=False)
+    ctx = mp.spawn(target, args=(free_port(), state, out_dir), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
@@ -134,4 +143,98 @@ def test_fsdp_skipped_layers_match_single_process(tmp_path):
             for name in e_step:
                 torch.testing.assert_close(
                     g_step[name], e_step[name], rtol=1e-5, atol=1e-6, msg=f"step {i} {name}"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# a patched Hugging Face LLaVA
+
+HF_ROWS = [[[5, 6], "image", [7, 8, 9]]] * (2 * WORLD)  # 2 rows per rank, one image each
+# per step, the keep mask of each eligible decoder layer (1 and 2 of 4) over the global rows:
+# step 0: rank 0 skips layer 1 entirely; step 1: nobody runs layer 1, rank 1 skips layer 2
+HF_DECISIONS = [{1: [0, 0, 1, 1], 2: [1, 0, 1, 1]}, {1: [0, 0, 0, 0], 2: [1, 1, 0, 0]}]
+
+
+def rank_rows(rank: int) -> slice:
+    return slice(2 * rank, 2 * rank + 2)
+
+
+def patched_llava(state: dict | None = None):
+    """A tiny LLaVA (VTC + LDS) whose skipper follows HF_DECISIONS for `where["rows"]` at
+    step `where["step"]`; returns (model, where)."""
+    from hf_models import make_llava
+
+    from sts_kernels.integrations.hf import apply_sts
+
+    model = make_llava()
+    if state is not None:
+        model.load_state_dict(state)
+    skipper = apply_sts(model).skipper
+    where = {"step": 0, "rows": slice(None)}
+
+    def decide(idx, hidden_states):
+        keep = HF_DECISIONS[where["step"]].get(idx)
+        if keep is None:
+            return None, None
+        keep = torch.tensor(keep, dtype=torch.bool)[where["rows"]]
+        return keep, torch.full(keep.shape, 1.0 / (1.0 - skipper._schedule_p(idx)))
+
+    skipper.decide = decide
+    model.train()
+    return model, where
+
+
+def hf_batch(rows: slice) -> dict:
+    from hf_models import llava_batch
+
+    batch = llava_batch(pad_left=False, images=len(HF_ROWS), rows=HF_ROWS)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def hf_grads(model, where, steps_rows: list[list[slice]]) -> list[dict[str, torch.Tensor]]:
+    """Per step: backward of the mean of the losses of `rows` micro-batches; full gradients."""
+    grads = []
+    for step, micro in enumerate(steps_rows):
+        where["step"] = step
+        loss = 0
+        for rows in micro:
+            where["rows"] = rows
+            loss = loss + model(**hf_batch(rows)).loss / len(micro)
+        loss.backward()
+        grads.append({n: full_grad(p) for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    return grads
+
+
+def hf_worker(rank: int, port: int, state: dict, out_dir: str) -> None:
+    join_group(rank, port)
+    model, where = patched_llava(state)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.language_model.layers:
+        fsdp.fully_shard(layer, mesh=mesh)
+    fsdp.fully_shard(model, mesh=mesh)
+    model.set_reduce_scatter_unused_params(True)
+    grads = hf_grads(model, where, [[rank_rows(rank)]] * len(HF_DECISIONS))
+    torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp_over_patched_llava_matches_single_process(tmp_path):
+    model, where = patched_llava()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    both = [rank_rows(r) for r in range(WORLD)]
+    expected = hf_grads(model, where, [both] * len(HF_DECISIONS))
+    layer1 = "model.language_model.layers.1.mlp.up_proj.weight"
+    assert expected[1][layer1].abs().sum() == 0  # globally skipped
+    assert expected[0][layer1].abs().sum() > 0
+
+    run_workers(state, str(tmp_path), target=hf_worker)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for i, (g_step, e_step) in enumerate(zip(got, expected, strict=True)):
+            assert g_step.keys() == e_step.keys()
+            for name in e_step:
+                torch.testing.assert_close(
+                    g_step[name], e_step[name], rtol=1e-4, atol=1e-6, msg=f"step {i} {name}"
                 )
