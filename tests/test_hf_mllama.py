@@ -57,3 +57,29 @@ def test_eval_equals_unpatched_and_remove_restores():
 def test_compression_and_token_mode_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
         apply_sts(make_mllama(), **kwargs)
+
+
+def test_cross_attention_layer_on_kept_samples_equals_its_dense_rows():
+    """The Mllama arg_slicer keeps each sample's images with it: the cross-attention layer run
+    on samples {0, 2} gives the dense layer's rows 0 and 2."""
+    import sts_kernels as sts
+    from sts_kernels.integrations.adapters.mllama import slice_with_cross_states
+
+    model = make_mllama("eager")
+    layer = model.model.language_model.layers[1]  # the cross-attention layer
+    seen = {}
+    hook = layer.register_forward_pre_hook(
+        lambda m, a, k: seen.update(args=a, kwargs=k), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**mllama_batch(False))
+        hook.remove()
+        args = seen["args"]
+        kwargs = seen["kwargs"] | {"cache": None, "use_cache": False}  # the call wrote a cache
+        assert kwargs["cross_attention_states"].shape[0] == 3 * 2  # [B * images * tiles, P, D]
+        dense = layer(*args, **kwargs)
+        plan = sts.route(torch.tensor([True, False, True]))
+        sub_args, sub_kwargs = slice_with_cross_states(args, kwargs, plan)
+        kept = layer(*sub_args, **sub_kwargs)
+    dense, kept = (out[0] if isinstance(out, tuple) else out for out in (dense, kept))
+    torch.testing.assert_close(kept, dense[[0, 2]], rtol=1e-5, atol=1e-6)
