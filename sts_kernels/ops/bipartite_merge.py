@@ -606,7 +606,11 @@ def bipartite_merge(
     b, n, _ = x.shape
     r = min(r, (n - protected) // 2)
     if r <= 0:  # nothing moves (as the reference: sizes come back detached)
-        size = torch.ones(b, n, device=x.device) if size is None else size.detach()
+        size = (
+            torch.ones(b, n, dtype=torch.float32, device=x.device)
+            if size is None
+            else size.detach()
+        )
         return MergeResult(x, size, torch.arange(n, device=x.device).expand(b, n))
     # the matching gets no gradient: metric (x by default) only chooses the pairs
     best, dst = _bipartite_match_op((x if metric is None else metric).detach(), protected)
