@@ -15,6 +15,7 @@ from hf_models import (  # noqa: E402
     frozen_features,
     llava_batch,
     make_llava,
+    needs_encoder_outputs,
 )
 from kernel_count import count_kernels  # noqa: E402
 
@@ -42,6 +43,7 @@ def test_eval_equals_unpatched_and_remove_restores():
 
 
 @pytest.mark.parametrize("strategy", ["default", "full"])
+@needs_encoder_outputs
 def test_compressor_kernel_count_does_not_grow_with_images(strategy):
     """The adapter's work around the vision tower (features stubbed) costs the same kernels
     and syncs for 2 or 6 images; with strategy "full" the CLS tokens stay in front."""

@@ -18,6 +18,7 @@ from hf_models import (  # noqa: E402
     frozen_features,
     llava_next_batch,
     make_llava_next,
+    needs_encoder_outputs,
 )
 from kernel_count import count_kernels  # noqa: E402
 
@@ -38,6 +39,7 @@ def _reference_pack(packed, newline, crop_grid):
     return torch.cat([base, rows])
 
 
+@needs_encoder_outputs
 @pytest.mark.parametrize("pad_left", [False, True])
 def test_vtc_equals_unpatched_on_reference_packed_features(pad_left):
     model = make_llava_next("eager")
@@ -86,6 +88,7 @@ def test_eval_equals_unpatched_remove_restores_and_merge_is_refused():
         apply_sts(model, compress={"mode": "merge"})
 
 
+@needs_encoder_outputs
 def test_compressor_kernel_count_does_not_grow_with_images():
     model = make_llava_next()
     results = []

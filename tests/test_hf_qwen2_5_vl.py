@@ -14,12 +14,14 @@ from hf_models import (  # noqa: E402
     check_remove_restores,
     check_train_step_is_sparser,
     make_qwen2_5_vl,
+    needs_encoder_outputs,
     qwen_batch,
 )
 
 SECONDS = {"second_per_grid_ts": torch.tensor([0.5])}  # one video
 
 
+@needs_encoder_outputs
 @pytest.mark.parametrize(("pad_left", "time_window"), [(True, 1), (False, 2)])
 def test_image_and_video_batch_equals_unpatched_on_shrunk_batch(pad_left, time_window):
     model = make_qwen2_5_vl("eager")

@@ -16,6 +16,7 @@ from hf_models import (  # noqa: E402
     check_train_step_is_sparser,
     frozen_features,
     make_qwen2_vl,
+    needs_encoder_outputs,
     qwen_batch,
 )
 from kernel_count import count_kernels  # noqa: E402
@@ -24,6 +25,7 @@ from sts_kernels.integrations.adapters import adapter_for  # noqa: E402
 from sts_kernels.nn import VisualTokenCompressor  # noqa: E402
 
 
+@needs_encoder_outputs
 @pytest.mark.parametrize(("pad_left", "time_window"), [(False, 1), (True, 2)])
 def test_image_and_video_batch_equals_unpatched_on_shrunk_batch(pad_left, time_window):
     check_qwen_vtc_matches_reference(make_qwen2_vl("eager"), pad_left, time_window)
@@ -61,6 +63,7 @@ def _compress_counts(model, batch) -> tuple:
     return c.kernels, c.syncs, counts["image"]
 
 
+@needs_encoder_outputs
 def test_compressor_kernel_count_does_not_grow_with_images():
     """Images sharing a grid go through one pooling call: 2 or 6 images (plus one of another
     grid) cost the same kernels and syncs."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import Tensor, nn
@@ -73,10 +74,16 @@ def feed_features(
     features: Any,
     compressed: list[Tensor],
     token_id: int,
+    pixels: str = "pixel_values",
 ) -> tuple[int, int]:
-    """Hand `compressed` (one `[n_out_k, D]` per item) to the model as `mm_encoder_outputs`
-    under `modality`, and shrink `token_id` placeholders (item k keeps its first n_out_k) with
-    the matching columns of the masks, labels and positions in `kw`. Returns (tokens in, kept).
+    """Hand `compressed` (one `[n_out_k, D]` per item) to the model in place of what its vision
+    tower would give for `kw[pixels]`, and shrink `token_id` placeholders (item k keeps its
+    first n_out_k) with the matching columns of the masks, labels and positions in `kw`.
+    Returns (tokens in, kept).
+
+    transformers >= 5.2x takes them as `mm_encoder_outputs[modality]` (pixels dropped); older
+    5.x has no such argument (it would be ignored silently), so there the model's own call of
+    `get_{modality}_features` is answered once with them instead.
     """
     from ..hf import shrink_placeholders  # hf imports this package at load time
 
@@ -97,7 +104,21 @@ def feed_features(
             pad_token_id=pad_id,
         )
     )
-    mm = dict(kw.get("mm_encoder_outputs") or {})
-    mm[modality] = features
-    kw["mm_encoder_outputs"] = mm
+    if "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters:
+        mm = dict(kw.get("mm_encoder_outputs") or {})
+        mm[modality] = features
+        kw["mm_encoder_outputs"] = mm
+        kw[pixels] = None
+    else:
+        _answer_once(model.model, f"get_{modality}_features", features)
     return sum(n_in), sum(n_out)
+
+
+def _answer_once(inner: nn.Module, getter: str, features: Any) -> None:
+    """Make the next `inner.<getter>(...)` return `features`, then restore the method."""
+
+    def answer(*args, **kwargs):
+        del inner.__dict__[getter]
+        return features
+
+    inner.__dict__[getter] = answer  # replaces a stale one left by a forward that raised

@@ -40,8 +40,6 @@ class LlavaAdapter(Adapter):
             pieces = [t for f, c in zip(images, compressed) for t in (f[:cls], c)]
             compressed = list(torch.cat(pieces).split([cls + c.shape[0] for c in compressed]))
         counts = feed_features(model, kw, "image", features, compressed, config.image_token_id)
-        kw["pixel_values"] = None
-        kw["image_sizes"] = None
         return kw, {"image": counts}
 
 

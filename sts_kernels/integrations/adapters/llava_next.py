@@ -74,8 +74,6 @@ class LlavaNextAdapter(Adapter):
         counts = feed_features(
             model, kw, "image", features, compressed, model.config.image_token_id
         )
-        kw["pixel_values"] = None
-        kw["image_sizes"] = None
         return kw, {"image": counts}
 
     @staticmethod

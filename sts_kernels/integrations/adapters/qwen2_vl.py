@@ -37,8 +37,9 @@ class Qwen2VLAdapter(Adapter):
             features = getattr(model.model, getter)(kw[pixels], thw, return_dict=True)
             compressed, rope_grid = self._compress_items(model, compressor, features, thw)
             token_id = getattr(model.config, token_attr)
-            counts[modality] = feed_features(model, kw, modality, features, compressed, token_id)
-            kw[pixels] = None
+            counts[modality] = feed_features(
+                model, kw, modality, features, compressed, token_id, pixels
+            )
             kw[grid_key] = torch.tensor(rope_grid, dtype=thw.dtype, device=thw.device)
             if modality == "video" and kw.get("second_per_grid_ts") is not None:
                 kw["second_per_grid_ts"] = kw["second_per_grid_ts"] * compressor.time_window
