@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.metadata
+import inspect
 import io
 import json
 import os
@@ -111,7 +112,8 @@ def workloads(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
 
     def merge(b: int, n: int, d: int) -> None:
         x = _inputs(b, n, d, dtype=dtype)
-        size = _inputs(b, n, dtype=torch.float32, grad=False)
+        size = torch.ones(b, n)  # the op checks its values
+        _keep(size)
         merged = sts.bipartite_merge(x, n // 2, size=size, protected=1)
         _keep(merged.index)
         _backward(sts.unmerge(merged.x, merged.index), x)
@@ -121,15 +123,14 @@ def workloads(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
         x = _inputs(8, 4096, 4096, dtype=dtype)
         _backward(sts.gather_rows(x, plan, padded=padded), x)
 
-    def skip(mask_shape: tuple[int, ...], padded: bool, gate: bool, stats: bool) -> None:
+    def skip(mask_shape: tuple[int, ...], padded: bool, gate: bool, stats: bool, **kw) -> None:
         plan = _plan(mask_shape)
         x = _inputs(8, 4096, 4096, dtype=dtype)
         k = plan.num_active
-        delta = _inputs(*((8, plan.max_count) if padded else (k,)), 4096, dtype=dtype)
-        if len(mask_shape) == 1 and not padded:
-            delta = _inputs(k, 4096, 4096, dtype=dtype)
+        slots = (8, plan.max_count) if padded else (k,)  # padded [B, Kmax] or packed [K]
+        delta = _inputs(*slots, *x.shape[len(mask_shape) :], dtype=dtype)
         g = _inputs(k, dtype=torch.float32) if gate else None
-        out = sts.skip_residual(x, delta, plan, g, stats=stats)
+        out = sts.skip_residual(x, delta, plan, g, stats=stats, **kw)
         out = out[0] if stats else out
         _backward(out, *(t for t in (x, delta, g) if t is not None))
 
@@ -147,6 +148,16 @@ def workloads(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     yield "skip_residual sample", lambda: skip((8,), False, False, False)
     yield "skip_residual token gate", lambda: skip((8, 4096), False, True, False)
     yield "skip_residual token padded gate stats", lambda: skip((8, 4096), True, True, True)
+    if "from_output" in inspect.signature(sts.skip_residual).parameters:
+        # the output form: the layer's output y instead of the update y - x
+        yield (
+            "skip_residual sample from_output",
+            lambda: skip((8,), False, True, False, from_output=True),
+        )
+        yield (
+            "skip_residual token padded from_output",
+            lambda: skip((8, 4096), True, True, True, from_output=True),
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,15 +15,9 @@ pytest.importorskip("triton")
 from aot_compile import ARCHS, DTYPES, discover, format_table, run_targets  # noqa: E402
 
 KERNELS = discover()
-# Spills measured today in kernels owned by other work items (issue 8 points 2 and 3). strict:
+# Spills measured today in kernels owned by another work item (issue 8 point 3). strict:
 # once the kernel stops spilling the case XPASSes and fails, so the entry must be removed.
 KNOWN_SPILLS = {
-    ("sts_kernels.ops.bipartite_merge._match_kernel", "float32", "sm_80"): (
-        "fp32 matcher (FMA path, 64x64x64 tiles): 255 registers, ~1.3 KB spill stores on sm_80"
-    ),
-    ("sts_kernels.ops.bipartite_merge._match_kernel", "float32", "sm_90"): (
-        "fp32 matcher (FMA path, 64x64x64 tiles): 255 registers, 20 B spill stores on sm_90"
-    ),
     ("sts_kernels.ops.skip_residual._skip_residual_bwd_kernel", "float32", "sm_80"): (
         "fp32 backward with grad_gate (BLOCK_ROWS=1, BLOCK_F=4096): 8 B spill on sm_80"
     ),
