@@ -19,8 +19,9 @@ constexpr int64_t kRouteBlock = 1 << 14;
 constexpr int64_t kCopyGrainBytes = 1 << 16;
 
 // Stream compaction in three passes: per-block counts (parallel), exclusive scan of the block
-// counts (serial, one entry per block), ids written from each block's start (parallel).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& mask) {
+// counts (serial, one entry per block), ids and the row -> k map written from each block's
+// start (parallel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& mask) {
   check_mask(mask);
   const auto flat = mask.contiguous();
   const bool* flags = flat.data_ptr<bool>();
@@ -41,12 +42,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& mask)
   const auto long_opts = flat.options().dtype(at::kLong);
   const int64_t active = block_start[blocks];
   auto index = at::empty({active}, long_opts);
+  auto row_to_k = at::empty({num_rows}, long_opts);
   int64_t* ids = index.data_ptr<int64_t>();
+  int64_t* ks = row_to_k.data_ptr<int64_t>();
+  // ids of the active rows and the inverse map row -> k (-1 for a skipped row), one pass
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       int64_t out = block_start[blk];
       const int64_t lo = blk * kRouteBlock, hi = std::min(num_rows, lo + kRouteBlock);
       for (int64_t i = lo; i < hi; ++i) {
+        ks[i] = flags[i] ? out : -1;
         if (flags[i]) ids[out++] = i;
       }
     }
@@ -61,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& mask)
     }
   });
   auto counts = offsets.narrow(0, 1, samples) - offsets.narrow(0, 0, samples);
-  return {index, counts, offsets};
+  return {index, counts, offsets, row_to_k};
 }
 
 void copy_rows_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows, bool scatter) {
@@ -70,12 +75,18 @@ void copy_rows_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& row
   const char* from = static_cast<const char*>(src.data_ptr());
   char* to = static_cast<char*>(dst.data_ptr());
   const int64_t* ids = rows.data_ptr<int64_t>();
+  // Validate every id before the parallel region: an exception thrown inside at::parallel_for
+  // terminates the process. One serial min/max pass over 8-byte ids is cheap next to the copy.
+  const auto [lowest, highest] = std::minmax_element(ids, ids + rows.numel());
+  if (rows.numel() > 0) {
+    const int64_t bad = *lowest < -1 ? *lowest : *highest;
+    TORCH_CHECK(*lowest >= -1 && *highest < bound, "sts::", scatter ? "scatter_rows" : "gather_rows",
+                ": row id ", bad, " out of range [-1, ", bound, ")");
+  }
   const int64_t grain = std::max<int64_t>(1, kCopyGrainBytes / std::max<int64_t>(bytes, 1));
   at::parallel_for(0, rows.numel(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t row = ids[k];
-      TORCH_CHECK(row >= -1 && row < bound, "sts::", scatter ? "scatter_rows" : "gather_rows",
-                  ": row id ", row, " out of range [-1, ", bound, ")");
       if (scatter) {
         if (row >= 0) std::memcpy(to + row * bytes, from + k * bytes, bytes);
       } else if (row >= 0) {

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <unordered_map>
 
 #include "sts.h"
 
@@ -28,13 +30,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Scatters each active row id to its slot: slot = (inclusive prefix count at i) - 1.
+// Scatters each active row id to its slot k = (inclusive prefix count at i) - 1, and records
+// the inverse map row -> k (-1 for a skipped row).
 __global__ void compact_kernel(const bool* __restrict__ flags, const int64_t* __restrict__ inclusive,
-                               int64_t num_rows, int64_t* __restrict__ index) {
+                               int64_t num_rows, int64_t* __restrict__ index,
+                               int64_t* __restrict__ row_to_k) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < num_rows;
        i += stride) {
-    if (flags[i]) index[inclusive[i] - 1] = i;
+    const int64_t k = flags[i] ? inclusive[i] - 1 : -1;
+    row_to_k[i] = k;
+    if (k >= 0) index[k] = i;
   }
 }
 
@@ -51,16 +57,28 @@ __global__ void sample_offsets_kernel(const int64_t* __restrict__ inclusive, int
   }
 }
 
+// Multiprocessors of the current device, queried once per device (not once per launch).
+int sm_count() {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> cache;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = cache.emplace(device, sms).first;
+  }
+  return it->second;
+}
+
 // Blocks for `work` items at `per_block` each, capped at 16 per SM (the loops grid-stride).
 int64_t grid_for(int64_t work, int64_t per_block) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                        c10::cuda::current_device()));
-  const int64_t max_blocks = int64_t{sms} * 16;
+  const int64_t max_blocks = int64_t{sm_count()} * 16;
   return std::max<int64_t>(1, std::min(max_blocks, (work + per_block - 1) / per_block));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& mask) {
   check_mask(mask);
   const c10::cuda::CUDAGuard guard(mask.device());
   const auto flat = mask.contiguous();
@@ -75,21 +93,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& mask
   auto index = at::empty({active}, long_opts);
   auto offsets = at::empty({samples + 1}, long_opts);
   auto counts = at::empty({samples}, long_opts);
+  auto row_to_k = at::empty({num_rows}, long_opts);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (num_rows > 0) {
     compact_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
-        flat.data_ptr<bool>(), inclusive.data_ptr<int64_t>(), num_rows, index.data_ptr<int64_t>());
+        flat.data_ptr<bool>(), inclusive.data_ptr<int64_t>(), num_rows, index.data_ptr<int64_t>(),
+        row_to_k.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   sample_offsets_kernel<<<grid_for(samples + 1, kThreads), kThreads, 0, stream>>>(
       inclusive.data_ptr<int64_t>(), samples, per_sample, offsets.data_ptr<int64_t>(),
       counts.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {index, counts, offsets};
+  return {index, counts, offsets, row_to_k};
 }
 
 // Row copy in units of `Vec` (16 bytes when rows and pointers allow): threadIdx.x walks a
 // row's vectors, threadIdx.y picks one of the block's rows, blocks stride over the rows.
+// An id outside [0, bound) counts as -1 (no row): no device-side assert, which would kill
+// the CUDA context; the Python ops validate ids on the host under STS_DEBUG=1.
 template <typename Vec, bool kScatter>
 __global__ void copy_rows_kernel(const Vec* __restrict__ src, Vec* __restrict__ dst,
                                  const int64_t* __restrict__ rows, int64_t num_ids,
@@ -97,8 +119,8 @@ __global__ void copy_rows_kernel(const Vec* __restrict__ src, Vec* __restrict__ 
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; k < num_ids;
        k += row_stride) {
-    const int64_t row = rows[k];
-    CUDA_KERNEL_ASSERT(row >= -1 && row < bound);
+    const int64_t id = rows[k];
+    const int64_t row = id < bound ? id : -1;
     if (kScatter) {
       if (row < 0) continue;
       const Vec* from = src + k * row_vecs;

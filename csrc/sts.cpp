@@ -100,17 +100,20 @@ pybind11::dict build_info() {
 }  // namespace sts
 
 TORCH_LIBRARY(sts, m) {
-  m.def("route(Tensor mask) -> (Tensor index, Tensor counts, Tensor offsets)");
+  // row_to_k: [R] the k of every row, -1 for a skipped row (the inverse of index)
+  m.def("route(Tensor mask) -> (Tensor index, Tensor counts, Tensor offsets, Tensor row_to_k)");
   m.def("gather_rows(Tensor x, Tensor rows) -> Tensor");
   m.def("scatter_rows(Tensor src, Tensor rows, SymInt num_rows) -> Tensor");
-  // skip_residual on canonical rows: x [R, F], delta [K, F] or [B, Kmax, F] (CPU only: Triton
-  // serves GPUs). Returns (out, cos) and (grad_delta, grad_gate).
+  // skip_residual on canonical rows: x [R, F], the update (delta, or with from_output the
+  // layer's output y) [K, F] or [B, Kmax, F] (CPU only: Triton serves GPUs). Returns (out, cos)
+  // and (grad_x, grad_update, grad_gate); grad_x is empty in the residual form (= grad_out).
   m.def(
-      "skip_residual_rows(Tensor x, Tensor delta, Tensor index, Tensor offsets, Tensor? gate, "
-      "bool stats) -> (Tensor, Tensor)");
+      "skip_residual_rows(Tensor x, Tensor update, Tensor index, Tensor row_to_k, "
+      "Tensor offsets, Tensor? gate, bool stats, bool from_output) -> (Tensor, Tensor)");
   m.def(
-      "skip_residual_rows_backward(Tensor grad_out, Tensor delta, Tensor index, Tensor offsets, "
-      "Tensor? gate, bool need_grad_gate) -> (Tensor, Tensor)");
+      "skip_residual_rows_backward(Tensor grad_out, Tensor? x, Tensor update, Tensor index, "
+      "Tensor row_to_k, Tensor offsets, Tensor? gate, bool need_grad_gate, bool from_output) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

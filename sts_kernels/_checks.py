@@ -3,6 +3,7 @@ and the actual value, and is raised before any kernel runs."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -115,12 +116,75 @@ def mask(m: Tensor) -> None:
         raise ValueError(f"mask must be [B] or [B, T], got shape {tuple(m.shape)}")
 
 
+def debug() -> bool:
+    """STS_DEBUG=1: also run the checks that read device memory (a host sync on a GPU)."""
+    return os.environ.get("STS_DEBUG", "0") == "1"
+
+
+def route_plan(plan: RoutePlan) -> None:
+    """A RoutePlan's structure (always; no device reads) and, under STS_DEBUG=1, its values:
+    ids in range and ascending, offsets the cumulative counts, row_to_k the inverse of index."""
+    if not (
+        isinstance(plan.shape, tuple)
+        and len(plan.shape) in (1, 2)
+        and all(isinstance(n, int) and n >= 0 for n in plan.shape)
+    ):
+        raise ValueError(f"plan.shape must be (B,) or (B, T) of ints >= 0, got {plan.shape!r}")
+    b, rows = plan.shape[0], plan.num_rows
+    for name, expected in (("index", None), ("counts", (b,)), ("offsets", (b + 1,))):
+        t = tensor(f"plan.{name}", getattr(plan, name), ndim=1)
+        if t.dtype != torch.int64:
+            raise ValueError(f"plan.{name} must be int64, got {t.dtype}")
+        if expected is not None:
+            shape(f"plan.{name}", t, expected)
+        same_device("plan.index", plan.index, **{f"plan.{name}": t})
+    if plan.num_active > rows:
+        raise ValueError(
+            f"plan.index must have at most R={rows} entries (plan.shape={plan.shape}), "
+            f"got {plan.num_active}"
+        )
+    if plan.row_map is not None:
+        tensor("plan.row_map", plan.row_map, ndim=1)
+        if plan.row_map.dtype != torch.int64:
+            raise ValueError(f"plan.row_map must be int64, got {plan.row_map.dtype}")
+        shape("plan.row_map", plan.row_map, (rows,))
+        same_device("plan.index", plan.index, **{"plan.row_map": plan.row_map})
+    if debug():
+        _route_plan_values(plan)
+
+
+def _route_plan_values(plan: RoutePlan) -> None:
+    """The value checks of `route_plan` (each reads device memory)."""
+    index, k = plan.index, plan.num_active
+    if k and not (int(index.min()) >= 0 and int(index.max()) < plan.num_rows):
+        raise ValueError(
+            f"plan.index must hold row ids in [0, {plan.num_rows}), got values in "
+            f"[{int(index.min())}, {int(index.max())}]"
+        )
+    if k > 1 and not bool((index[1:] > index[:-1]).all()):
+        raise ValueError("plan.index must be strictly ascending")
+    per_sample = plan.num_rows // max(plan.shape[0], 1)
+    expected_counts = torch.bincount(index // max(per_sample, 1), minlength=plan.shape[0])
+    if k and not torch.equal(plan.counts, expected_counts[: plan.shape[0]]):
+        raise ValueError(f"plan.counts must count index's rows per sample, got {plan.counts}")
+    offsets = torch.nn.functional.pad(plan.counts.cumsum(0), (1, 0))
+    if not torch.equal(plan.offsets, offsets):
+        raise ValueError(f"plan.offsets must be [0, cumsum(counts)], got {plan.offsets}")
+    if plan.row_map is not None:
+        built = torch.full_like(plan.row_map, -1).index_copy_(
+            0, index, torch.arange(k, device=index.device)
+        )
+        if not torch.equal(plan.row_map, built):
+            raise ValueError("plan.row_map must be the inverse of plan.index (-1 elsewhere)")
+
+
 def plan_for(name: str, t: Tensor, plan: object) -> None:
     """`t` holds rows laid out as `plan.shape` followed by feature dims."""
     if not isinstance(plan, RoutePlan):
         raise TypeError(
             f"plan must be a RoutePlan from sts_kernels.route, got {type(plan).__name__}"
         )
+    route_plan(plan)
     if tuple(t.shape[: len(plan.shape)]) != plan.shape:
         raise ValueError(
             f"{name} must start with the mask's shape (plan.shape={plan.shape}), got {tuple(t.shape)}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -31,6 +31,9 @@ class RoutePlan:
     counts: Tensor  # [B] int64 active rows per sample
     offsets: Tensor  # [B + 1] int64 exclusive cumulative sum of counts
     shape: tuple[int, ...]  # the mask's shape
+    # [R] int64 k of every row (-1: skipped), the inverse of `index`; `route` fills it from
+    # its compaction, otherwise it is built on first use (`row_to_k`)
+    row_map: Tensor | None = field(default=None, repr=False)
 
     @property
     def num_active(self) -> int:
@@ -44,6 +47,19 @@ class RoutePlan:
     @property
     def device(self) -> torch.device:
         return self.index.device
+
+    @property
+    def row_to_k(self) -> Tensor:
+        """[R] int64 k of every row, -1 for a row that skips (built once per plan; a plain
+        property, not a cached_property, so torch.compile can trace it)."""
+        if self.row_map is None:
+            rows = self.num_rows
+            # ids out of range (a hand-built plan) land in a spare entry: no device assert
+            ids = torch.where((self.index >= 0) & (self.index < rows), self.index, rows)
+            row_to_k = torch.full((rows + 1,), -1, dtype=torch.int64, device=self.device)
+            arange = torch.arange(self.num_active, device=self.device)
+            object.__setattr__(self, "row_map", row_to_k.index_copy_(0, ids, arange)[:rows])
+        return self.row_map
 
     @functools.cached_property
     def max_count(self) -> int:

@@ -163,8 +163,10 @@ def skip_residual(
     plan: RoutePlan,
     gate: Tensor | None = None,
     stats: bool = False,
+    from_output: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`out = x`, plus `gate[k] * delta[k]` on active row `plan.index[k]`; fp32 arithmetic.
+    With `from_output`, `delta` holds the layer's output `y` and the update is `y - x`.
 
     With `stats`, also the fp32 cosine between `x` and `out` of every active row (no grad).
     """
@@ -174,7 +176,7 @@ def skip_residual(
     flat = x.reshape(plan.num_rows, *feat)
     acc = torch.promote_types(x.dtype, torch.float32)
     x_rows = flat.index_select(0, plan.index).to(acc)  # [K, ...]
-    upd = delta.to(acc)
+    upd = delta.to(acc) - x_rows if from_output else delta.to(acc)
     if gate is not None:
         upd = upd * gate.to(acc).view(-1, *([1] * len(feat)))
     out_rows = x_rows + upd
@@ -183,8 +185,7 @@ def skip_residual(
     if not stats:
         return result
     with torch.no_grad():
-        row = math.prod(feat)
-        xa = x_rows.float().reshape(plan.num_active, row)
-        oa = out_rows.float().reshape(plan.num_active, row)
+        xa = x_rows.float().reshape(plan.num_active, math.prod(feat))
+        oa = out_rows.float().reshape(plan.num_active, math.prod(feat))
         cos = (xa * oa).sum(-1) / (xa.norm(dim=-1) * oa.norm(dim=-1)).clamp_min(1e-8)
     return result, cos

@@ -81,12 +81,15 @@ def upcast(t):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("with_gate", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_matches_reference(layout, with_gate, dtype, device, run):
+@pytest.mark.parametrize("from_output", [False, True], ids=["delta", "output"])
+def test_forward_matches_reference(layout, with_gate, dtype, from_output, device, run):
     x, delta, plan, gate = make_case(layout, dtype, device, with_gate)
     x_before, delta_before = x.clone(), delta.clone()
-    out, cos = run(x, delta, plan, gate, stats=True)
-    expected, expected_cos = reference.skip_residual(x.float(), delta.float(), plan, gate, True)
-    lowp, lowp_cos = reference.skip_residual(x, delta, plan, gate, True)
+    out, cos = run(x, delta, plan, gate, stats=True, from_output=from_output)
+    expected, expected_cos = reference.skip_residual(
+        x.float(), delta.float(), plan, gate, True, from_output
+    )
+    lowp, lowp_cos = reference.skip_residual(x, delta, plan, gate, True, from_output)
     assert out.dtype == dtype and cos.dtype == torch.float32
     assert_close(out, expected, reference_lowp=lowp)
     # cos is an fp32 statistic of the same (low-precision) inputs: tight in every dtype
@@ -95,20 +98,23 @@ def test_forward_matches_reference(layout, with_gate, dtype, device, run):
     skipped = ~torch.zeros(plan.num_rows, dtype=torch.bool).index_fill(0, plan.index.cpu(), True)
     flat = len(plan.shape)
     assert torch.equal(out.flatten(0, flat - 1)[skipped], x.flatten(0, flat - 1)[skipped])
-    assert torch.equal(run(x, delta, plan, gate), out)  # stats change nothing else
+    # stats change nothing else
+    assert torch.equal(run(x, delta, plan, gate, from_output=from_output), out)
     assert torch.equal(x, x_before) and torch.equal(delta, delta_before)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("with_gate", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_matches_reference(layout, with_gate, dtype, device, run):
+@pytest.mark.parametrize("from_output", [False, True], ids=["delta", "output"])
+def test_backward_matches_reference(layout, with_gate, dtype, from_output, device, run):
     x, delta, plan, gate = make_case(layout, dtype, device, with_gate)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
 
     def grads(fn, *inputs):
         leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
-        fn(*leaves[:2], plan, leaves[2]).backward(grad_out.to(leaves[0].dtype))
+        out = fn(*leaves[:2], plan, leaves[2], from_output=from_output)
+        out.backward(grad_out.to(leaves[0].dtype))
         return [None if t is None else t.grad for t in leaves]
 
     actual = grads(run, x, delta, gate)
@@ -119,12 +125,39 @@ def test_backward_matches_reference(layout, with_gate, dtype, device, run):
             assert a is None
             continue
         assert a.dtype == lp.dtype, name
-        if name == "grad_gate":  # fp32 gate: fp32 row dot products of the dtype's inputs
+        if name == "grad_gate" and not from_output:  # fp32 row dots of the dtype's inputs
             assert_close(a, lp, name=name)
+        elif name == "grad_gate":  # <grad_out, y - x>: the kernel subtracts in fp32
+            assert_close(a, e.to(a.dtype), name=name)
         else:
             assert_close(a, e, reference_lowp=lp, name=name)
     if LAYOUTS[layout][2]:  # padding slots get exactly zero gradient
         assert actual[1][~plan.valid].abs().sum() == 0
+
+
+@pytest.mark.parametrize("from_output", [False, True], ids=["delta", "output"])
+@pytest.mark.parametrize("layout", ["sample", "token_padded"])
+def test_double_backward_is_exact(layout, from_output, device, run):
+    """gradgradcheck in float64 on every backend: the backward under create_graph runs
+    differentiable torch ops, never silent zeros."""
+    mask = torch.tensor([True, False, True]) if layout == "sample" else torch.tensor(TOKEN_MASK)
+    plan = route(mask.to(device))
+    padded = LAYOUTS[layout][2]
+    x = torch.randn(*plan.shape, 3, dtype=torch.float64, device=device)
+    rows = (plan.shape[0], plan.max_count) if padded else (plan.num_active,)
+    delta = torch.randn(*rows, 3, dtype=torch.float64, device=device)
+    gate = torch.rand(plan.num_active, dtype=torch.float64, device=device)
+    inputs = [t.requires_grad_() for t in (x, delta, gate)]
+
+    def fn(x, delta, gate):
+        return run(x, delta, plan, gate, from_output=from_output)
+
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    # a second derivative that is not zero: d/dgate <grad(out), w> through grad_delta
+    w = torch.randn_like(x)
+    (grad_delta,) = torch.autograd.grad((fn(*inputs) * w).sum(), delta, create_graph=True)
+    (second,) = torch.autograd.grad(grad_delta.sum(), gate)
+    assert second.abs().sum() > 0
 
 
 def test_grad_x_is_grad_out(device, run):
@@ -225,13 +258,16 @@ def test_opcheck(layout, with_gate, backend, device):
     delta.requires_grad_()  # token layouts: one feature dim, already canonical
     if gate is not None:
         gate.requires_grad_()
+    ids = (plan.index, plan.row_to_k, plan.offsets)
     for stats in (False, True):
-        args = (x2, delta, plan.index, plan.offsets, gate, stats)
-        torch.library.opcheck(forward, args)
-    # the backward op has no autograd of its own (no double backward): check it without grads
+        for from_output in (False, True):
+            torch.library.opcheck(forward, (x2, delta, *ids, gate, stats, from_output))
+    # the backward op has no autograd of its own (double backward runs torch ops instead)
     gate = None if gate is None else gate.detach()
-    args = (torch.randn_like(x2).detach(), delta.detach(), plan.index, plan.offsets, gate, True)
-    torch.library.opcheck(backward, args)
+    grad_out = torch.randn_like(x2).detach()
+    for from_output in (False, True):
+        args = (grad_out, x2.detach(), delta.detach(), *ids, gate, True, from_output)
+        torch.library.opcheck(backward, args)
 
 
 def test_torch_compile_fullgraph(backend, device):

@@ -35,6 +35,7 @@ def _copy_rows_kernel(
     DST_ptr,  # [R_dst, num_cols] integer words
     ROWS_ptr,  # [num_ids] int64 row ids, -1 for none
     num_ids,
+    num_rows,  # rows of the tensor the ids index (src for gather, dst for scatter)
     num_cols,
     stride_src_row,
     stride_dst_row,
@@ -46,6 +47,7 @@ def _copy_rows_kernel(
 
     gather:  dst[k, :] = src[rows[k], :]    (zeros where rows[k] = -1)
     scatter: dst[rows[k], :] = src[k, :]    (nothing where rows[k] = -1)
+    An id outside [0, num_rows) counts as -1: a bad plan never reads or writes out of bounds.
     """
     pid_ids = tl.program_id(0).to(tl.int64)
     pid_cols = tl.program_id(1).to(tl.int64)
@@ -53,6 +55,7 @@ def _copy_rows_kernel(
     k = pid_ids * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     k_in = k < num_ids
     row = tl.load(ROWS_ptr + k, mask=k_in, other=-1)
+    row = tl.where(row < num_rows, row, -1)
     # this program's block of words within a row
     cols = pid_cols * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     cols_in = (cols < num_cols)[None, :]
@@ -93,8 +96,11 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
         return
     row_bytes = math.prod(src.shape[1:]) * src.element_size()
     word = _word_dtype(row_bytes, src, dst)
-    # [Ns, W], [Nd, W]
-    src_words, dst_words = (t.view(torch.uint8).view(t.shape[0], -1).view(word) for t in (src, dst))
+    # [Ns, W], [Nd, W]; 2-D first: a contiguous tensor may have a size-1 last dim of any
+    # stride, which a dtype view rejects
+    src_words, dst_words = (
+        t.view(-1).view(t.shape[0], -1).view(torch.uint8).view(word) for t in (src, dst)
+    )
     num_cols = src_words.shape[1]
     block_rows, block_cols, num_warps = tile_shape(rows.numel(), num_cols, _MAX_BLOCK_COLS)
     grid = (triton.cdiv(rows.numel(), block_rows), triton.cdiv(num_cols, block_cols))
@@ -103,6 +109,7 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
         dst_words,
         rows,
         rows.numel(),
+        dst_words.shape[0] if scatter else src_words.shape[0],
         num_cols,
         src_words.stride(0),
         dst_words.stride(0),
@@ -156,13 +163,14 @@ if extension() is not None:  # importing the extension defined the C++ ops
     _register("sts::gather_rows", "sts::scatter_rows")
 
     @torch.library.register_fake("sts::route")
-    def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         active = torch.library.get_ctx().new_dynamic_size()  # K depends on the mask's data
         b = mask.shape[0]
         return (
             mask.new_empty((active,), dtype=torch.int64),
             mask.new_empty((b,), dtype=torch.int64),
             mask.new_empty((b + 1,), dtype=torch.int64),
+            mask.new_empty((mask.numel(),), dtype=torch.int64),
         )
 
 
@@ -177,8 +185,8 @@ def route(mask: Tensor) -> RoutePlan:
     _checks.mask(mask)
     if select("route", mask.device, ("cpp",)) == "reference":
         return reference.route(mask)
-    index, counts, offsets = torch.ops.sts.route(mask)
-    return RoutePlan(index=index, counts=counts, offsets=offsets, shape=tuple(mask.shape))
+    index, counts, offsets, row_to_k = torch.ops.sts.route(mask)
+    return RoutePlan(index, counts, offsets, tuple(mask.shape), row_map=row_to_k)
 
 
 def gather_rows(x: Tensor, plan: RoutePlan, padded: bool = False) -> Tensor:
