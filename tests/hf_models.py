@@ -157,6 +157,95 @@ def llava_next_batch(model, pad_left: bool, sizes=LLAVA_NEXT_SIZES, rows=LLAVA_R
     return batch | {"pixel_values": pixels, "image_sizes": image_sizes}
 
 
+# ---- tiled families: InternVL, Gemma 3, SmolVLM -------------------------------------------------
+# every tile a 4x4 grid of 16 tokens; rows: two tiles/images, one, text only
+
+TILED_ROWS = [[[5], "image", [6], "image", [7, 8]], [[9, 10], "image", [11]], [[12, 13, 14]]]
+_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+def make_internvl(attn: str = "sdpa"):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vision = _VISION | dict(image_size=[32, 32], patch_size=[4, 4])  # 8x8 -> shuffled 4x4
+    text = _text_config(model_type="qwen2")
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMG)
+    return _finish(InternVLForConditionalGeneration, config, attn)
+
+
+def make_gemma3(attn: str = "eager"):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = _VISION | dict(model_type="siglip_vision_model", image_size=32, patch_size=4)
+    text = _text_config(head_dim=32, sliding_window=8, query_pre_attn_scalar=32)
+    config = Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=16,  # 8x8 patches average-pooled to 4x4
+        image_token_index=IMG,
+        boi_token_index=V_START,
+        eoi_token_index=V_END,
+    )
+    return _finish(Gemma3ForConditionalGeneration, config, attn)
+
+
+def make_smolvlm(attn: str = "sdpa"):
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    vision = _VISION | dict(image_size=32, patch_size=4)  # 8x8 -> shuffled 4x4
+    text = _text_config(model_type="llama")
+    config = SmolVLMConfig(
+        vision_config=vision, text_config=text, scale_factor=2, image_token_id=IMG
+    )
+    return _finish(SmolVLMForConditionalGeneration, config, attn)
+
+
+def tiled_batch(family: str, pad_left: bool, tokens: int = 16) -> dict:
+    """TILED_ROWS for `family` ("internvl", "gemma3", "smolvlm"), `tokens` per tile."""
+    batch = build_ids(TILED_ROWS, {"image": [tokens] * 3}, pad_left)
+    types = batch.pop("mm_token_type_ids")
+    gen = torch.Generator().manual_seed(1)
+    if family == "smolvlm":  # [B, images, 3, H, W], all-zero images are padding
+        pixels = torch.zeros(3, 2, 3, 32, 32)
+        pixels[0] = torch.randn(2, 3, 32, 32, generator=gen)
+        pixels[1, 0] = torch.randn(3, 32, 32, generator=gen)
+    else:
+        pixels = torch.randn(3, 3, 32, 32, generator=gen)
+    if family == "gemma3":
+        batch["token_type_ids"] = types
+    return batch | {"pixel_values": pixels}
+
+
+def check_tiled_vtc_matches_reference(model, family: str, pad_left: bool) -> None:
+    """The patched model (VTC 2x2 pool only) gives the logits of the unpatched model fed
+    reference-pooled tiles (token_pool per 4x4 tile) and the batch built with 4 tokens a tile."""
+    from sts_kernels import token_pool
+    from sts_kernels.integrations.hf import apply_sts
+
+    ref = copy.deepcopy(model)
+    batch = tiled_batch(family, pad_left)
+    handle = apply_sts(model, compress={"mode": "pool"}, skip=False)
+    out = model(**batch)
+    getter_args = [batch["pixel_values"]] + ([None] if family == "smolvlm" else [])
+    with torch.no_grad():
+        feats = ref.model.get_image_features(*getter_args, return_dict=True)
+        pooled = [
+            token_pool(f.reshape(-1, 16, f.shape[-1]), (4, 4), (2, 2)) for f in feats.pooler_output
+        ]
+    if isinstance(feats.pooler_output, torch.Tensor):
+        feats.pooler_output = pooled[0] if len(pooled) == 1 else torch.stack(pooled)
+    else:
+        feats.pooler_output = [p.reshape(-1, p.shape[-1]) for p in pooled]
+    shrunk = tiled_batch(family, pad_left, tokens=4)
+    del shrunk["pixel_values"]
+    expected = ref(**shrunk, mm_encoder_outputs={"image": feats})
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    for name, value in shrunk.items():
+        assert torch.equal(handle.last_inputs[name], value), name
+    assert (handle.report.image_tokens_in, handle.report.image_tokens_kept) == (48, 12)
+    handle.remove()
+
+
 # ---- Mllama (cross-attention) -----------------------------------------------------------------
 
 

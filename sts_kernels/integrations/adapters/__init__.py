@@ -15,7 +15,16 @@ from ._base import Adapter, feed_features
 
 __all__ = ["Adapter", "adapter_for", "feed_features", "supported_models", "support_table"]
 
-_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "mllama")
+_FAMILIES = (
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "internvl",
+    "gemma3",
+    "smolvlm",
+    "mllama",
+)
 
 ADAPTERS: dict[str, Adapter] = {}  # class name -> adapter
 for _family in _FAMILIES:

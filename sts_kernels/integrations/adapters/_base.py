@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -75,11 +77,16 @@ def feed_features(
     compressed: list[Tensor],
     token_id: int,
     pixels: str = "pixel_values",
+    runs: tuple[list[int], list[int]] | None = None,
+    type_ids: str = "mm_token_type_ids",
 ) -> tuple[int, int]:
     """Hand `compressed` (one `[n_out_k, D]` per item) to the model in place of what its vision
     tower would give for `kw[pixels]`, and shrink `token_id` placeholders (item k keeps its
     first n_out_k) with the matching columns of the masks, labels and positions in `kw`.
-    Returns (tokens in, kept).
+    `compressed` is a list, or a tensor `[items, n_out, D]` where the model takes one.
+    `runs`: (placeholders in, kept) per contiguous placeholder run when an item's placeholders
+    are split by text (tiles between row markers); default one run per item. `type_ids`: the
+    model's per-token modality ids argument. Returns (tokens in, kept).
 
     transformers >= 5.2x takes them as `mm_encoder_outputs[modality]` (pixels dropped); older
     5.x has no such argument (it would be ignored silently), so there the model's own call of
@@ -87,23 +94,25 @@ def feed_features(
     """
     from ..hf import shrink_placeholders  # hf imports this package at load time
 
-    n_in = [f.shape[0] for f in features.pooler_output]
-    n_out = [f.shape[0] for f in compressed]
+    n_in, n_out = runs or (
+        [f.shape[0] for f in features.pooler_output],
+        [len(f) for f in compressed],
+    )
     features.pooler_output = compressed
     pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
-    kw.update(
-        shrink_placeholders(
-            kw["input_ids"],
-            token_id,
-            n_in,
-            n_out,
-            attention_mask=kw.get("attention_mask"),
-            labels=kw.get("labels"),
-            position_ids=kw.get("position_ids"),
-            mm_token_type_ids=kw.get("mm_token_type_ids"),
-            pad_token_id=pad_id,
-        )
+    shrunk = shrink_placeholders(
+        kw["input_ids"],
+        token_id,
+        n_in,
+        n_out,
+        attention_mask=kw.get("attention_mask"),
+        labels=kw.get("labels"),
+        position_ids=kw.get("position_ids"),
+        mm_token_type_ids=kw.get(type_ids),
+        pad_token_id=pad_id,
     )
+    kw[type_ids] = shrunk.pop("mm_token_type_ids")
+    kw.update(shrunk)
     if "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters:
         mm = dict(kw.get("mm_encoder_outputs") or {})
         mm[modality] = features
@@ -112,6 +121,43 @@ def feed_features(
     else:
         _answer_once(model.model, f"get_{modality}_features", features)
     return sum(n_in), sum(n_out)
+
+
+class TiledAdapter(Adapter):
+    """Families whose projector gives every image (or tile) the same square grid of tokens,
+    `[tiles, k, D]`, each tile's placeholders one contiguous run. All tiles of a batch are
+    compressed in one call (one grid); positions are 1-D. Subclasses say how to get the
+    features (`image_features`) and, where the model takes a list per sample, regroup."""
+
+    type_ids = "mm_token_type_ids"
+
+    def image_features(self, model: nn.Module, kw: dict[str, Any]) -> Any:
+        return model.model.get_image_features(pixel_values=kw["pixel_values"], return_dict=True)
+
+    def compress(self, model, compressor, kw):
+        features = self.image_features(model, kw)
+        per_sample = not isinstance(features.pooler_output, Tensor)  # list of [tiles_i * k, D]
+        k = self.tokens_per_tile(model)
+        tiles = torch.cat(list(features.pooler_output)) if per_sample else features.pooler_output
+        tiles = tiles.view(-1, k, tiles.shape[-1])  # [tiles, k, D]
+        side = math.isqrt(k)
+        if side * side != k:
+            raise ValueError(f"compress: {self.name} tiles hold {k} tokens, not a square grid")
+        out = compressor.compress_many([tiles], [(side, side)])[0].x  # [tiles, k', D]
+        runs = ([k] * len(tiles), [out.shape[1]] * len(tiles))
+        if per_sample:
+            sizes = [len(f) // k for f in features.pooler_output]
+            compressed = [t.reshape(-1, t.shape[-1]) for t in out.split(sizes)]
+        else:
+            compressed = out
+        token_id = model.config.image_token_id
+        counts = feed_features(
+            model, kw, "image", features, compressed, token_id, runs=runs, type_ids=self.type_ids
+        )
+        return kw, {"image": counts}
+
+    def tokens_per_tile(self, model: nn.Module) -> int:
+        raise NotImplementedError
 
 
 def _answer_once(inner: nn.Module, getter: str, features: Any) -> None:
