@@ -189,23 +189,27 @@ def make_gemma3(attn: str = "eager"):
     return _finish(Gemma3ForConditionalGeneration, config, attn)
 
 
-def make_smolvlm(attn: str = "sdpa"):
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+def make_smolvlm(attn: str = "sdpa", family: str = "SmolVLM"):
+    import transformers
 
+    config_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}ForConditionalGeneration")
     vision = _VISION | dict(image_size=32, patch_size=4)  # 8x8 -> shuffled 4x4
     text = _text_config(model_type="llama")
-    config = SmolVLMConfig(
-        vision_config=vision, text_config=text, scale_factor=2, image_token_id=IMG
-    )
-    return _finish(SmolVLMForConditionalGeneration, config, attn)
+    config = config_cls(vision_config=vision, text_config=text, scale_factor=2, image_token_id=IMG)
+    return _finish(model_cls, config, attn)
+
+
+def make_idefics3(attn: str = "sdpa"):
+    return make_smolvlm(attn, family="Idefics3")
 
 
 def tiled_batch(family: str, pad_left: bool, tokens: int = 16) -> dict:
-    """TILED_ROWS for `family` ("internvl", "gemma3", "smolvlm"), `tokens` per tile."""
+    """TILED_ROWS for `family` ("internvl", "gemma3", "smolvlm", "idefics3"), `tokens` a tile."""
     batch = build_ids(TILED_ROWS, {"image": [tokens] * 3}, pad_left)
     types = batch.pop("mm_token_type_ids")
     gen = torch.Generator().manual_seed(1)
-    if family == "smolvlm":  # [B, images, 3, H, W], all-zero images are padding
+    if family in ("smolvlm", "idefics3"):  # [B, images, 3, H, W], all-zero images are padding
         pixels = torch.zeros(3, 2, 3, 32, 32)
         pixels[0] = torch.randn(2, 3, 32, 32, generator=gen)
         pixels[1, 0] = torch.randn(3, 32, 32, generator=gen)
@@ -226,7 +230,7 @@ def check_tiled_vtc_matches_reference(model, family: str, pad_left: bool) -> Non
     batch = tiled_batch(family, pad_left)
     handle = apply_sts(model, compress={"mode": "pool"}, skip=False)
     out = model(**batch)
-    getter_args = [batch["pixel_values"]] + ([None] if family == "smolvlm" else [])
+    getter_args = [batch["pixel_values"]] + ([None] if family in ("smolvlm", "idefics3") else [])
     with torch.no_grad():
         feats = ref.model.get_image_features(*getter_args, return_dict=True)
         pooled = [

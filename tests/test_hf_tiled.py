@@ -13,6 +13,7 @@ from hf_models import (  # noqa: E402
     check_tiled_vtc_matches_reference,
     check_train_step_is_sparser,
     make_gemma3,
+    make_idefics3,
     make_internvl,
     make_smolvlm,
     needs_encoder_outputs,
@@ -21,8 +22,13 @@ from hf_models import (  # noqa: E402
 
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 
-MAKERS = {"internvl": make_internvl, "gemma3": make_gemma3, "smolvlm": make_smolvlm}
-TOKEN_MODE = {"internvl": True, "gemma3": False, "smolvlm": True}
+MAKERS = {
+    "internvl": make_internvl,
+    "gemma3": make_gemma3,
+    "smolvlm": make_smolvlm,
+    "idefics3": make_idefics3,
+}
+TOKEN_MODE = {"internvl": True, "gemma3": False, "smolvlm": True, "idefics3": True}
 
 
 @needs_encoder_outputs
