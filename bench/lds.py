@@ -3,21 +3,31 @@
 1. `skip_residual` (sts-<backend>: the package's backend for the device, e.g. sts-cpp on the
    CPU, sts-triton on a GPU) against eager PyTorch
    (`x.clone().index_add_(0, index, gate * delta)`) and that eager code under torch.compile,
-   forward and forward+backward; half the rows active. GB/s counts the bytes the fused kernels
-   must move: forward reads x and delta and writes out, (2R + K) F elements; backward reads
-   grad_out and delta rows and writes grad_delta, 3 K F (grad_x is grad_out itself).
-2. A Llama-style decoder stack (RMSNorm, causal MHA via sdpa, SwiGLU MLP) under the skipper in
+   forward and forward+backward, half the tokens active. GB/s counts the bytes the fused
+   kernels must move: forward reads x and delta and writes out, (2R + K) F elements; backward
+   reads grad_out and delta rows and writes grad_delta, 3 K F (grad_x is grad_out itself).
+2. `skip_layer`: the skipper's own work per skipped layer (route, gather_rows, skip_residual and
+   the glue between them) around an identity layer, sample and token mode, forward+backward
+   time, and the bytes its ops move against the ideal model `ideal_layer_bytes` (printed as
+   `bytes/ideal`): bytes moved = every output an op writes plus every input it reads in full
+   (an upper bound), except row gathers, which read only the rows they write.
+3. A Llama-style decoder stack (RMSNorm, causal MHA via sdpa, SwiGLU MLP) under the skipper in
    sample mode at 0/25/50/75 % skipped samples (router policy with capacity 1 - rate: exact
-   counts), forward+backward time and peak activation memory (CUDA), against the plain stack.
+   counts), forward+backward time and peak activation memory, against the plain stack.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from bench.timing import measure, result_row
+from bench.ops import Case, autograd_cases
 from sts_kernels import route, skip_residual
 from sts_kernels.nn import LayerDynamicSkipper
 from sts_kernels.ops.skip_residual import backend_for
@@ -59,114 +69,178 @@ class DecoderLayer(nn.Module):
         return h + self.down(F.silu(gate) * up)
 
 
-def _eager(x, delta, index, gate):
+def _shape(device: torch.device, quick: bool) -> tuple[int, int, int, torch.dtype]:
+    """(B, T, D, dtype) of the decoder rows: B * T = 32k rows of 4096 on a GPU."""
+    if device.type == "cuda" and not quick:
+        return 8, 4096, 4096, torch.bfloat16
+    return 8, 512, 256, torch.float32
+
+
+def _eager(x, delta, gate, index):
     # [R, F] rows: the clone-then-scatter formulation the fused kernel avoids
-    return x.clone().index_add_(0, index, delta * gate[:, None].to(delta.dtype))
+    rows = x.reshape(-1, x.shape[-1])
+    return rows.clone().index_add_(0, index, delta * gate[:, None].to(delta.dtype))
 
 
-def _op_rows(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
-    gpu = device.type == "cuda"
-    batch, seq, dim = (16, 4096, 4096) if gpu else (8, 512, 256)
-    dtype = torch.bfloat16 if gpu else torch.float32
-    x = torch.randn(batch, seq, dim, device=device, dtype=dtype)
-    plan = route(torch.rand(batch, seq, device=device) < 0.5)
+def _skip_inputs(b, t, d, k, dtype, device):
+    make = lambda *s: torch.randn(s, device=device, dtype=dtype, requires_grad=True)
+    return make(b, t, d), make(k, d), torch.rand(k, device=device, requires_grad=True)
+
+
+def _op_cases(device, quick, compile_baseline) -> Iterator[Case]:
+    b, t, d, dtype = _shape(device, quick)
+    plan = route(torch.rand(b, t, device=device) < 0.5)
     k, rows = plan.num_active, plan.num_rows
-    delta = torch.randn(k, dim, device=device, dtype=dtype)
-    gate = torch.rand(k, device=device)
-    x2 = x.view(rows, dim)
-    elt = x.element_size()
-    fwd_bytes = (2 * rows + k) * dim * elt
-    bwd_bytes = 3 * k * dim * elt
-    sts = f"sts-{backend_for(device)}"  # which backend ran
+    elt = dtype.itemsize
+    fwd_bytes, bwd_bytes = (2 * rows + k) * d * elt, 3 * k * d * elt
     impls = {
-        sts: lambda x, d, g: skip_residual(x, d, plan, g).view(rows, dim),
-        "eager": lambda x, d, g: _eager(x, d, plan.index, g),
+        f"sts-{backend_for(device)}": lambda x, delta, g: skip_residual(x, delta, plan, g),
+        "eager": partial(_eager, index=plan.index),
     }
-    if not quick:
-        impls["compile"] = torch.compile(impls["eager"])
-    shape = f"R={rows} K={k} D={dim} {str(dtype).removeprefix('torch.')}"
-    out = []
-    reps = 5 if quick else 20
-    for impl, fn in impls.items():
-        leaves = [t.detach().clone().requires_grad_() for t in (x2.view(x.shape), delta, gate)]
-        src = (x, delta, gate) if impl == sts else (x2, delta, gate)
-        grad = torch.ones(rows, dim, device=device, dtype=dtype)
-
-        def fwd(fn=fn, src=src):
-            with torch.no_grad():
-                fn(*src)
-
-        def fwd_bwd(fn=fn, impl=impl, leaves=leaves, grad=grad):
-            first = leaves[0] if impl == sts else leaves[0].view(rows, dim)
-            fn(first, *leaves[1:]).backward(grad)
-
-        for name, step, nbytes in (
-            ("fwd", fwd, fwd_bytes),
-            ("fwd+bwd", fwd_bwd, fwd_bytes + bwd_bytes),
-        ):
-            t = measure(step, device, warmup=2, reps=reps)
-            out.append(result_row("skip_residual", shape, impl, name, t, nbytes, copy_gbs))
-    return out
+    if compile_baseline:
+        impls["compile"] = impls["eager"]
+    yield from autograd_cases(
+        "skip_residual",
+        f"R={rows} K={k} D={d} {str(dtype).removeprefix('torch.')}",
+        impls,
+        partial(_skip_inputs, b, t, d, k, dtype, device),
+        {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes},
+        reps=5 if quick else 20,
+    )
 
 
-def _layer_rows(device: torch.device, quick: bool) -> list[dict]:
+# ---- the skipper's work per skipped layer ---------------------------------------------------
+
+
+def ideal_layer_bytes(rows: int, active: int, row_bytes: int, backward: bool) -> int:
+    """Bytes a fused skipper must move per skipped layer (the layer's own work excluded):
+    forward gathers K rows (read + write K) and writes out = x + gate * (y - x_rows) (read R
+    + K, write R); backward reads grad_out (R) and the rows' input gradient (K) and writes
+    grad_x (R) and grad_y (K)."""
+    forward = (2 * active + 2 * rows + active) * row_bytes
+    return forward + (2 * rows + 2 * active) * row_bytes if backward else forward
+
+
+_GATHERS = ("index_select", "index.Tensor", "gather_rows")  # read only the rows they write
+
+
+class BytesMoved(TorchDispatchMode):
+    """Sums the bytes every kernel-launching op reads and writes (views and allocations
+    move nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        aliases = bool(schema.returns) and all(
+            r.alias_info is not None and not r.alias_info.is_write for r in schema.returns
+        )
+        if aliases or schema.name.split("::")[1].startswith(("empty", "detach", "lift")):
+            return out
+        outputs = sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(name in str(func) for name in _GATHERS):
+            self.nbytes += 2 * outputs + sum(t.nbytes for t in inputs if t.dtype == torch.int64)
+        else:
+            self.nbytes += outputs + sum(t.nbytes for t in inputs)
+        return out
+
+
+def _skipper(mode: str, d: int, device, dtype) -> LayerDynamicSkipper:
+    # one eligible identity layer: everything that runs is the skipper's own work
+    skipper = LayerDynamicSkipper(
+        nn.ModuleList([nn.Identity()]),
+        d,
+        mode=mode,
+        policy="schedule",
+        p_max=0.5,
+        keep_first_last=False,
+        seed=0,
+    )
+    return skipper.to(device, dtype).train()
+
+
+def _layer_setup(mode, b, t, d, dtype, device):
+    skipper = _skipper(mode, d, device, dtype)
+    x = torch.randn(b, t, d, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    fwd_bwd = lambda: torch.autograd.grad(skipper(x), x, grad)
+    rows = b if mode == "sample" else b * t
+    row_bytes = d * dtype.itemsize * (t if mode == "sample" else 1)
+    info = {}
+    for name, call, backward in (("fwd", lambda: skipper(x), False), ("fwd+bwd", fwd_bwd, True)):
+        with BytesMoved() as moved:
+            call()
+        kept = skipper.report.rows_run[0]  # K of this pass (the draws are random)
+        ideal = ideal_layer_bytes(rows, kept, row_bytes, backward)
+        info[f"bytes_ratio_{name}"] = moved.nbytes / ideal
+    info["note"] = " ".join(f"bytes/ideal {k[12:]} {v:.2f}" for k, v in info.items())
+    return fwd_bwd, info
+
+
+def _layer_cases(device, quick) -> Iterator[Case]:
+    b, t, d, dtype = _shape(device, quick)
+    for mode in ("sample", "token"):
+        rows = b if mode == "sample" else b * t
+        yield Case(
+            "skip_layer",
+            f"{mode} R={rows} T={t} D={d} {str(dtype).removeprefix('torch.')}",
+            "sts",
+            "fwd+bwd",
+            partial(_layer_setup, mode, b, t, d, dtype, device),
+            reps=5 if quick else 20,
+        )
+
+
+# ---- a decoder stack under the skipper -----------------------------------------------------
+
+
+def _stack_setup(rate, device, quick):
     gpu = device.type == "cuda"
     batch, seq, dim, heads, hidden, depth = (
-        (16, 1024, 2048, 16, 5632, 4) if gpu else (8, 64, 128, 4, 344, 4)
+        (16, 1024, 2048, 16, 5632, 4) if gpu and not quick else (8, 64, 128, 4, 344, 4)
     )
     dtype = torch.bfloat16 if gpu else torch.float32
     torch.manual_seed(0)
     layers = nn.ModuleList(DecoderLayer(dim, heads, hidden) for _ in range(depth))
     layers = layers.to(device, dtype).train()
     x = torch.randn(batch, seq, dim, device=device, dtype=dtype, requires_grad=True)
-    shape = f"B={batch} T={seq} D={dim} L={depth} {str(dtype).removeprefix('torch.')}"
-    reps = 3 if quick else 10
+    if rate is None:  # the plain stack
 
-    def step(model):
-        def run():
-            model(x).float().square().mean().backward()
+        def forward(h):
+            for layer in layers:
+                h = layer(h)
+            return h
 
-        return run
+    else:
+        forward = LayerDynamicSkipper(
+            layers, dim, policy="router", capacity=1.0 - rate, keep_first_last=False
+        )
+        forward = forward.to(device, dtype).train()
+    return lambda: forward(x).float().square().mean().backward(), {"skip_rate": rate or 0.0}
 
-    def dense(h):
-        for layer in layers:
-            h = layer(h)
-        return h
 
-    out = []
-    t = measure(step(dense), device, warmup=1, reps=reps, cpu_memory=True)
-    out.append(result_row("decoder_stack", shape, "eager", "fwd+bwd", t, skip_rate=0.0))
+def _stack_cases(device, quick) -> Iterator[Case]:
+    gpu = device.type == "cuda" and not quick
+    shape = "B=16 T=1024 D=2048 L=4 bf16" if gpu else "B=8 T=64 D=128 L=4 fp32"
+    reps = 10 if gpu else 3
+    plain = partial(_stack_setup, None, device, quick)
+    yield Case("decoder_stack", shape, "eager", "fwd+bwd", plain, reps=reps)
     for rate in SKIP_RATES:
-        skipper = (
-            LayerDynamicSkipper(
-                layers, dim, policy="router", capacity=1.0 - rate, keep_first_last=False
-            )
-            .to(device, dtype)
-            .train()
+        yield Case(
+            "decoder_stack",
+            shape,
+            f"sts-skip{round(rate * 100)}",
+            "fwd+bwd",
+            partial(_stack_setup, rate, device, quick),
+            reps=reps,
         )
-        t = measure(step(skipper), device, warmup=1, reps=reps, cpu_memory=True)
-        out.append(
-            result_row(
-                f"decoder_stack_skip{round(rate * 100)}",
-                shape,
-                "sts",
-                "fwd+bwd",
-                t,
-                skip_rate=rate,
-                executed_fraction=skipper.report.executed_fraction,
-            )
-        )
-    return out
 
 
-def run(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
-    return _op_rows(device, quick, copy_gbs) + _layer_rows(device, quick)
-
-
-if __name__ == "__main__":
-    from bench.ops import format_table
-    from bench.timing import copy_bandwidth_gbs
-
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bandwidth = copy_bandwidth_gbs(dev, nbytes=1 << (30 if dev.type == "cuda" else 26))
-    print(format_table(run(dev, quick=dev.type != "cuda", copy_gbs=bandwidth)))
+def cases(device: torch.device, quick: bool, compile_baseline: bool) -> Iterator[Case]:
+    yield from _op_cases(device, quick, compile_baseline)
+    yield from _layer_cases(device, quick)
+    yield from _stack_cases(device, quick)
