@@ -127,7 +127,7 @@ def _extension_build():
 def _write_record(package_dir: str) -> None:
     os.makedirs(package_dir, exist_ok=True)
     with open(os.path.join(package_dir, ABI.BUILD_FILE), "w", encoding="utf-8") as f:
-        json.dump(dict(RECORD, version=VERSION), f, indent=2)
+        json.dump({"version": VERSION, **RECORD}, f, indent=2)
         f.write("\n")
 
 

@@ -61,7 +61,7 @@ def main() -> None:
         if isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
-                print(f"  {k:<18} {v}")
+                print(f"  {k:<20} {v}")
         else:
             print(f"{key:<20} {value}")
 

@@ -42,6 +42,10 @@ def test_cpu_extension_registers_cpu_kernels():
     assert info["openmp"], "built without OpenMP: at::parallel_for would run on one thread"
     assert info["omp_max_threads"] >= 1
     assert torch.__version__.startswith(info["torch_version"])
+    record = _backend.build_record()  # written by the same build (absent in older checkouts)
+    if record is not None:
+        assert record["extension"] and record["torch"] == torch.__version__, record
+        assert record["cuda_kernels"] == info["with_cuda"], (record, info)
     if not info["with_cuda"]:
         assert info["cuda_archs"] == []
 
