@@ -346,6 +346,23 @@ def make_qwen2_5_vl(attn: str = "sdpa"):
     return _finish(Qwen2_5_VLForConditionalGeneration, config, attn)
 
 
+def make_qwen3_vl(attn: str = "sdpa"):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    vision = dict(
+        _QWEN_VISION,
+        hidden_size=64,
+        intermediate_size=128,
+        out_hidden_size=128,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0],  # vision layer 0 feeds LM layer 0
+    )
+    rope = _MROPE | {"mrope_interleaved": True}
+    text = _text_config(head_dim=32, rope_parameters=rope)
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, **_QWEN_IDS)
+    return _finish(Qwen3VLForConditionalGeneration, config, attn)
+
+
 # raw-patch grids (t, h, w); merged 2x2 -> 4x4, 2x3 (images) and 4 frames of 2x2 (video)
 QWEN_IMAGES = [(1, 8, 8), (1, 4, 6)]
 QWEN_VIDEOS = [(4, 4, 4)]
@@ -356,16 +373,17 @@ QWEN_ROWS = [
 ]
 
 
-def qwen_batch(pad_left: bool, images=QWEN_IMAGES, videos=QWEN_VIDEOS, rows=QWEN_ROWS) -> dict:
-    """A batch of images (several in a row), a video and a text-only row."""
-    batch = build_ids(
-        rows,
-        {
-            "image": [t * h * w // 4 for t, h, w in images],
-            "video": [t * h * w // 4 for t, h, w in videos],
-        },
-        pad_left,
-    )
+def qwen_batch(
+    pad_left: bool, images=QWEN_IMAGES, videos=QWEN_VIDEOS, rows=QWEN_ROWS, frame_runs=False
+) -> dict:
+    """A batch of images (several in a row), a video and a text-only row. `frame_runs`: every
+    video frame is a placeholder run (marker) of its own, as Qwen3-VL lays them out."""
+    per_video = [[h * w // 4] * t if frame_runs else [t * h * w // 4] for t, h, w in videos]
+    placeholders = {
+        "image": [t * h * w // 4 for t, h, w in images],
+        "video": [n for runs in per_video for n in runs],
+    }
+    batch = build_ids(rows, placeholders, pad_left)
     gen = torch.Generator().manual_seed(1)
     patch_dim = 3 * 2 * 4 * 4  # channels * temporal_patch * patch * patch
     for key, grids in (("image", images), ("video", videos)):
@@ -375,6 +393,20 @@ def qwen_batch(pad_left: bool, images=QWEN_IMAGES, videos=QWEN_VIDEOS, rows=QWEN
             batch[pixels] = torch.randn(n, patch_dim, generator=gen)
             batch[f"{key}_grid_thw"] = torch.tensor(grids)
     return batch
+
+
+# Qwen3-VL: each video frame its own run, a timestamp token and vision start/end around it
+QWEN3_VIDEOS = [(2, 4, 4)]  # 2 frames of 2x2 merged tokens
+QWEN3_ROWS = [
+    [[5], [V_START], "image", [V_END], [20, 21]],
+    [[6], [V_START], "image", [V_END], [30, V_START], "video", [V_END], [31, V_START], "video"]
+    + [[V_END]],
+    [[8, 9, 10, 11]],
+]
+
+
+def qwen3_batch(pad_left: bool, images=QWEN_IMAGES, videos=QWEN3_VIDEOS) -> dict:
+    return qwen_batch(pad_left, images, videos, rows=QWEN3_ROWS, frame_runs=True)
 
 
 def pooled(n: int, window: int = 2) -> int:
@@ -469,31 +501,39 @@ def _pool_item(f, thw, time_window: int):
     return out.reshape(-1, f.shape[-1]), (out.shape[0], 2 * pooled(h // 2), 2 * pooled(w // 2))
 
 
-def check_qwen_vtc_matches_reference(model, pad_left: bool, time_window: int, **extra) -> None:
-    """The patched Qwen model (VTC only) on `qwen_batch` gives the logits, loss and shrunk
-    inputs of the unpatched model fed reference-pooled features and the shrunk batch (its
-    M-RoPE positions rebuilt from the pooled grids; `extra` model inputs, with
-    `second_per_grid_ts` scaled by `time_window` for the reference). Checks the report's
-    image / video counts."""
+def check_qwen_vtc_matches_reference(
+    model, pad_left: bool, time_window: int, make_batch=qwen_batch, videos=QWEN_VIDEOS, **extra
+) -> None:
+    """The patched Qwen model (VTC only) on `make_batch(pad_left)` gives the logits, loss and
+    shrunk inputs of the unpatched model fed reference-pooled features (DeepStack levels
+    pooled the same way, where the model has them) and the shrunk batch (its M-RoPE positions
+    rebuilt from the pooled grids; `extra` model inputs, with `second_per_grid_ts` scaled by
+    `time_window` for the reference). Checks the report's image / video counts."""
     from sts_kernels.integrations.hf import apply_sts
 
     ref = copy.deepcopy(model)
-    batch = qwen_batch(pad_left) | extra
+    batch = make_batch(pad_left) | extra
     handle = apply_sts(model, compress={"time_window": time_window}, skip=False)
     out = model(**batch)
 
-    mm, rope = {}, {}
+    mm, rope, counts = {}, {}, {}
     with torch.no_grad():
         for key, grids, getter in (
             ("image", QWEN_IMAGES, ref.model.get_image_features),
-            ("video", QWEN_VIDEOS, ref.model.get_video_features),
+            ("video", videos, ref.model.get_video_features),
         ):
             pixels = batch["pixel_values" if key == "image" else "pixel_values_videos"]
             feats = getter(pixels, torch.tensor(grids), return_dict=True)
             items = [_pool_item(f, g, time_window) for f, g in zip(feats.pooler_output, grids)]
             feats.pooler_output = [x for x, _ in items]
+            if getattr(feats, "deepstack_features", None):
+                feats.deepstack_features = [
+                    [_pool_item(f, g, time_window)[0] for f, g in zip(level, grids)]
+                    for level in feats.deepstack_features
+                ]
             mm[key], rope[key] = feats, [g for _, g in items]
-    shrunk = qwen_batch(pad_left, images=rope["image"], videos=rope["video"])
+            counts[key] = (sum(t * h * w // 4 for t, h, w in grids), sum(len(x) for x, _ in items))
+    shrunk = make_batch(pad_left, images=rope["image"], videos=rope["video"])
     del shrunk["pixel_values"], shrunk["pixel_values_videos"]
     if "second_per_grid_ts" in extra:
         shrunk["second_per_grid_ts"] = extra["second_per_grid_ts"] * time_window
@@ -503,8 +543,8 @@ def check_qwen_vtc_matches_reference(model, pad_left: bool, time_window: int, **
     for name in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
         assert torch.equal(handle.last_inputs[name], shrunk[name]), name
 
-    r = handle.report  # images 4x4 -> 2x2 and 2x3 -> 1x2; video 4 frames of 2x2 -> 1x1 each
-    assert (r.image_tokens_in, r.image_tokens_kept) == (16 + 6, 4 + 2)
-    assert (r.video_tokens_in, r.video_tokens_kept) == (16, 4 // time_window)
-    assert r.visual_tokens_in == 38 and r.visual_tokens_kept == 6 + 4 // time_window
+    r = handle.report
+    assert (r.image_tokens_in, r.image_tokens_kept) == counts["image"] == (16 + 6, 4 + 2)
+    assert (r.video_tokens_in, r.video_tokens_kept) == counts["video"]
+    assert r.visual_tokens_kept == counts["image"][1] + counts["video"][1]
     handle.remove()

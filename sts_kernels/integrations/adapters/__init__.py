@@ -20,6 +20,7 @@ _FAMILIES = (
     "llava_next",
     "qwen2_vl",
     "qwen2_5_vl",
+    "qwen3_vl",
     "internvl",
     "gemma3",
     "smolvlm",

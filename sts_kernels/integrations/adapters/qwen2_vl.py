@@ -27,35 +27,46 @@ class Qwen2VLAdapter(Adapter):
         "video": ("pixel_values_videos", "video_grid_thw", "video_token_id", "get_video_features"),
     }
 
+    frame_runs = False  # video placeholders split per frame (Qwen3-VL's timestamps)
+
     def compress(self, model, compressor, kw):
         kw["position_ids"] = None
         counts = {}
+        m = model.config.vision_config.spatial_merge_size
         for modality, (pixels, grid_key, token_attr, getter) in self._INPUTS.items():
             if kw.get(pixels) is None:
                 continue
             thw = kw[grid_key]  # [items, 3] raw-patch grids
+            grids = [(t, h // m, w // m) for t, h, w in thw.tolist()]  # merged-token grids
             features = getattr(model.model, getter)(kw[pixels], thw, return_dict=True)
-            compressed, rope_grid = self._compress_items(model, compressor, features, thw)
+            outs = _compress_items(compressor, features.pooler_output, grids)
+            compressed = [o.x.reshape(-1, o.x.shape[-1]) for o in outs]
+            runs = None
+            if modality == "video" and self.frame_runs:  # one placeholder run per frame
+                runs = (
+                    [h * w for t, h, w in grids for _ in range(t)],
+                    [o.x.shape[1] for o in outs for _ in range(o.x.shape[0])],
+                )
+            self._compress_extra(compressor, features, grids)
             token_id = getattr(model.config, token_attr)
             counts[modality] = feed_features(
-                model, kw, modality, features, compressed, token_id, pixels
+                model, kw, modality, features, compressed, token_id, pixels, runs=runs
             )
+            # get_rope_index divides the grid by the merge size again
+            rope_grid = [(o.x.shape[0], o.grid[0] * m, o.grid[1] * m) for o in outs]
             kw[grid_key] = torch.tensor(rope_grid, dtype=thw.dtype, device=thw.device)
             if modality == "video" and kw.get("second_per_grid_ts") is not None:
                 kw["second_per_grid_ts"] = kw["second_per_grid_ts"] * compressor.time_window
         return kw, counts
 
-    @staticmethod
-    def _compress_items(model, compressor, features, thw):
-        m = model.config.vision_config.spatial_merge_size
-        frames, grids = [], []
-        for f, (t, h, w) in zip(features.pooler_output, thw.tolist()):  # f [t*(h/m)*(w/m), D]
-            frames.append(f.view(t, (h // m) * (w // m), -1))
-            grids.append((h // m, w // m))
-        outs = compressor.compress_many(frames, grids)
-        compressed = [o.x.reshape(-1, o.x.shape[-1]) for o in outs]
-        rope_grid = [(o.x.shape[0], o.grid[0] * m, o.grid[1] * m) for o in outs]
-        return compressed, rope_grid
+    def _compress_extra(self, compressor, features, grids) -> None:
+        """Compress any further per-token features consistently (Qwen3-VL's DeepStack)."""
+
+
+def _compress_items(compressor, items, grids):
+    """Each item [t*h*w, D] as t frames of (h, w), one compressor call per distinct grid."""
+    frames = [f.view(t, h * w, -1) for f, (t, h, w) in zip(items, grids)]
+    return compressor.compress_many(frames, [(h, w) for _, h, w in grids])
 
 
 ADAPTER = Qwen2VLAdapter()

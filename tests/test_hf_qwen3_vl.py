@@ -1,0 +1,44 @@
+"""apply_sts on a tiny Qwen3-VL: DeepStack levels pooled like the main visual tokens, video
+frames as separate placeholder runs (timestamps between them)."""
+
+from __future__ import annotations
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from hf_models import (  # noqa: E402
+    QWEN3_VIDEOS,
+    check_eval_equals_unpatched,
+    check_qwen_vtc_matches_reference,
+    check_remove_restores,
+    check_train_step_is_sparser,
+    make_qwen3_vl,
+    needs_encoder_outputs,
+    qwen3_batch,
+)
+
+from sts_kernels.integrations.hf import apply_sts  # noqa: E402
+
+
+@needs_encoder_outputs
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_images_video_and_deepstack_equal_unpatched_on_shrunk_batch(pad_left):
+    model = make_qwen3_vl("eager")
+    check_qwen_vtc_matches_reference(
+        model, pad_left, 1, make_batch=qwen3_batch, videos=QWEN3_VIDEOS
+    )
+
+
+def test_train_step_eval_and_remove():
+    model = make_qwen3_vl()
+    batch = qwen3_batch(True)
+    report = check_train_step_is_sparser(model, batch)
+    assert report.video_tokens_kept == 2 and report.image_tokens_kept == 6  # 1 per frame
+    check_eval_equals_unpatched(model, batch)
+    check_remove_restores(model, batch)
+
+
+def test_time_window_is_refused():
+    with pytest.raises(ValueError, match="time_window"):
+        apply_sts(make_qwen3_vl(), compress={"time_window": 2})
