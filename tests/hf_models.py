@@ -346,9 +346,10 @@ def make_qwen2_5_vl(attn: str = "sdpa"):
     return _finish(Qwen2_5_VLForConditionalGeneration, config, attn)
 
 
-def make_qwen3_vl(attn: str = "sdpa"):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def make_qwen3_vl(attn: str = "sdpa", moe: bool = False):
+    import transformers
 
+    family = "Qwen3VLMoe" if moe else "Qwen3VL"
     vision = dict(
         _QWEN_VISION,
         hidden_size=64,
@@ -358,9 +359,12 @@ def make_qwen3_vl(attn: str = "sdpa"):
         deepstack_visual_indexes=[0],  # vision layer 0 feeds LM layer 0
     )
     rope = _MROPE | {"mrope_interleaved": True}
-    text = _text_config(head_dim=32, rope_parameters=rope)
-    config = Qwen3VLConfig(vision_config=vision, text_config=text, **_QWEN_IDS)
-    return _finish(Qwen3VLForConditionalGeneration, config, attn)
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64) if moe else {}
+    text = _text_config(head_dim=32, rope_parameters=rope, **experts)
+    config = getattr(transformers, f"{family}Config")(
+        vision_config=vision, text_config=text, **_QWEN_IDS
+    )
+    return _finish(getattr(transformers, f"{family}ForConditionalGeneration"), config, attn)
 
 
 # raw-patch grids (t, h, w); merged 2x2 -> 4x4, 2x3 (images) and 4 frames of 2x2 (video)

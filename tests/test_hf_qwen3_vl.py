@@ -39,6 +39,12 @@ def test_train_step_eval_and_remove():
     check_remove_restores(model, batch)
 
 
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_moe_train_step(mode):
+    model = make_qwen3_vl(moe=True)
+    check_train_step_is_sparser(model, qwen3_batch(False), skip={"mode": mode, "seed": 0})
+
+
 def test_time_window_is_refused():
     with pytest.raises(ValueError, match="time_window"):
         apply_sts(make_qwen3_vl(), compress={"time_window": 2})
