@@ -6,6 +6,7 @@
    forward and forward+backward, half the tokens active. GB/s counts the bytes the fused
    kernels must move: forward reads x and delta and writes out, (2R + K) F elements; backward
    reads grad_out and delta rows and writes grad_delta, 3 K F (grad_x is grad_out itself).
+   Where the op has `from_output`, also its output form ("-y": the layer's output y).
 2. `skip_layer`: the skipper's own work per skipped layer (route, gather_rows, skip_residual and
    the glue between them) around an identity layer, sample and token mode, forward+backward
    time, and the bytes its ops move against the ideal model `ideal_layer_bytes` (printed as
@@ -13,11 +14,12 @@
    (an upper bound), except row gathers, which read only the rows they write.
 3. A Llama-style decoder stack (RMSNorm, causal MHA via sdpa, SwiGLU MLP) under the skipper in
    sample mode at 0/25/50/75 % skipped samples (router policy with capacity 1 - rate: exact
-   counts), forward+backward time and peak activation memory, against the plain stack.
+   counts), forward+backward time (and peak memory on a GPU), against the plain stack.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from functools import partial
 
@@ -99,14 +101,30 @@ def _op_cases(device, quick, compile_baseline) -> Iterator[Case]:
     }
     if compile_baseline:
         impls["compile"] = impls["eager"]
+    shape = f"R={rows} K={k} D={d} {str(dtype).removeprefix('torch.')}"
+    inputs = partial(_skip_inputs, b, t, d, k, dtype, device)
+    reps = 5 if quick else 20
     yield from autograd_cases(
         "skip_residual",
-        f"R={rows} K={k} D={d} {str(dtype).removeprefix('torch.')}",
+        shape,
         impls,
-        partial(_skip_inputs, b, t, d, k, dtype, device),
+        inputs,
         {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes},
-        reps=5 if quick else 20,
+        reps=reps,
     )
+    if "from_output" in inspect.signature(skip_residual).parameters:
+        # the output form (the layer's output y instead of y - x): its backward walks the R
+        # rows (grad_x = grad_out, scaled by 1 - gate on the active rows) and reads x, y rows
+        # for the gate: 2R + 3K rows
+        output_form = lambda x, y, g: skip_residual(x, y, plan, g, from_output=True)
+        yield from autograd_cases(
+            "skip_residual",
+            shape,
+            {f"sts-{backend_for(device)}-y": output_form},
+            inputs,
+            {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + (2 * rows + 3 * k) * d * elt},
+            reps=reps,
+        )
 
 
 # ---- the skipper's work per skipped layer ---------------------------------------------------
