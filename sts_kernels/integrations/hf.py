@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +82,8 @@ _DEFAULT_SKIP = {"mode": "sample", "policy": "schedule", "p_max": 0.5, "keep_fir
 _HANDLE_ATTR = "_sts_handle"
 
 # shrink_placeholders appends its column map here while a patch compresses (see _pre_hook)
-_COLUMN_MAPS: ContextVar[list[Tensor] | None] = ContextVar("sts_column_maps", default=None)
+# (a plain list rather than a ContextVar: torch.compile traces list appends, not ContextVars)
+_COLUMN_MAPS: list[list[Tensor]] = []
 
 
 @dataclass
@@ -383,10 +383,23 @@ def _follow(module: nn.Module, training: bool, device: torch.device) -> None:
 
 
 def _layer_forward(handle: StsHandle, idx: int, *args, **kwargs):
-    """Patched forward of decoder layer `idx`: through the skipper in training."""
-    layer = handle._layers[idx]
+    """Patched forward of decoder layer `idx`: through the skipper in training. Nothing here
+    reads `idx` on the training path, so under torch.compile this frame is not specialised
+    per layer."""
     # a user-built skipper calls the real layer back (`_inside`): run it plainly then
-    if handle._inside or handle._generating or not (handle.enabled and layer.training):
+    if handle._inside or handle._generating or not (handle.enabled and handle.model.training):
+        return _unpatched_forward(handle._layers[idx], handle._previous[idx])(*args, **kwargs)
+    return _skipper_call(handle, idx, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _skipper_call(handle: StsHandle, idx: int, *args, **kwargs):
+    """The skipper's call for layer `idx`, eager inside a compiled model: its row counts are
+    host values that change every step and its decisions depend on the layer index, so Dynamo
+    would recompile it per layer and per count until its recompile limit (then run it eagerly
+    anyway). One graph break per layer instead, and no recompiles."""
+    layer = handle._layers[idx]
+    if not layer.training:  # a layer the user put in eval() inside a training model
         return _unpatched_forward(layer, handle._previous[idx])(*args, **kwargs)
     _follow(handle.skipper, True, args[0].device if args else kwargs["hidden_states"].device)
     handle._inside = True
@@ -439,12 +452,12 @@ def _pre_hook(handle: StsHandle, adapter, module, args, kwargs):
         if ids is None:
             raise ValueError("apply_sts: VTC needs input_ids (got inputs_embeds)")
         _follow(compressor, module.training, ids.device)
-        maps = _COLUMN_MAPS.set([])  # shrink_placeholders appends one map per call
+        _COLUMN_MAPS.append([])  # shrink_placeholders appends one map per call
         try:
             kw, counts = adapter.compress(model, compressor, kw)
-            report.columns = _compose_columns(_COLUMN_MAPS.get())
+            report.columns = _compose_columns(_COLUMN_MAPS[-1])
         finally:
-            _COLUMN_MAPS.reset(maps)
+            _COLUMN_MAPS.pop()
         for modality, (n_in, n_kept) in counts.items():  # "image" / "video"
             setattr(report, f"{modality}_tokens_in", n_in)
             setattr(report, f"{modality}_tokens_kept", n_kept)
@@ -509,6 +522,7 @@ def _expand_columns(x: Tensor, cols: Tensor, length: int) -> Tensor:
 # VTC: shrink the text side to match the compressed features (adapters call this)
 
 
+@torch.compiler.disable  # output shapes depend on the data: eager under torch.compile
 def shrink_placeholders(
     input_ids: Tensor,
     image_token_id: int,
@@ -585,9 +599,9 @@ def _record_columns(keep: Tensor, dest: Tensor, new_len: int, slots, surplus) ->
     of every new column, -1 for re-padding. A kept placeholder maps `surplus` columns later, to
     the last `kept` columns of its image, so that the logit predicting the text after an image
     lands next to that text when the logits are expanded back."""
-    maps = _COLUMN_MAPS.get()
-    if maps is None:
+    if not _COLUMN_MAPS:
         return
+    maps = _COLUMN_MAPS[-1]
     b, length = keep.shape
     source = torch.arange(length, device=dest.device).repeat(b)  # [B * L]
     source[slots] += surplus  # dropped slots are never read below
