@@ -21,7 +21,8 @@ constexpr int64_t kCopyGrainBytes = 1 << 16;
 // Stream compaction in three passes: per-block counts (parallel), exclusive scan of the block
 // counts (serial, one entry per block), ids and the row -> k map written from each block's
 // start (parallel).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& mask) {
   check_mask(mask);
   const auto flat = mask.contiguous();
   const bool* flags = flat.data_ptr<bool>();
@@ -66,7 +67,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::T
     }
   });
   auto counts = offsets.narrow(0, 1, samples) - offsets.narrow(0, 0, samples);
-  return {index, counts, offsets, row_to_k};
+
+  // padded_index[b, j] = the j-th active row of sample b, -1 past its count: Kmax is its width
+  int64_t max_count = 0;
+  for (int64_t b = 0; b < samples; ++b) max_count = std::max(max_count, off[b + 1] - off[b]);
+  auto padded_index = at::empty({samples, max_count}, long_opts);
+  int64_t* padded = padded_index.data_ptr<int64_t>();
+  at::parallel_for(0, samples, std::max<int64_t>(1, 4096 / std::max<int64_t>(max_count, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t b = begin; b < end; ++b) {
+                       for (int64_t j = 0; j < max_count; ++j) {
+                         padded[b * max_count + j] = off[b] + j < off[b + 1] ? ids[off[b] + j] : -1;
+                       }
+                     }
+                   });
+  return {index, counts, offsets, row_to_k, padded_index};
 }
 
 void copy_rows_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows, bool scatter) {

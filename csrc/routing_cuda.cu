@@ -44,16 +44,46 @@ __global__ void compact_kernel(const bool* __restrict__ flags, const int64_t* __
   }
 }
 
-// offsets[b] = active rows before sample b's first row, read off the inclusive prefix count.
+// One block: offsets[b] = active rows before sample b's first row and counts[b], read off
+// the inclusive prefix count, and sizes = {K, Kmax}, which the host reads in one copy.
 __global__ void sample_offsets_kernel(const int64_t* __restrict__ inclusive, int64_t samples,
                                       int64_t per_sample, int64_t* __restrict__ offsets,
-                                      int64_t* __restrict__ counts) {
+                                      int64_t* __restrict__ counts, int64_t* __restrict__ sizes) {
+  __shared__ int64_t block_max[kThreads];
   const auto before = [&](int64_t b) { return b * per_sample == 0 ? 0 : inclusive[b * per_sample - 1]; };
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b <= samples;
-       b += stride) {
+  int64_t local_max = 0;
+  for (int64_t b = threadIdx.x; b <= samples; b += blockDim.x) {
     offsets[b] = before(b);
-    if (b < samples) counts[b] = before(b + 1) - before(b);
+    if (b < samples) {
+      const int64_t count = before(b + 1) - before(b);
+      counts[b] = count;
+      local_max = count > local_max ? count : local_max;
+    }
+  }
+  // tree reduction of the per-thread maxima
+  block_max[threadIdx.x] = local_max;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride && block_max[threadIdx.x + stride] > block_max[threadIdx.x]) {
+      block_max[threadIdx.x] = block_max[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    sizes[0] = before(samples);
+    sizes[1] = block_max[0];
+  }
+}
+
+// padded_index[b, j] = index[offsets[b] + j] for j < counts[b], else -1.
+__global__ void padded_index_kernel(const int64_t* __restrict__ index,
+                                    const int64_t* __restrict__ offsets, int64_t samples,
+                                    int64_t max_count, int64_t* __restrict__ padded) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       s < samples * max_count; s += stride) {
+    const int64_t b = s / max_count, k = offsets[b] + s % max_count;
+    padded[s] = k < offsets[b + 1] ? index[k] : -1;
   }
 }
 
@@ -78,7 +108,8 @@ int64_t grid_for(int64_t work, int64_t per_block) {
   return std::max<int64_t>(1, std::min(max_blocks, (work + per_block - 1) / per_block));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
+    const at::Tensor& mask) {
   check_mask(mask);
   const c10::cuda::CUDAGuard guard(mask.device());
   const auto flat = mask.contiguous();
@@ -86,26 +117,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::
   const int64_t samples = flat.size(0);
   const int64_t per_sample = samples == 0 ? 0 : num_rows / samples;
   const auto long_opts = flat.options().dtype(at::kLong);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
 
   const auto inclusive = at::cumsum(flat.view({-1}), 0, at::kLong);  // [R] device-wide scan
-  // The one host synchronisation: K sizes the index.
-  const int64_t active = num_rows == 0 ? 0 : inclusive[num_rows - 1].item<int64_t>();
-  auto index = at::empty({active}, long_opts);
   auto offsets = at::empty({samples + 1}, long_opts);
   auto counts = at::empty({samples}, long_opts);
+  auto sizes = at::empty({2}, long_opts);
+  sample_offsets_kernel<<<1, kThreads, 0, stream>>>(inclusive.data_ptr<int64_t>(), samples,
+                                                    per_sample, offsets.data_ptr<int64_t>(),
+                                                    counts.data_ptr<int64_t>(),
+                                                    sizes.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The one host synchronisation: K sizes the index, Kmax the padded layout, one copy.
+  const auto host_sizes = sizes.cpu();
+  const int64_t active = host_sizes.data_ptr<int64_t>()[0];
+  const int64_t max_count = host_sizes.data_ptr<int64_t>()[1];
+  auto index = at::empty({active}, long_opts);
   auto row_to_k = at::empty({num_rows}, long_opts);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto padded_index = at::empty({samples, max_count}, long_opts);
   if (num_rows > 0) {
     compact_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
         flat.data_ptr<bool>(), inclusive.data_ptr<int64_t>(), num_rows, index.data_ptr<int64_t>(),
         row_to_k.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  sample_offsets_kernel<<<grid_for(samples + 1, kThreads), kThreads, 0, stream>>>(
-      inclusive.data_ptr<int64_t>(), samples, per_sample, offsets.data_ptr<int64_t>(),
-      counts.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {index, counts, offsets, row_to_k};
+  if (padded_index.numel() > 0) {
+    padded_index_kernel<<<grid_for(padded_index.numel(), kThreads), kThreads, 0, stream>>>(
+        index.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), samples, max_count,
+        padded_index.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {index, counts, offsets, row_to_k, padded_index};
 }
 
 // Row copy in units of `Vec` (16 bytes when rows and pointers allow): threadIdx.x walks a

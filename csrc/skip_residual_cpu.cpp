@@ -86,6 +86,8 @@ Plan check_plan(const char* op, const at::Tensor& update, const at::Tensor& inde
                 " samples, offsets ", samples);
     plan.max_count = update.size(1);
     plan.num_slots = update.size(0) * update.size(1);
+    TORCH_CHECK(plan.max_count <= plan.rows_per_sample, op, ": the padded update has Kmax = ",
+                plan.max_count, " slots per sample, more than its ", plan.rows_per_sample, " rows");
   } else {
     TORCH_CHECK(update.size(0) == plan.num_active, op, ": the update has ", update.size(0),
                 " rows, index ", plan.num_active);
@@ -237,7 +239,8 @@ void backward_delta_kernel(const at::Tensor& grad_out, const at::Tensor& delta,
 }
 
 // Output form: one walk over the R rows writes grad_x (grad_out, times 1 - g on active rows),
-// grad_y and grad_gate; the padding slots of grad_y were zeroed at allocation.
+// grad_y and grad_gate. Padded: padding slot (b, j), counts[b] <= j < Kmax, is zeroed by row
+// b * T + j (Kmax <= T: exactly one row per padding slot), so no separate zero fill.
 template <typename scalar_t>
 void backward_output_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& y,
                             const std::optional<at::Tensor>& gate, const Plan& plan,
@@ -256,6 +259,13 @@ void backward_output_kernel(const at::Tensor& grad_out, const at::Tensor& x, con
       const scalar_t* grad_out_row = grad_out_data + i * num_features;
       scalar_t* grad_x_row = grad_x_data + i * num_features;
       const int64_t k = plan.row_to_k[i];
+      if (plan.padded) {
+        const int64_t sample = i / plan.rows_per_sample, t = i % plan.rows_per_sample;
+        if (t >= plan.offsets[sample + 1] - plan.offsets[sample] && t < plan.max_count) {
+          scalar_t* pad_row = grad_y_data + (sample * plan.max_count + t) * num_features;
+          std::fill(pad_row, pad_row + num_features, scalar_t(0));
+        }
+      }
       if (k < 0) {
         std::memcpy(grad_x_row, grad_out_row, num_features * sizeof(scalar_t));
         continue;
@@ -310,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> skip_residual_rows_backward_cpu(
   if (from_output) {
     const auto x = x_in->contiguous();
     grad_x = at::empty_like(grad_out);
-    grad_update = plan.padded ? at::zeros_like(update) : at::empty_like(update);
+    grad_update = at::empty_like(update);  // the row walk zeroes the padding slots too
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), op, [&] {
       backward_output_kernel<scalar_t>(grad_out, x, update, gate, plan, grad_x, grad_update,
                                        grad_gate_acc);

@@ -100,8 +100,11 @@ pybind11::dict build_info() {
 }  // namespace sts
 
 TORCH_LIBRARY(sts, m) {
-  // row_to_k: [R] the k of every row, -1 for a skipped row (the inverse of index)
-  m.def("route(Tensor mask) -> (Tensor index, Tensor counts, Tensor offsets, Tensor row_to_k)");
+  // row_to_k: [R] the k of every row, -1 for a skipped row (the inverse of index);
+  // padded_index: [B, Kmax] each sample's active rows, -1 past its count (Kmax = its width)
+  m.def(
+      "route(Tensor mask) -> (Tensor index, Tensor counts, Tensor offsets, Tensor row_to_k, "
+      "Tensor padded_index)");
   m.def("gather_rows(Tensor x, Tensor rows) -> Tensor");
   m.def("scatter_rows(Tensor src, Tensor rows, SymInt num_rows) -> Tensor");
   // skip_residual on canonical rows: x [R, F], the update (delta, or with from_output the

@@ -34,6 +34,8 @@ class RoutePlan:
     # [R] int64 k of every row (-1: skipped), the inverse of `index`; `route` fills it from
     # its compaction, otherwise it is built on first use (`row_to_k`)
     row_map: Tensor | None = field(default=None, repr=False)
+    # [B, Kmax] int64, `padded_index` when `route` computed it (its width is Kmax: no read)
+    padded_map: Tensor | None = field(default=None, repr=False)
 
     @property
     def num_active(self) -> int:
@@ -61,21 +63,31 @@ class RoutePlan:
             object.__setattr__(self, "row_map", row_to_k.index_copy_(0, ids, arange)[:rows])
         return self.row_map
 
-    @functools.cached_property
+    @property
     def max_count(self) -> int:
-        """Kmax, the most active rows of any sample (reads one number from the device)."""
-        return int(self.counts.max().item()) if self.counts.numel() else 0
+        """Kmax, the most active rows of any sample (reads one number from the device unless
+        `route` already computed the padded layout)."""
+        if self.padded_map is not None:
+            return self.padded_map.shape[1]
+        if "_max_count" not in self.__dict__:
+            count = int(self.counts.max().item()) if self.counts.numel() else 0
+            object.__setattr__(self, "_max_count", count)
+        return self.__dict__["_max_count"]
 
-    @functools.cached_property
+    @property
     def padded_index(self) -> Tensor:
         """[B, Kmax] flat row id of each sample's j-th active row, -1 past its count."""
-        b = self.counts.numel()
-        j = torch.arange(self.max_count, device=self.device)  # [Kmax]
-        valid = j[None, :] < self.counts[:, None]  # [B, Kmax]
-        src = (self.offsets[:-1, None] + j[None, :]).clamp_max(max(self.num_active - 1, 0))
-        if self.num_active == 0:
-            return torch.full((b, self.max_count), -1, dtype=torch.int64, device=self.device)
-        return torch.where(valid, self.index[src], -1)
+        if self.padded_map is None:
+            b = self.counts.numel()
+            j = torch.arange(self.max_count, device=self.device)  # [Kmax]
+            valid = j[None, :] < self.counts[:, None]  # [B, Kmax]
+            src = (self.offsets[:-1, None] + j[None, :]).clamp_max(max(self.num_active - 1, 0))
+            if self.num_active == 0:
+                padded = torch.full((b, self.max_count), -1, dtype=torch.int64, device=self.device)
+            else:
+                padded = torch.where(valid, self.index[src], -1)
+            object.__setattr__(self, "padded_map", padded)
+        return self.padded_map
 
     @property
     def valid(self) -> Tensor:
@@ -85,6 +97,6 @@ class RoutePlan:
     @functools.cached_property
     def positions(self) -> Tensor:
         """[B, Kmax] int64 original position `t` of each kept token (0 on padding)."""
-        per_sample = self.num_rows // max(len(self.counts), 1)
-        b = torch.arange(self.counts.numel(), device=self.device)[:, None]
-        return torch.where(self.valid, self.padded_index - b * per_sample, 0)
+        per_sample = max(self.num_rows // max(len(self.counts), 1), 1)
+        # flat row b * T + t -> t; padding (-1) -> 0
+        return self.padded_index.clamp_min(0) % per_sample

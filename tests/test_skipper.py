@@ -61,7 +61,7 @@ def make_layers(n=5, cls=ResidualMLP):
     return nn.ModuleList(cls() for _ in range(n))
 
 
-def masked_dense(layers, x, report, call=lambda layer, h: layer(h)):
+def masked_dense(layers, x, report, call=lambda layer, h: layer(h), gate_dtype=torch.float32):
     """The skipper's output recomputed densely: every layer on every row, then the rows the
     report says were skipped are reset to the input (and the kept ones gated)."""
     h = x
@@ -71,8 +71,8 @@ def masked_dense(layers, x, report, call=lambda layer, h: layer(h)):
         if keep is None:
             h = y
             continue
-        gate = torch.zeros(keep.shape, dtype=torch.float32)
-        gate[keep] = report.gates[i].float()  # the report's gates follow the rows' order
+        gate = torch.zeros(keep.shape, dtype=gate_dtype)
+        gate[keep] = report.gates[i].to(gate_dtype)  # the report's gates follow the rows' order
         trailing = [1] * (h.dim() - keep.dim())
         h = torch.where(
             keep.view(*keep.shape, *trailing), h + gate.view(*keep.shape, *trailing) * (y - h), h
@@ -209,8 +209,59 @@ def test_router_top_k_gate_and_gradient():
         keep = skipper.report.keep_masks[i]
         assert keep.sum() == 2  # round(0.25 * 8)
         assert skipper.routers[str(i)].weight.grad.abs().sum() > 0
-        assert skipper.report.gates[i].min() > 0 and skipper.report.gates[i].max() < 1
+        # straight-through: the forward value is exactly 1 (the kept rows run as in eval)
+        assert torch.equal(skipper.report.gates[i], torch.ones(2))
     assert set(skipper.routers) == {"1", "2"}
+
+
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_router_at_full_capacity_trains_what_eval_runs(mode):
+    """Capacity 1.0: every row runs every layer, so the training output must be the eval
+    output (STS evaluates densely), while the router still gets a gradient through the
+    straight-through gate (a sigmoid gate would scale the layers' updates by ~0.5)."""
+    layers = make_layers(4)
+    skipper = LayerDynamicSkipper(layers, D, mode=mode, policy="router", capacity=1.0)
+    x = torch.randn(4, 5, D)
+    train_out = skipper.train()(x)
+    with torch.no_grad():
+        eval_out = skipper.eval()(x)
+    assert_close(train_out, eval_out)
+    train_out.square().sum().backward()
+    for i in (1, 2):
+        assert skipper.routers[str(i)].weight.grad.abs().sum() > 0
+
+
+def test_gates_follow_the_model_dtype():
+    """fp64 models get fp64 gates (no fp32 rounding of 1 / keep_prob); half models fp32."""
+    layers = make_layers(3).double()
+    skipper = LayerDynamicSkipper(layers, D, p_max=0.7, seed=0).train()
+    x = torch.randn(16, 2, D, dtype=torch.float64)
+    out = skipper(x)
+    assert skipper.report.gates[1].dtype == torch.float64
+    expected = masked_dense(layers, x, skipper.report, gate_dtype=torch.float64)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    assert skipper.gate_of_plan(2.0, route_all(4), torch.bfloat16).dtype == torch.float32
+
+
+def route_all(n):
+    from sts_kernels import route
+
+    return route(torch.ones(n, dtype=torch.bool))
+
+
+def test_fully_skipped_layer_gives_every_parameter_a_zero_gradient():
+    """DDP with find_unused_parameters=False needs a gradient for every parameter on every
+    rank: a layer no row runs joins the graph at zero cost and gets exact zeros."""
+    layers = make_layers(3)
+    skipper = LayerDynamicSkipper(layers, D, policy="router", capacity=0.0).train()
+    x = torch.randn(4, 2, D, requires_grad=True)
+    out = skipper(x)
+    assert skipper.report.rows_run[1] == 0 and len(layers[1].forward_rows) == 0
+    out.sum().backward()
+    for p in layers[1].parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    assert all(p.grad is not None for p in skipper.parameters())
+    assert torch.equal(out, layers[2](layers[0](x)))
 
 
 def test_router_token_mode_top_k_per_sample():

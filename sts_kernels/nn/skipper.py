@@ -102,6 +102,34 @@ def _position_kwargs(layer: nn.Module) -> tuple[str, ...]:
     return tuple(name for name in POSITION_KWARGS if name in params)
 
 
+class _JoinGraph(torch.autograd.Function):
+    """`hidden` unchanged (a view, no copy), with `params` as inputs whose gradient is zero:
+    a layer skipped for every row still gives each parameter a (zero) gradient, so DDP with
+    `find_unused_parameters=False` sees every parameter used on every rank."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, *params: Tensor) -> Tensor:
+        ctx.param_specs = [(p.shape, p.dtype, p.device) for p in params]  # no data kept
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        zeros = (
+            torch.zeros(shape, dtype=dtype, device=dev) for shape, dtype, dev in ctx.param_specs
+        )
+        return grad, *zeros
+
+
+def _join_graph(hidden: Tensor, layer: nn.Module, gate: Tensor) -> Tensor:
+    """`hidden` joined to the graph of the layer's parameters and of the (empty) gate, so a
+    router's parameters get their (zero) gradient too."""
+    tensors = [p for p in layer.parameters() if p.requires_grad]
+    tensors += [gate] if gate.requires_grad else []
+    if not tensors or not torch.is_grad_enabled():
+        return hidden
+    return _JoinGraph.apply(hidden, *tensors)
+
+
 class SkippableLayer(nn.Module):
     """Drop-in replacement for `layer` (same call signature and return type) that runs only
     the rows its skipper keeps in training, and exactly `layer` in eval."""
@@ -118,10 +146,16 @@ class SkippableLayer(nn.Module):
         return f"idx={self.idx}"
 
     def pass_positions(self, args: tuple, kwargs: dict, plan: RoutePlan) -> ArgsKwargs:
-        """Default `token_arg_builder`: args pass through; a `positions` / `position_ids`
-        parameter of the layer receives the kept tokens' original positions `[B, Kmax]`.
-        Masks over the kept tokens are the caller's builder's job (padding slots come after
-        every kept token of a sample, so a causal mask over slots never attends to them)."""
+        """Default `token_arg_builder`. A Hugging Face decoder layer (called with
+        `position_embeddings`) gets `integrations.hf.token_layer_args`: rotary embeddings,
+        position ids and the attention mask cut to each sample's kept tokens. Any other layer:
+        args pass through, and a `positions` / `position_ids` parameter receives the kept
+        tokens' original positions `[B, Kmax]` (padding slots come after every kept token of a
+        sample, so a causal mask over slots never attends to them)."""
+        if "position_embeddings" in kwargs:
+            from ..integrations.hf import token_layer_args  # transformers-free module
+
+            return token_layer_args(args, kwargs, plan)
         return args, {**kwargs, **{name: plan.positions for name in self._position_kwargs}}
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
@@ -133,27 +167,30 @@ class SkippableLayer(nn.Module):
             skipper.record(self.idx, None, None, hidden_states)
             return self.layer(hidden_states, *args, **kwargs)
         plan = route(keep)
-        gate = gate_of_rows.reshape(-1).index_select(0, plan.index)  # [K]
+        gate = skipper.gate_of_plan(gate_of_rows, plan, hidden_states.dtype)  # [K]
         skipper.record(self.idx, keep, gate, hidden_states, plan.num_active)
-        if plan.num_active == 0:  # no launches at all for a fully skipped layer
-            return skipper.output_setter(None, hidden_states)
+        if plan.num_active == 0:  # nothing runs; the parameters still join the graph (DDP)
+            return skipper.output_setter(None, _join_graph(hidden_states, self.layer, gate))
 
         if plan.num_active == plan.num_rows:  # dense: no gather, but the gate still applies
             rows, call_args, call_kwargs = hidden_states, args, kwargs
         elif skipper.mode == "sample":
-            rows = gather_rows(hidden_states, plan)  # [K, T, D]
+            # sparse gradient: autograd adds the K rows into skip_residual's grad_x, no
+            # zero-filled [R, T, D] tensor in between
+            rows = gather_rows(hidden_states, plan, sparse_grad=True)  # [K, T, D]
             call_args, call_kwargs = skipper.arg_slicer(args, kwargs, plan)
         else:
             rows = gather_rows(hidden_states, plan, padded=True)  # [B, Kmax, D]
             builder = skipper.token_arg_builder or self.pass_positions
             call_args, call_kwargs = builder(args, kwargs, plan)
         out = self.layer(rows, *call_args, **call_kwargs)
-        delta = skipper.output_getter(out) - rows
+        y = skipper.output_getter(out)
         if plan.num_active == plan.num_rows:  # packed layout of all rows
-            delta = delta.reshape(plan.num_active, *hidden_states.shape[len(plan.shape) :])
+            y = y.reshape(plan.num_active, *hidden_states.shape[len(plan.shape) :])
 
+        # x + gate * (y - x) on the kept rows in one pass: no separate delta = y - rows
         measure = skipper.policy == "importance"
-        combined = skip_residual(hidden_states, delta, plan, gate, stats=measure)
+        combined = skip_residual(hidden_states, y, plan, gate, stats=measure, from_output=True)
         if measure:
             combined, cos = combined
             skipper.observe_change(self.idx, 1.0 - cos.mean())
@@ -271,9 +308,12 @@ class LayerDynamicSkipper(nn.Module):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def decide(self, idx: int, hidden_states: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """(keep mask `[B]` / `[B, T]`, gate of every row in the mask's layout), or (None,
-        None) for a layer that runs densely without a gate."""
+    def decide(
+        self, idx: int, hidden_states: Tensor
+    ) -> tuple[Tensor | None, Tensor | float | None]:
+        """(keep mask `[B]` / `[B, T]`, gate), or (None, None) for a layer that runs densely
+        without a gate. The gate is one value for every row (a float or a 0-d tensor) or a
+        tensor in the mask's layout (router)."""
         if idx not in self.eligible:
             return None, None
         rows = hidden_states.shape[:1] if self.mode == "sample" else hidden_states.shape[:2]
@@ -288,7 +328,7 @@ class LayerDynamicSkipper(nn.Module):
             p = self._schedule_p(idx)
             if p == 0.0:
                 return None, None
-            gate = torch.full(rows, 1.0 / (1.0 - p), device=device)  # stochastic-depth rescale
+            gate = 1.0 / (1.0 - p)  # stochastic-depth rescale, the same for every row
         else:
             # importance: one set of probabilities per pass (refreshed at the first eligible
             # layer), so a step's layers share one distribution whose mean is the budget and
@@ -296,7 +336,7 @@ class LayerDynamicSkipper(nn.Module):
             if self._pass_probabilities is None or idx == self.eligible[0]:
                 self._pass_probabilities = self.skip_probabilities()
             p = self._pass_probabilities[idx].to(device)
-            gate = (1.0 - p).reciprocal().expand(rows)  # stochastic-depth rescale
+            gate = (1.0 - p).reciprocal()  # stochastic-depth rescale, a 0-d tensor
         draw = torch.rand(rows, generator=self._generator(device), device=device)
         return draw >= p, gate
 
@@ -312,7 +352,21 @@ class LayerDynamicSkipper(nn.Module):
         num_keep = max(round(self.capacity * scores.shape[-1]), int(self.capacity > 0))
         top = scores.topk(num_keep, dim=-1).indices
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-        return keep, torch.sigmoid(scores)
+        # straight-through gate: forward value exactly 1 (what eval runs: a kept row's output
+        # is the layer's), backward d gate / d score = sigmoid' (the router still learns)
+        s = torch.sigmoid(scores)
+        return keep, s - s.detach() + 1.0
+
+    @staticmethod
+    def gate_of_plan(gate: Tensor | float, plan: RoutePlan, dtype: torch.dtype) -> Tensor:
+        """[K] gate of the plan's rows in the activations' dtype, fp32 at least (fp64 models
+        get fp64 gates)."""
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        if isinstance(gate, float):
+            return torch.full((plan.num_active,), gate, dtype=dtype, device=plan.device)
+        if gate.dim() == 0:
+            return gate.to(dtype).expand(plan.num_active)
+        return gate.reshape(-1).index_select(0, plan.index).to(dtype)
 
     # ---- bookkeeping ----------------------------------------------------------------------
 

@@ -163,14 +163,16 @@ if extension() is not None:  # importing the extension defined the C++ ops
     _register("sts::gather_rows", "sts::scatter_rows")
 
     @torch.library.register_fake("sts::route")
-    def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        active = torch.library.get_ctx().new_dynamic_size()  # K depends on the mask's data
+    def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        ctx = torch.library.get_ctx()
+        active, max_count = ctx.new_dynamic_size(), ctx.new_dynamic_size()  # from the data
         b = mask.shape[0]
         return (
             mask.new_empty((active,), dtype=torch.int64),
             mask.new_empty((b,), dtype=torch.int64),
             mask.new_empty((b + 1,), dtype=torch.int64),
             mask.new_empty((mask.numel(),), dtype=torch.int64),
+            mask.new_empty((b, max_count), dtype=torch.int64),
         )
 
 
@@ -185,19 +187,54 @@ def route(mask: Tensor) -> RoutePlan:
     _checks.mask(mask)
     if select("route", mask.device, ("cpp",)) == "reference":
         return reference.route(mask)
-    index, counts, offsets, row_to_k = torch.ops.sts.route(mask)
-    return RoutePlan(index, counts, offsets, tuple(mask.shape), row_map=row_to_k)
+    index, counts, offsets, row_to_k, padded_index = torch.ops.sts.route(mask)
+    return RoutePlan(index, counts, offsets, tuple(mask.shape), row_to_k, padded_index)
 
 
-def gather_rows(x: Tensor, plan: RoutePlan, padded: bool = False) -> Tensor:
+class _SparseGradGather(torch.autograd.Function):
+    """A packed gather whose backward is a sparse COO gradient holding just the K rows (the
+    values are the incoming gradient itself, no copy): where `x` also gets a dense gradient
+    from another path, autograd adds the two in one pass instead of zero-filling R rows,
+    scattering K into them and adding that."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, index: Tensor, gather: str) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = flat.shape
+        return getattr(torch.ops.sts, gather)(flat, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        # index is ascending and unique: a coalesced COO tensor by construction
+        sparse = torch.sparse_coo_tensor(
+            index[None], grad, ctx.shape, is_coalesced=True, check_invariants=False
+        )
+        return sparse, None, None
+
+
+def gather_rows(
+    x: Tensor, plan: RoutePlan, padded: bool = False, sparse_grad: bool = False
+) -> Tensor:
     """The plan's active rows of `x`: `[K, ...]`, or `[B, Kmax, ...]` with `padded=True` (zeros
-    past each sample's count). Differentiable in `x`; rows outside the plan get zero gradient."""
+    past each sample's count). Differentiable in `x`; rows outside the plan get zero gradient.
+
+    `sparse_grad=True` (packed only, like `nn.Embedding(sparse=True)`): the gradient of `x` is
+    a sparse COO tensor of the K rows, for callers whose `x` also gets a dense gradient (the
+    skipper: autograd then adds K rows into it). Ignored under torch.compile and on the
+    reference backend."""
     _checks.gather_rows(x, plan, padded)
+    if sparse_grad and padded:
+        raise ValueError("sparse_grad=True needs the packed layout (padded=False)")
     impl = select("gather_rows", x.device, ("cpp", "triton"))
     if impl == "reference":
         return reference.gather_rows(x, plan, padded)
     feat = tuple(x.shape[len(plan.shape) :])
     flat = x.reshape(plan.num_rows, *feat)  # [R, ...]
+    if sparse_grad and x.requires_grad and not torch.compiler.is_compiling():
+        # `x` itself where it is already [R, ...]: a view's backward cannot reshape a sparse grad
+        source = x if x.shape == flat.shape else flat
+        return _SparseGradGather.apply(source, plan.index, _GATHER[impl])
     rows = plan.padded_index.reshape(-1) if padded else plan.index  # [B * Kmax] or [K]
     out = getattr(torch.ops.sts, _GATHER[impl])(flat, rows)
     return out.view(*plan.padded_index.shape, *feat) if padded else out

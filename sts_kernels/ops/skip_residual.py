@@ -205,7 +205,7 @@ def _skip_residual_bwd_output_kernel(
     ROW_TO_K_ptr,  # [R] int64
     OFFSETS_ptr,  # [B + 1] int64
     GRAD_X_ptr,  # [R, F]
-    GRAD_Y_ptr,  # like Y, padding slots zeroed by the caller
+    GRAD_Y_ptr,  # like Y
     GRAD_GATE_ptr,  # [K]
     num_rows,
     num_active,
@@ -225,7 +225,11 @@ def _skip_residual_bwd_output_kernel(
 ):
     """Output form, one walk over the R rows: grad_x[i] = (1 - g[k]) * grad_out[i] and
     grad_y[k] = g[k] * grad_out[i] for k = row_to_k[i] >= 0, grad_x[i] = grad_out[i] elsewhere;
-    grad_gate[k] = <grad_out[i], y[k] - x[i]>."""
+    grad_gate[k] = <grad_out[i], y[k] - x[i]>.
+
+    Padded: padding slot (b, j), counts[b] <= j < Kmax, gets zeros from row i = b * T + j
+    (Kmax <= T, so every padding slot has exactly one such row): no separate zero fill.
+    """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
     in_range = rows < num_rows
@@ -240,6 +244,14 @@ def _skip_residual_bwd_output_kernel(
         slot = k
     # a malformed plan never reads or writes out of bounds (a valid one is unaffected)
     active = active & (slot >= 0) & (slot < num_slots)
+    if IS_PADDED:
+        # the padding slot this row zeroes, if any: (b, t) with counts[b] <= t < Kmax
+        t = rows - sample * rows_per_sample
+        count = tl.load(OFFSETS_ptr + sample + 1, mask=in_range, other=0) - tl.load(
+            OFFSETS_ptr + sample, mask=in_range, other=0
+        )
+        pad_slot = sample * max_count + t
+        pads = in_range & (t >= count) & (t < max_count) & (pad_slot < num_slots)
     if HAS_GATE:
         gate = tl.load(GATE_ptr + k, mask=active, other=0.0).to(ACC_DTYPE)
     else:
@@ -268,6 +280,12 @@ def _skip_residual_bwd_output_kernel(
             (gate[:, None] * grad_out).to(GRAD_Y_ptr.dtype.element_ty),
             mask=active_mask,
         )
+        if IS_PADDED:
+            tl.store(
+                GRAD_Y_ptr + pad_slot[:, None] * stride_y + cols[None, :],
+                tl.zeros([BLOCK_ROWS, BLOCK_F], dtype=GRAD_Y_ptr.dtype.element_ty),
+                mask=pads[:, None] & col_ok[None, :],
+            )
         if NEED_GRAD_GATE:
             x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=active_mask)
             y = tl.load(Y_ptr + slot[:, None] * stride_y + cols[None, :], mask=active_mask)
@@ -375,10 +393,9 @@ def _skip_residual_backward_op(
     if from_output:
         x = x.contiguous()
         grad_x = torch.empty_like(grad_out)
-        # padding slots are never visited by the row walk
-        grad_update = torch.zeros_like(update) if is_padded else torch.empty_like(update)
+        grad_update = torch.empty_like(update)  # the row walk writes the padding's zeros too
         if grad_x.numel() == 0:
-            return grad_x, grad_update, grad_gate.zero_()
+            return grad_x, grad_update.zero_(), grad_gate.zero_()
         config = _launch_config(num_rows, num_features)
         _skip_residual_bwd_output_kernel[(triton.cdiv(num_rows, config["BLOCK_ROWS"]),)](
             grad_out,
@@ -487,9 +504,12 @@ def _register(forward: str, backward: str) -> None:
         # the residual form needs no x in the backward: do not keep it alive
         ctx.save_for_backward(x if from_output else None, update, index, row_to_k, offsets, gate)
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for `cos`: one launch less
 
     def backward_fn(ctx, grad_out, _grad_cos):
         x, update, index, row_to_k, offsets, gate = ctx.saved_tensors
+        if grad_out is None:  # `out` took no part in the loss
+            return (None,) * 8
         if torch.is_grad_enabled():  # create_graph: the opaque op has no derivative of its own
             grad_x, grad_update, grad_gate = _differentiable_backward(
                 grad_out, x, update, index, row_to_k, offsets, gate, ctx.from_output
@@ -529,6 +549,30 @@ if extension() is not None:  # importing the extension defined the C++ ops (CPU 
 
 # forward op of each compiled backend
 _FORWARD = {"triton": "skip_residual", "cpp": "skip_residual_rows"}
+
+
+def ideal_bytes(
+    num_rows: int, num_active: int, row_bytes: int, backward: bool = True, gate_grad: bool = False
+) -> int:
+    """Least memory traffic (bytes) of the glue around one skipped layer in sample mode:
+    `gather_rows` of the K kept rows and `skip_residual(from_output=True)`, R rows of
+    `row_bytes` each.
+
+    forward   gather: read K, write K; combine: read R (x) + K (y), write R      = 2R + 3K
+    backward  before the layer's backward: read K (grad_out), write K (grad_y); after it:
+              read R (grad_out) + K (the layer's grad of its input), write R     = 2R + 3K
+              (+ 2K to read x and y for the gate's gradient)
+
+    The backward needs two passes: grad_y must exist before the layer's backward runs, and
+    grad_x needs the layer's gradient. What the package moves: the forward is ideal; the
+    backward writes grad_x in the combine's backward pass (R read, R write, K grad_y) and
+    autograd adds the gather's sparse K-row gradient out of place (R read, R write, K read):
+    4R + 2K (+ 2K), e.g. 1.21x the ideal forward+backward at K = R/2 (1.1x at K = R).
+    """
+    rows = 2 * num_rows + 3 * num_active
+    if backward:
+        rows += 2 * num_rows + 3 * num_active + (2 * num_active if gate_grad else 0)
+    return rows * row_bytes
 
 
 def backend_for(device: torch.device) -> str:

@@ -1,0 +1,96 @@
+"""Launch and sync budgets of the skipper's glue around one skippable layer (issue 8): <= 6
+kernels forward, <= 10 forward+backward, <= 1 host sync, in sample and token mode, on the C++
+(CPU) and Triton backends. Counted on the CPU with tests/kernel_count.py around a trivial
+layer (`x * w`), whose own kernels, counted alone on the same rows, are subtracted.
+
+What the count cannot see: the inside of a compiled C++ op (one kernel when nothing inside it
+is visible, else what is visible; the CPU `route` shows as its `counts` subtraction), and the
+CUDA `route`'s one host read of (K, Kmax), which the CPU op does not need. On a GPU the route
+is 5 launches (scan, offsets + sizes, the read, compaction, padded ids) and 1 sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_count import count_kernels
+from torch import nn
+
+import sts_kernels as sts
+from sts_kernels import _backend
+from sts_kernels.nn import LayerDynamicSkipper
+from sts_kernels.ops.skip_residual import ideal_bytes
+
+CPP = pytest.mark.skipif(not _backend.has_extension("cpu"), reason="extension not built")
+BACKENDS = [pytest.param("cpp", marks=CPP), pytest.param("triton", marks=pytest.mark.interpreter)]
+FORWARD, FORWARD_BACKWARD, SYNCS = 6, 10, 1
+
+
+class Scale(nn.Module):
+    """The trivial layer: one kernel forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def _counts(mode: str, backend: str):
+    """(glue forward, glue forward+backward, syncs forward+backward, rows run) of layer 1."""
+    layers = nn.ModuleList(Scale() for _ in range(3))
+    skipper = LayerDynamicSkipper(
+        layers, 8, mode=mode, p_max=0.5, seed=0, keep_first_last=False
+    ).train()
+    x = torch.randn(8, 6, 8, requires_grad=True)
+    with sts.use_backend(backend):
+        with count_kernels() as forward:
+            skipper.layers[1](x)
+        keep = skipper.report.keep_masks[1]
+        skipper._generators.clear()  # the same draws again: restart the seeded generator
+        with count_kernels() as both:
+            skipper.layers[1](x).sum().backward()
+    assert torch.equal(keep, skipper.report.keep_masks[1])  # seeded: the same rows both times
+    assert 0 < keep.sum() < keep.numel(), "nothing or everything skipped: a vacuous count"
+    # the layer alone on the rows it saw, plus the loss around it
+    rows = (int(keep.sum()), 6) if mode == "sample" else (8, int(keep.sum(1).max()))
+    inner = torch.randn(*rows, 8, requires_grad=True)
+    with count_kernels() as layer_forward:
+        layers[1](inner)
+    with count_kernels() as layer_both:
+        layers[1](inner).sum().backward()
+    glue_forward = forward.kernels - layer_forward.kernels
+    # the layer-alone backward accumulates into inner.grad (a leaf): one add_ the glue lacks
+    glue_both = both.kernels - (layer_both.kernels - layer_both.aten_names["add_"])
+    return glue_forward, glue_both, both.syncs, str(forward), str(both)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_skipper_glue_within_budget(mode, backend):
+    forward, both, syncs, detail_forward, detail_both = _counts(mode, backend)
+    assert forward <= FORWARD, detail_forward
+    assert both <= FORWARD_BACKWARD, detail_both
+    assert syncs <= SYNCS, detail_both
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_delta_pass_and_no_zero_fill_in_sample_mode(backend):
+    """The glue neither forms `y - rows` (skip_residual reads y) nor zero-fills R rows for the
+    gather's gradient (it is sparse; autograd adds its K rows to skip_residual's grad_x)."""
+    layers = nn.ModuleList(Scale() for _ in range(3))
+    skipper = LayerDynamicSkipper(layers, 8, p_max=0.5, seed=0, keep_first_last=False).train()
+    x = torch.randn(8, 6, 8, requires_grad=True)
+    with sts.use_backend(backend), count_kernels() as counted:
+        skipper.layers[1](x).sum().backward()
+    names = counted.aten_names
+    assert names["sub"] <= 1 and names["neg"] == 0, counted  # sub: the CPU route's counts
+    assert names["zeros"] == 0 and names["scatter_rows"] == 0, counted
+    assert names["scatter_rows_triton"] == 0, counted
+
+
+def test_ideal_bytes_model():
+    # forward 2R + 3K, backward 2R + 3K (+ 2K for the gate's gradient), in rows
+    assert ideal_bytes(100, 40, 8, backward=False) == (200 + 120) * 8
+    assert ideal_bytes(100, 40, 8) == 2 * (200 + 120) * 8
+    assert ideal_bytes(100, 40, 8, gate_grad=True) == (2 * (200 + 120) + 80) * 8
