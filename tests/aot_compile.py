@@ -239,6 +239,13 @@ def compile_all(arch: int) -> dict:
     current = {"dtype": "", "workload": ""}
     original_run = JITFunction.run
 
+    def record_error(kernel: str | None, error: Exception) -> None:
+        # a kernel's compile error is recorded once, not again by the workload it broke
+        if not (errors and errors[-1].items() >= current.items()):
+            errors.append(
+                {"kernel": kernel, **current, "error": f"{type(error).__name__}: {error}"}
+            )
+
     def compile_only(self, *args, grid, warmup, **kwargs):
         name = kernel_name(self)
         log = io.StringIO()
@@ -246,7 +253,7 @@ def compile_all(arch: int) -> dict:
             with contextlib.redirect_stdout(log):
                 kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as error:
-            errors.append({"kernel": name, **current, "error": f"{type(error).__name__}: {error}"})
+            record_error(name, error)
             raise
         if kernel.hash not in stats:
             shared = kernel.metadata.shared
@@ -283,53 +290,36 @@ def compile_all(arch: int) -> dict:
                     try:
                         call()
                     except Exception as error:  # one broken workload must not hide the others
-                        if not errors or errors[-1]["workload"] != workload:
-                            errors.append(
-                                {
-                                    "kernel": None,
-                                    **current,
-                                    "error": f"{type(error).__name__}: {error}",
-                                }
-                            )
+                        record_error(None, error)
     finally:
         JITFunction.run = original_run
-    rows = []
-    for (name, dtype), case in sorted(cases.items()):
-        binaries = [stats[h] for h in case["binaries"]]
-        rows.append(
-            {
-                "kernel": name,
-                "dtype": dtype,
-                "arch": f"sm_{arch}",
-                "binaries": binaries,
-                "registers": max(b["registers"] or 0 for b in binaries),
-                "spill_stores": max(b["spill_stores"] or 0 for b in binaries),
-                "spill_loads": max(b["spill_loads"] or 0 for b in binaries),
-                "stack": max(b["stack"] or 0 for b in binaries),
-                "shared": max(b["shared"] for b in binaries),
-                "shared_over_limit": any(b["shared_over_limit"] for b in binaries),
-                "workloads": case["workloads"],
-            }
-        )
+    rows = [
+        _row(name, dtype, arch, [stats[h] for h in case["binaries"]], case["workloads"])
+        for (name, dtype), case in sorted(cases.items())
+    ]
     return {"arch": f"sm_{arch}", "kernels": discover(), "rows": rows, "errors": errors}
 
 
+def _row(kernel: str, dtype: str, arch: int, binaries: list[dict], workloads: list[str]) -> dict:
+    """One kernel x dtype x target: the worst of its compiled variants."""
+    worst = lambda key: max(b[key] or 0 for b in binaries)
+    return {
+        "kernel": kernel,
+        "dtype": dtype,
+        "arch": f"sm_{arch}",
+        **{key: worst(key) for key in ("registers", "spill_stores", "spill_loads", "stack")},
+        "shared": worst("shared"),
+        "shared_over_limit": any(b["shared_over_limit"] for b in binaries),
+        "binaries": binaries,
+        "workloads": workloads,
+    }
+
+
 def format_table(rows: list[dict]) -> str:
-    cols = (
-        "kernel",
-        "dtype",
-        "arch",
-        "registers",
-        "spill_stores",
-        "spill_loads",
-        "stack",
-        "shared",
-    )
-    cols += ("binaries",)
-    cell = lambda r, c: (
-        str(len(r[c])) if c == "binaries" else str(r[c]).removeprefix("sts_kernels.")
-    )
-    table = [cols] + [tuple(cell(r, c) for c in cols) for r in rows]
+    cols = ("kernel", "dtype", "arch", "registers", "spill_stores", "spill_loads", "stack")
+    cols += ("shared", "binaries")
+    cell = lambda r, c: str(len(r[c])) if c == "binaries" else str(r[c])
+    table = [cols] + [tuple(cell(r, c).removeprefix("sts_kernels.") for c in cols) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table)
 
@@ -351,17 +341,26 @@ def run_targets(archs=ARCHS, timeout: float = 600, cache_dir: str | None = None)
         }
         results = {}
         for arch, proc in procs.items():
-            out, _ = proc.communicate(timeout=timeout)
+            try:
+                out, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for other in procs.values():
+                    other.kill()
+                raise
             if proc.returncode != 0:
                 raise RuntimeError(
                     f"AOT compile for sm_{arch} failed (rc {proc.returncode}):\n{out}"
                 )
             results[arch] = json.loads(Path(f"{tmp}/{arch}.json").read_text())
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS
-    ).stdout.strip()
+    # STS_COMMIT names the commit of a copy of the tree without .git
+    commit = (
+        os.environ.get("STS_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS
+        ).stdout.strip()
+    )
     return {
-        "commit": commit or os.environ.get("STS_COMMIT"),
+        "commit": commit,
         "triton": importlib.metadata.version("triton"),
         "torch": torch.__version__,
         "kernels": results[archs[0]]["kernels"],
@@ -372,20 +371,16 @@ def run_targets(archs=ARCHS, timeout: float = 600, cache_dir: str | None = None)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, help="one target, in this process")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--arch", type=int, help="one target, in this process")
+    which.add_argument("--write", action="store_true", help="all targets -> bench/results/")
     parser.add_argument("--json", type=Path, help="where to write the result")
-    parser.add_argument("--write", action="store_true", help="all targets -> bench/results/")
     args = parser.parse_args(argv)
-    if args.arch is not None:
-        result = compile_all(args.arch)
-    else:
-        result = run_targets()
+    result = compile_all(args.arch) if args.arch is not None else run_targets()
     print(format_table(result["rows"]))
     for error in result["errors"]:
         print("ERROR", error)
-    path = args.json or (
-        RESULTS / f"aot-triton-{result.get('triton')}.json" if args.write else None
-    )
+    path = args.json or (RESULTS / f"aot-triton-{result['triton']}.json" if args.write else None)
     if path is not None:
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
