@@ -89,6 +89,15 @@ def _randn(*shape: int, device: torch.device, grad: bool = True) -> tuple[Tensor
     return (torch.randn(shape, device=device, dtype=_dtype(device), requires_grad=grad),)
 
 
+def _pool(fn, grid, window, x):
+    return fn(x, grid, window)
+
+
+def _merged(fn, r, x):
+    out = fn(x, r)
+    return out[0]  # MergeResult.x or tome's x
+
+
 def _pool_cases(device, cases, compile_baseline) -> Iterator[Case]:
     for b, h, w, d, window in cases:
         p = -(-h // window[0]) * -(-w // window[1])
@@ -102,15 +111,6 @@ def _pool_cases(device, cases, compile_baseline) -> Iterator[Case]:
             partial(_randn, b, h * w, d, device=device),
             {"fwd": nbytes, "bwd": nbytes, "fwd+bwd": 2 * nbytes},
         )
-
-
-def _pool(fn, grid, window, x):
-    return fn(x, grid, window)
-
-
-def _merged(fn, r, x):
-    out = fn(x, r)
-    return out[0]  # MergeResult.x or tome's x
 
 
 def _unmerge_inputs(b, n, d, r, device):
