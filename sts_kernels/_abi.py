@@ -1,6 +1,6 @@
-"""The ABI rule shared by setup.py (which loads this file alone, before torch is importable
-in the package) and the extension loader: a compiled `sts_kernels._C` loads only into the
-torch it was built against, named by major.minor version and CUDA flavour."""
+"""The ABI rule, shared by setup.py (which loads this file alone: the package's __init__
+imports torch and the ops) and the extension loader: a compiled `sts_kernels._C` loads only
+into the torch it was built against, named by CUDA flavour and major.minor version."""
 
 from __future__ import annotations
 
