@@ -145,16 +145,67 @@ def make_llava_next(attn: str = "sdpa"):
 LLAVA_NEXT_SIZES = [(32, 64), (64, 32), (48, 64)]
 
 
-def llava_next_batch(model, pad_left: bool, sizes=LLAVA_NEXT_SIZES, rows=LLAVA_ROWS) -> dict:
-    """Anyres images; placeholder counts are the packed lengths the model computes."""
+def llava_next_batch(
+    model, pad_left: bool, sizes=LLAVA_NEXT_SIZES, rows=LLAVA_ROWS, videos: int = 0
+) -> dict:
+    """Anyres images (and `videos` videos of 4 frames); placeholder counts are the lengths
+    the model computes."""
     gen = torch.Generator().manual_seed(1)
     pixels = torch.randn(len(sizes), 5, 3, 32, 32, generator=gen)  # base + up to 4 tiles
     image_sizes = torch.tensor(sizes)
+    extra = {"pixel_values": pixels, "image_sizes": image_sizes}
     with torch.no_grad():
         feats = model.model.get_image_features(pixels, image_sizes, return_dict=True)
-    batch = build_ids(rows, {"image": [f.shape[0] for f in feats.pooler_output]}, pad_left)
+        placeholders = {"image": [f.shape[0] for f in feats.pooler_output]}
+        if videos:
+            extra["pixel_values_videos"] = torch.randn(videos, 4, 3, 32, 32, generator=gen)
+            feats = model.model.get_video_features(extra["pixel_values_videos"], return_dict=True)
+            placeholders["video"] = [len(f) for f in feats.pooler_output]
+    batch = build_ids(rows, placeholders, pad_left)
     del batch["mm_token_type_ids"]
-    return batch | {"pixel_values": pixels, "image_sizes": image_sizes}
+    return batch | extra
+
+
+def make_llava_next_video(attn: str = "sdpa"):
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    config = LlavaNextVideoConfig(
+        vision_config=clip_config(),
+        text_config=llama_config(),
+        image_token_index=IMG,
+        video_token_index=VID,
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        spatial_pool_stride=2,  # a frame's 4x4 patches -> 2x2 tokens
+    )
+    return _finish(LlavaNextVideoForConditionalGeneration, config, attn)
+
+
+# an image row, a video row, an image + video row, text only
+LLAVA_VIDEO_ROWS = [
+    [[5], "image", [6, 7]],
+    [[8], "video", [9]],
+    [[10], "image", [11], "video"],
+    [[12, 13, 14]],
+]
+
+
+def llava_next_video_batch(model, pad_left: bool) -> dict:
+    return llava_next_batch(model, pad_left, [(32, 64), (48, 64)], LLAVA_VIDEO_ROWS, videos=2)
+
+
+def llava_next_reference_pack(packed, newline, crop_grid):
+    """One LLaVA-NeXT image, plainly: pool the 4x4 base and the (H, W) crops 2x2, a newline
+    after every pooled crop row."""
+    from sts_kernels import token_pool
+
+    hc, wc = crop_grid
+    base = token_pool(packed[None, :16], (4, 4), (2, 2))[0]
+    crops = packed[16:].view(hc, wc + 1, -1)[:, :wc].reshape(1, hc * wc, -1)
+    hp, wp = -(-hc // 2), -(-wc // 2)
+    crops = token_pool(crops, (hc, wc), (2, 2))[0].view(hp, wp, -1)
+    rows = torch.cat([crops, newline.expand(hp, 1, -1)], 1).reshape(-1, packed.shape[-1])
+    return torch.cat([base, rows])
 
 
 # ---- tiled families: InternVL, Gemma 3, SmolVLM -------------------------------------------------

@@ -17,26 +17,15 @@ from hf_models import (  # noqa: E402
     check_train_step_is_sparser,
     frozen_features,
     llava_next_batch,
+    llava_next_reference_pack,
     make_llava_next,
     needs_encoder_outputs,
 )
 from kernel_count import count_kernels  # noqa: E402
 
-from sts_kernels import token_pool  # noqa: E402
 from sts_kernels.integrations.adapters import adapter_for  # noqa: E402
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 from sts_kernels.nn import VisualTokenCompressor  # noqa: E402
-
-
-def _reference_pack(packed, newline, crop_grid):
-    """One image, plainly: pool the 4x4 base and the (H, W) crops 2x2, newline per row."""
-    hc, wc = crop_grid
-    base = token_pool(packed[None, :16], (4, 4), (2, 2))[0]
-    crops = packed[16:].view(hc, wc + 1, -1)[:, :wc].reshape(1, hc * wc, -1)
-    hp, wp = -(-hc // 2), -(-wc // 2)
-    crops = token_pool(crops, (hc, wc), (2, 2))[0].view(hp, wp, -1)
-    rows = torch.cat([crops, newline.expand(hp, 1, -1)], 1).reshape(-1, packed.shape[-1])
-    return torch.cat([base, rows])
 
 
 @needs_encoder_outputs
@@ -54,7 +43,9 @@ def test_vtc_equals_unpatched_on_reference_packed_features(pad_left):
             batch["pixel_values"], batch["image_sizes"], return_dict=True
         )
         newline = ref.model.image_newline
-        packed = [_reference_pack(f, newline, g) for f, g in zip(feats.pooler_output, grids)]
+        packed = [
+            llava_next_reference_pack(f, newline, g) for f, g in zip(feats.pooler_output, grids)
+        ]
         assert [f.shape[0] for f in feats.pooler_output] == [16 + h * (w + 1) for h, w in grids]
     feats.pooler_output = packed
     shrunk = handle.last_inputs  # the ids / masks the patch fed the model

@@ -18,6 +18,7 @@ __all__ = ["Adapter", "adapter_for", "feed_features", "supported_models", "suppo
 _FAMILIES = (
     "llava",
     "llava_next",
+    "llava_next_video",
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",

@@ -25,6 +25,9 @@ class LlavaNextAdapter(Adapter):
     mode_reason = "image_newline ends every row of the crop grid; merged tokens have no rows"
 
     def compress(self, model, compressor, kw):
+        return kw, {"image": self._compress_images(model, compressor, kw)}
+
+    def _compress_images(self, model, compressor, kw) -> tuple[int, int]:
         import numpy as np  # layout indices are built on the host; numpy comes with transformers
 
         inner = model.model
@@ -71,10 +74,7 @@ class LlavaNextAdapter(Adapter):
             layout += [base_at[i] + np.arange(base_len[i]), rows.ravel()]
             out_len.append(base_len[i] + rows.size)
         compressed = list(pool[_index(layout, pool.device)].split(out_len))
-        counts = feed_features(
-            model, kw, "image", features, compressed, model.config.image_token_id
-        )
-        return kw, {"image": counts}
+        return feed_features(model, kw, "image", features, compressed, model.config.image_token_id)
 
     @staticmethod
     def _crop_grid(model, image_size) -> tuple[int, int]:

@@ -1,0 +1,52 @@
+"""LLaVA-NeXT-Video (`LlavaNextVideoForConditionalGeneration`): LLaVA-NeXT's anyres images plus
+videos, each frame a pooled square grid, one placeholder run per video."""
+
+from __future__ import annotations
+
+import math
+
+from ._base import feed_features
+from .llava_next import LlavaNextAdapter
+
+
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """Images as LLaVA-NeXT. A video's features are `[frames * k, D]` (every frame the
+    resampler's square grid of k tokens, no newline): all frames of all videos are pooled in one
+    call, then with `time_window` consecutive frames are averaged."""
+
+    name = "LLaVA-NeXT-Video"
+    classes = ("LlavaNextVideoForConditionalGeneration",)
+    video = True
+    pixel_keys = ("pixel_values", "pixel_values_videos")
+
+    def compress(self, model, compressor, kw):
+        counts = {}
+        if kw.get("pixel_values") is not None:
+            counts["image"] = self._compress_images(model, compressor, kw)
+        if kw.get("pixel_values_videos") is not None:
+            counts["video"] = self._compress_videos(model, compressor, kw)
+        return kw, counts
+
+    def _compress_videos(self, model, compressor, kw) -> tuple[int, int]:
+        pixels = kw["pixel_values_videos"]  # [videos, frames, C, H, W]
+        features = model.model.get_video_features(
+            pixels,
+            vision_feature_layer=kw.get("vision_feature_layer"),
+            vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
+            return_dict=True,
+        )
+        videos = features.pooler_output  # [videos, frames * k, D]
+        frames = pixels.shape[1]
+        k = videos.shape[1] // frames
+        side = math.isqrt(k)
+        outs = compressor.compress_many(
+            [v.view(frames, k, -1) for v in videos], [(side, side)] * len(videos)
+        )
+        compressed = [o.x.reshape(-1, o.x.shape[-1]) for o in outs]
+        token_id = model.config.video_token_id
+        return feed_features(
+            model, kw, "video", features, compressed, token_id, "pixel_values_videos"
+        )
+
+
+ADAPTER = LlavaNextVideoAdapter()
