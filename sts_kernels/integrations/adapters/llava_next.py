@@ -28,56 +28,39 @@ class LlavaNextAdapter(Adapter):
         return kw, {"image": self._compress_images(model, compressor, kw)}
 
     def _compress_images(self, model, compressor, kw) -> tuple[int, int]:
-        import numpy as np  # layout indices are built on the host; numpy comes with transformers
+        features = self._image_features(model, kw)
+        packed = list(features.pooler_output)  # per image [h*w + H*(W+1), D] or [h*w + 1, D]
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        grids = [  # crop grid per image; None: base tile + newline only (multi-image rows)
+            None if len(f) == side * side + 1 else self._crop_grid(model, size)
+            for f, size in zip(packed, kw["image_sizes"].tolist())
+        ]
+        for f, grid in zip(packed, grids):
+            if grid is not None and len(f) != side * side + grid[0] * (grid[1] + 1):
+                raise ValueError(
+                    f"compress: a {self.name} image packs {len(f)} tokens, expected "
+                    f"{side}x{side} base + {grid[0]}x({grid[1]}+1) crops "
+                    "(vision_feature_select_strategy='default')"
+                )
+        flat = torch.cat(packed)  # [sum n, D]
+        bases = compressor.compress_many(
+            [f[None, : side * side] for f in packed], [(side, side)] * len(packed)
+        )
+        crops = compressor.compress_many(*_gather_crops(flat, packed, grids, side))
+        newline = model.model.image_newline.to(flat.dtype)[None]
+        compressed = _repack(bases, crops, grids, newline)
+        return feed_features(model, kw, "image", features, compressed, model.config.image_token_id)
 
-        inner = model.model
-        strategy = kw.get("vision_feature_select_strategy")
-        features = inner.get_image_features(
+    def _image_features(self, model, kw):
+        return model.model.get_image_features(
             kw["pixel_values"],
             kw["image_sizes"],
             vision_feature_layer=kw.get("vision_feature_layer"),
-            vision_feature_select_strategy=strategy,
+            vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
             return_dict=True,
         )
-        packed = list(features.pooler_output)  # per image [h*w + H*(W+1), D]
-        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        crop_grids = [self._crop_grid(model, size) for size in kw["image_sizes"].tolist()]
-        lengths = [f.shape[0] for f in packed]
-        for n, (hc, wc) in zip(lengths, crop_grids):
-            if n != side * side + hc * (wc + 1):
-                raise ValueError(
-                    f"compress: a LLaVA-NeXT image packs {n} tokens, expected {side}x{side} "
-                    f"base + {hc}x({wc}+1) crops (vision_feature_select_strategy='default')"
-                )
-        flat = torch.cat(packed)  # [sum n, D]
-        starts = [0, *itertools.accumulate(lengths)][:-1]
-        crop_rows = [s + side * side + _rows(h, w, w + 1) for s, (h, w) in zip(starts, crop_grids)]
-        crops = flat[_index(crop_rows, flat.device)]  # [sum H*W, D]: newlines left out
-        crops = crops.split([h * w for h, w in crop_grids])
-        base = [f[None, : side * side] for f in packed]
-        bases = compressor.compress_many(base, [(side, side)] * len(packed))
-        pooled = compressor.compress_many([c[None] for c in crops], crop_grids)
 
-        # re-pack: bases, crops and one newline in a pool, then gather each image's layout
-        newline = inner.image_newline.to(flat.dtype)[None]
-        pool = torch.cat([*(b.x[0] for b in bases), *(p.x[0] for p in pooled), newline])
-        base_len = [b.x.shape[1] for b in bases]
-        base_at = [0, *itertools.accumulate(base_len)]
-        crop_at = [
-            base_at[-1] + n for n in itertools.accumulate([0, *(p.x.shape[1] for p in pooled)])
-        ]
-        layout, out_len = [], []
-        for i, p in enumerate(pooled):
-            (hp, wp), newline_at = p.grid, len(pool) - 1
-            rows = (crop_at[i] + _rows(hp, wp, wp)).reshape(hp, wp)
-            rows = np.concatenate([rows, np.full((hp, 1), newline_at)], 1)  # [H', W' + 1]
-            layout += [base_at[i] + np.arange(base_len[i]), rows.ravel()]
-            out_len.append(base_len[i] + rows.size)
-        compressed = list(pool[_index(layout, pool.device)].split(out_len))
-        return feed_features(model, kw, "image", features, compressed, model.config.image_token_id)
-
-    @staticmethod
-    def _crop_grid(model, image_size) -> tuple[int, int]:
+    def _crop_grid(self, model, image_size) -> tuple[int, int]:
         """(H, W) of the unpadded crop grid, as `pack_image_features` computes it."""
         from transformers.models.llava_next.modeling_llava_next import (
             get_anyres_image_grid_shape,
@@ -91,6 +74,42 @@ class LlavaNextAdapter(Adapter):
         )
         empty = torch.empty(0, tiles_h * side, tiles_w * side, device="meta")
         return tuple(unpad_image(empty, image_size).shape[1:])
+
+
+def _gather_crops(flat, packed, grids, side):
+    """The crop tokens of every image (newlines left out) with one index gather over the
+    batch: (items [1, H*W, D], grids) for `compress_many`."""
+    starts = [0, *itertools.accumulate(len(f) for f in packed)][:-1]
+    with_crops = [(s, g) for s, g in zip(starts, grids) if g is not None]
+    if not with_crops:
+        return [], []
+    rows = [s + side * side + _rows(h, w, w + 1) for s, (h, w) in with_crops]
+    crops = flat[_index(rows, flat.device)].split([h * w for _, (h, w) in with_crops])
+    return [c[None] for c in crops], [g for _, g in with_crops]
+
+
+def _repack(bases, crops, grids, newline) -> list:
+    """Per image `[base'] + [H' rows of (W' tokens + newline)]` (or `[base', newline]`): the
+    pooled pieces and one newline put in a pool, then one gather in each image's layout."""
+    import numpy as np
+
+    pool = torch.cat([*(b.x[0] for b in bases), *(c.x[0] for c in crops), newline])
+    newline_at = len(pool) - 1
+    base_len = [b.x.shape[1] for b in bases]
+    base_at = [0, *itertools.accumulate(base_len)]
+    crop_at = itertools.accumulate([base_at[-1], *(c.x.shape[1] for c in crops)])
+    crop_grids = iter(c.grid for c in crops)
+    layout, out_len = [], []
+    for i, grid in enumerate(grids):
+        if grid is None:
+            tail = np.array([newline_at])
+        else:
+            hp, wp = next(crop_grids)
+            tail = (next(crop_at) + _rows(hp, wp, wp)).reshape(hp, wp)
+            tail = np.concatenate([tail, np.full((hp, 1), newline_at)], 1).ravel()
+        layout += [base_at[i] + np.arange(base_len[i]), tail]
+        out_len.append(base_len[i] + tail.size)
+    return list(pool[_index(layout, pool.device)].split(out_len))
 
 
 def _rows(h: int, w: int, stride: int):
