@@ -361,3 +361,44 @@ def test_token_mode_with_triton_skip_residual():
         out = skipper(x)
     expected = masked_dense(layers, x, skipper.report)
     assert_close(out, expected)
+
+
+def test_token_mode_default_builder_runs_hf_decoder_layers():
+    """Outside apply_sts, a token-mode skipper around HF decoder layers needs no builder: rotary
+    embeddings, position ids and the causal mask are cut to each sample's kept tokens."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(
+        vocab_size=10,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(config, 0)
+    skipper = LayerDynamicSkipper(
+        nn.ModuleList([layer]), 32, mode="token", p_max=0.5, keep_first_last=False, seed=1
+    ).train()
+    x = torch.randn(3, 8, 32)
+    positions = torch.arange(8)[None].expand(3, -1)
+    cos, sin = LlamaRotaryEmbedding(config)(x, positions)
+    out = skipper(x, position_embeddings=(cos, sin), position_ids=positions)
+    keep, gate = skipper.report.keep_masks[0], skipper.report.gates[0]
+    assert 0 < keep.sum() < keep.numel()
+    expected, k = x.clone(), 0
+    for b in range(3):
+        t = keep[b].nonzero().squeeze(1)
+        if t.numel():  # the kept tokens alone, at their original positions
+            y = layer(
+                x[b, t][None],
+                position_embeddings=(cos[b, t][None], sin[b, t][None]),
+                position_ids=t[None],
+            )[0]
+            expected[b, t] = x[b, t] + gate[k : k + t.numel(), None] * (y - x[b, t])
+            k += t.numel()
+    assert_close(out, expected)

@@ -5,18 +5,22 @@ Per wrapped layer (`SkippableLayer`), in training:
   1. the skipper's policy draws a keep mask (`[B]` samples or `[B, T]` tokens) and a gate,
   2. `route(mask)` compacts it into a plan; `gather_rows` picks the K kept rows,
   3. the layer runs on `[K, T, D]` (sample mode) or the padded `[B, Kmax, D]` (token mode),
-  4. `skip_residual(x, y - x_rows, plan, gate)` writes `x` for skipped rows and
-     `x + gate * (y - x)` for kept ones.
-The layer therefore sees only kept rows in forward and backward (gather's backward scatters
-into zeros; skip_residual hands grad_out to x unchanged), which is where the savings come from.
-HF decoder layers return `y = x + f(x)`, hence `delta = y - x_rows`.
+  4. `skip_residual(x, y, plan, gate, from_output=True)` writes `x` for skipped rows and
+     `x + gate * (y - x)` for kept ones in one pass (HF decoder layers return y = x + f(x)).
+The layer therefore sees only kept rows in forward and backward, which is where the savings
+come from. The glue costs <= 6 kernels forward and <= 10 forward+backward per layer, with one
+host read (route's K and Kmax): no `y - x` pass, and in sample mode the gather's gradient is
+a sparse K-row tensor that autograd adds into skip_residual's grad_x (no zero-filled R rows).
 
 Policies:
   schedule    skip probability rising linearly with depth: the j-th of n eligible layers skips
               with p = p_max * j / n; kept rows get gate 1 / (1 - p) (stochastic depth).
   router      a `Linear(D, 1)` per eligible layer scores the mean-pooled sample (sample mode) or
-              each token (token mode); the top round(capacity * rows) run, gate = sigmoid(score)
-              so the loss trains the router (Mixture-of-Depths).
+              each token (token mode); the top round(capacity * rows) run. Straight-through
+              gate s - s.detach() + 1, s = sigmoid(score): forward value 1, so a kept row runs
+              exactly as in the dense eval, while the loss still trains the router through
+              sigmoid' (Mixture-of-Depths scales the update by the router weight instead, which
+              would make training differ from STS's dense inference).
   importance  skip probabilities from a bias-corrected EMA of each layer's measured change
               `1 - cos(x, out)` (from skip_residual(stats=True), measured with the gate applied),
               proportional to 1 / change and normalised so their mean over eligible layers is
@@ -28,8 +32,11 @@ runs densely and exactly as the unwrapped layer.
 Limitations: random decisions come from the skipper's own generator, so activation
 checkpointing that re-runs a layer's forward would redraw them (keep checkpointing off on the
 wrapped layers). A layer skipped for every row is not called: it returns
-`output_setter(None, hidden_states)` (the bare hidden states by default). Under FSDP2 the
-`SkippableLayer` (called on every rank) must be the sharded unit, not the layer it wraps.
+`output_setter(None, hidden_states)` (the bare hidden states by default), joined to the graph
+of the layer's parameters (and router) so each gets an exact zero gradient: DDP needs no
+`find_unused_parameters=True`. Under FSDP2 the `SkippableLayer` (called on every rank) must
+be the sharded unit, not the layer it wraps. Gates are in the activations' dtype (fp32 at
+least).
 """
 
 from __future__ import annotations
