@@ -146,16 +146,17 @@ LLAVA_NEXT_SIZES = [(32, 64), (64, 32), (48, 64)]
 
 
 def llava_next_batch(
-    model, pad_left: bool, sizes=LLAVA_NEXT_SIZES, rows=LLAVA_ROWS, videos: int = 0
+    model, pad_left: bool, sizes=LLAVA_NEXT_SIZES, rows=LLAVA_ROWS, videos: int = 0, **extra
 ) -> dict:
     """Anyres images (and `videos` videos of 4 frames); placeholder counts are the lengths
-    the model computes."""
+    the model computes (given the `extra` inputs, e.g. batch_num_images)."""
     gen = torch.Generator().manual_seed(1)
     pixels = torch.randn(len(sizes), 5, 3, 32, 32, generator=gen)  # base + up to 4 tiles
     image_sizes = torch.tensor(sizes)
-    extra = {"pixel_values": pixels, "image_sizes": image_sizes}
+    extra |= {"pixel_values": pixels, "image_sizes": image_sizes}
     with torch.no_grad():
-        feats = model.model.get_image_features(pixels, image_sizes, return_dict=True)
+        image_kw = {k: v for k, v in extra.items() if k not in ("pixel_values", "image_sizes")}
+        feats = model.model.get_image_features(pixels, image_sizes, return_dict=True, **image_kw)
         placeholders = {"image": [f.shape[0] for f in feats.pooler_output]}
         if videos:
             extra["pixel_values_videos"] = torch.randn(videos, 4, 3, 32, 32, generator=gen)
@@ -192,6 +193,36 @@ LLAVA_VIDEO_ROWS = [
 
 def llava_next_video_batch(model, pad_left: bool) -> dict:
     return llava_next_batch(model, pad_left, [(32, 64), (48, 64)], LLAVA_VIDEO_ROWS, videos=2)
+
+
+# an anyres image, a video, two base-only images (a multi-image row) and a video, text only
+ONEVISION_ROWS = [
+    [[5], "image", [6, 7]],
+    [[8], "video", [9]],
+    [[10], "image", [11], "image", [12], "video"],
+    [[13, 14, 15]],
+]
+
+
+def llava_onevision_batch(model, pad_left: bool) -> dict:
+    sizes, per_row = [(32, 64), (48, 64), (64, 32)], torch.tensor([1, 0, 2, 0])
+    return llava_next_batch(model, pad_left, sizes, ONEVISION_ROWS, 2, batch_num_images=per_row)
+
+
+def make_llava_onevision(attn: str = "sdpa"):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    config = LlavaOnevisionConfig(
+        vision_config=clip_config(),
+        text_config=llama_config(),
+        image_token_index=IMG,
+        video_token_index=VID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_aspect_ratio="anyres_max_1",  # crop grids over one tile's tokens are shrunk
+    )
+    return _finish(LlavaOnevisionForConditionalGeneration, config, attn)
 
 
 def llava_next_reference_pack(packed, newline, crop_grid):

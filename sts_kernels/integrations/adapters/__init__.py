@@ -19,6 +19,7 @@ _FAMILIES = (
     "llava",
     "llava_next",
     "llava_next_video",
+    "llava_onevision",
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",

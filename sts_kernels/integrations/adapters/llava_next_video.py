@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ._base import feed_features
 from .llava_next import LlavaNextAdapter
 
@@ -18,6 +20,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     classes = ("LlavaNextVideoForConditionalGeneration",)
     video = True
     pixel_keys = ("pixel_values", "pixel_values_videos")
+    video_newline = False  # LLaVA-OneVision ends each video with one image_newline token
 
     def compress(self, model, compressor, kw):
         counts = {}
@@ -35,14 +38,17 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
             return_dict=True,
         )
-        videos = features.pooler_output  # [videos, frames * k, D]
+        videos = features.pooler_output  # [videos, frames * k (+ newline), D]
+        tokens = videos[:, :-1] if self.video_newline else videos
         frames = pixels.shape[1]
-        k = videos.shape[1] // frames
+        k = tokens.shape[1] // frames
         side = math.isqrt(k)
         outs = compressor.compress_many(
-            [v.view(frames, k, -1) for v in videos], [(side, side)] * len(videos)
+            [v.view(frames, k, -1) for v in tokens], [(side, side)] * len(videos)
         )
         compressed = [o.x.reshape(-1, o.x.shape[-1]) for o in outs]
+        if self.video_newline:  # the model's own newline row back after the pooled frames
+            compressed = torch.cat([torch.stack(compressed), videos[:, -1:]], 1)
         token_id = model.config.video_token_id
         return feed_features(
             model, kw, "video", features, compressed, token_id, "pixel_values_videos"
