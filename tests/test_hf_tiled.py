@@ -20,15 +20,12 @@ from hf_models import (  # noqa: E402
     tiled_batch,
 )
 
-from sts_kernels.integrations.hf import apply_sts  # noqa: E402
-
 MAKERS = {
     "internvl": make_internvl,
     "gemma3": make_gemma3,
     "smolvlm": make_smolvlm,
     "idefics3": make_idefics3,
 }
-TOKEN_MODE = {"internvl": True, "gemma3": False, "smolvlm": True, "idefics3": True}
 
 
 @needs_encoder_outputs
@@ -46,16 +43,6 @@ def test_train_step_with_compression_and_skipping(family, pad_left, mode):
     )
     assert report.image_tokens_in == 48
     assert report.image_tokens_kept == (12 if mode == "pool" else 24)
-
-
-@pytest.mark.parametrize("family", MAKERS)
-def test_token_mode_where_offered(family):
-    model = MAKERS[family]()
-    if not TOKEN_MODE[family]:
-        with pytest.raises(ValueError, match="mode='token'"):
-            apply_sts(model, skip={"mode": "token"})
-        return
-    check_train_step_is_sparser(model, tiled_batch(family, True), skip={"mode": "token", "seed": 0})
 
 
 @pytest.mark.parametrize("family", MAKERS)

@@ -1,0 +1,39 @@
+"""What the README's support table claims, checked for every registered class: each has a
+tiny model here, and each VTC mode / LDS mode its row says "yes" to runs a sparser training
+step on it (and each "-" is refused with a ValueError before any forward)."""
+
+from __future__ import annotations
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from hf_models import CASES, check_train_step_is_sparser  # noqa: E402
+
+from sts_kernels.integrations.adapters import ADAPTERS  # noqa: E402
+from sts_kernels.integrations.hf import apply_sts  # noqa: E402
+
+
+def test_every_registered_class_has_a_tiny_model():
+    assert set(CASES) == set(ADAPTERS)
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_claimed_modes_train_and_the_others_are_refused(name):
+    adapter = ADAPTERS[name]
+    make, make_batch = CASES[name]
+    model = make()
+    batch = make_batch(model)
+    # the families' own tests cover pool + sample mode; here: the other claims
+    if "merge" in adapter.modes:
+        check_train_step_is_sparser(model, batch, compress={"mode": "merge"}, skip=False)
+    else:
+        with pytest.raises(ValueError, match="compress: "):
+            apply_sts(model, compress={"mode": "merge"})
+    if "token" in adapter.lds_modes:
+        check_train_step_is_sparser(
+            model, batch, compress=bool(adapter.modes), skip={"mode": "token", "seed": 0}
+        )
+    else:
+        with pytest.raises(ValueError, match="mode='token'"):
+            apply_sts(model, skip={"mode": "token"})
