@@ -17,11 +17,7 @@ from aot_compile import ARCHS, DTYPES, discover, format_table, run_targets  # no
 KERNELS = discover()
 # Spills measured today in kernels owned by another work item (issue 8 point 3). strict:
 # once the kernel stops spilling the case XPASSes and fails, so the entry must be removed.
-KNOWN_SPILLS = {
-    ("sts_kernels.ops.skip_residual._skip_residual_bwd_delta_kernel", "float32", "sm_80"): (
-        "fp32 padded backward with grad_gate (BLOCK_ROWS=1, BLOCK_F=4096): 12 B spill stores"
-    ),
-}
+KNOWN_SPILLS: dict[tuple[str, str, str], str] = {}
 
 
 def _cases() -> list:

@@ -148,19 +148,21 @@ def _skip_residual_bwd_delta_kernel(
     delta[k]>, i = index[k] (grad_x is grad_out itself: no kernel).
 
     Padded: slot s = b * Kmax + j holds k = offsets[b] + j when j < counts[b]; other slots are
-    padding and get grad_delta = 0.
+    padding and get grad_delta = 0. The grid is (B, Kmax blocks) then: the sample is the
+    program's, with no per-slot 64-bit division (which spilled on sm_80).
     """
     pid = tl.program_id(0).to(tl.int64)
-    slots = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
-    in_range = slots < num_slots
     # the k (and so the flat row) of every delta slot
     if IS_PADDED:
-        sample = slots // max_count
-        first_k = tl.load(OFFSETS_ptr + sample, mask=in_range, other=0)
-        end_k = tl.load(OFFSETS_ptr + sample + 1, mask=in_range, other=0)
-        k = first_k + slots - sample * max_count
-        valid = in_range & (k < end_k)
+        j = tl.program_id(1).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
+        slots = pid * max_count + j
+        in_range = j < max_count
+        first_k = tl.load(OFFSETS_ptr + pid)
+        k = first_k + j
+        valid = in_range & (k < tl.load(OFFSETS_ptr + pid + 1))
     else:
+        slots = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
+        in_range = slots < num_slots
         k = slots
         valid = in_range
     rows = tl.load(INDEX_ptr + k, mask=valid, other=0)
@@ -424,8 +426,13 @@ def _skip_residual_backward_op(
     grad_update = torch.empty_like(update)
     if grad_update.numel() == 0:
         return grad_x, grad_update, grad_gate.zero_()
-    config = _launch_config(num_slots, num_features)
-    _skip_residual_bwd_delta_kernel[(triton.cdiv(num_slots, config["BLOCK_ROWS"]),)](
+    if is_padded:  # one program row per sample
+        config = _launch_config(max_count, num_features)
+        grid = (update.shape[0], triton.cdiv(max_count, config["BLOCK_ROWS"]))
+    else:
+        config = _launch_config(num_slots, num_features)
+        grid = (triton.cdiv(num_slots, config["BLOCK_ROWS"]),)
+    _skip_residual_bwd_delta_kernel[grid](
         grad_out,
         update,
         gate if gate is not None else update,  # never read without HAS_GATE
