@@ -557,6 +557,27 @@ def test_skip_residual_backward_formulas(name):
 
 
 @pytest.mark.parametrize("name", ["tokens", "samples", "all_false"])
+def test_skip_residual_from_output_formulas(name):
+    """from_output: out = x + g * (y - x) on active rows; grad_x = (1 - g) * grad_out there."""
+    mask = MASKS[name]()
+    plan, x, y, gate = _skip_inputs(mask, (5,), torch.float64)
+    for t in (x, y, gate):
+        t.requires_grad_()
+    out = reference.skip_residual(x, y, plan, gate, from_output=True)
+    x_rows = x.detach().reshape(plan.num_rows, 5)[plan.index]
+    delta = y.detach() - x_rows
+    torch.testing.assert_close(out, skip_dense(x.detach(), delta, mask, gate.detach()))
+    g = torch.randn_like(out)
+    out.backward(g)
+    g_rows = g.reshape(plan.num_rows, 5)[plan.index]
+    expected_x = g.clone().reshape(plan.num_rows, 5)
+    expected_x[plan.index] = (1 - gate.detach()[:, None]) * g_rows
+    torch.testing.assert_close(x.grad, expected_x.view(x.shape))
+    torch.testing.assert_close(y.grad, gate.detach()[:, None] * g_rows)
+    torch.testing.assert_close(gate.grad, (g_rows * delta).sum(-1))
+
+
+@pytest.mark.parametrize("name", ["tokens", "samples", "all_false"])
 def test_skip_residual_stats_is_cosine(name):
     mask = MASKS[name]()
     plan, x, delta, gate = _skip_inputs(mask, (3, 4))
