@@ -1,12 +1,12 @@
-"""LayerDynamicSkipper under DistributedDataParallel (gloo, 2 CPU processes).
+"""LayerDynamicSkipper and apply_sts under DistributedDataParallel with its default flags (gloo,
+2 CPU processes).
 
-A rank whose samples all skip a layer never uses that layer's parameters in its backward.
-Plain DDP then fails on the next iteration ("Expected to have finished reduction in the prior
-iteration") because it waits for gradients that never come. The supported setup, tested here:
-`DistributedDataParallel(model, find_unused_parameters=True)` (DDP walks the autograd graph
-after each forward, marks the parameters it did not reach as ready and reduces zeros for
-them), `static_graph=False` (the set of used parameters changes every step). Gradients then
-equal a single-process step on the concatenated batch with the same skip decisions.
+A rank whose samples all skip a layer runs none of it; the skipper still joins the layer's
+parameters to the autograd graph with zero gradients, so plain
+`DistributedDataParallel(model)` (`find_unused_parameters=False`) sees every parameter used on
+every rank and its all-reduce completes. Gradients then equal a single-process step on the
+concatenated batch with the same skip decisions: for the plain skipper, and for a tiny HF LLaVA
+patched by `apply_sts` (VTC + LDS), where a single process runs both ranks' micro-batches.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def finish_rank(model: nn.Module, train, step, samples: slice, rank: int, out_di
 
 def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
     net, samples, step = start_rank(rank, port, state)
-    model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    model = nn.parallel.DistributedDataParallel(net)  # default flags
     del net  # finish_rank must hold the last reference
     finish_rank(model, train_steps, step, samples, rank, out_dir)
 
@@ -152,6 +152,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn(target, state: dict, out_dir: str, timeout_s: float = TIMEOUT_S) -> None:
+    """Run `target(rank, port, state, out_dir)` on every rank; fail (killing them) on a hang."""
+    ctx = mp.spawn(target, args=(free_port(), state, out_dir), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"DDP workers still running after {timeout_s} s (hang)")
+
+
+def assert_ranks_match(out_dir, expected: list[dict], rtol: float = 1e-5) -> None:
+    for rank in range(WORLD):
+        got = torch.load(out_dir / f"rank{rank}.pt")
+        for i, (g_step, e_step) in enumerate(zip(got, expected, strict=True)):
+            assert g_step.keys() == e_step.keys()
+            for name in e_step:
+                torch.testing.assert_close(
+                    g_step[name], e_step[name], rtol=rtol, atol=1e-6, msg=f"step {i} {name}"
+                )
 
 
 def test_ddp_skipped_layers_match_single_process(tmp_path):
@@ -163,18 +185,100 @@ def test_ddp_skipped_layers_match_single_process(tmp_path):
     expected = train_steps(net, step, x, y)
     assert expected[1]["skipper.layers.1.layer.up.weight"].abs().sum() == 0  # globally unused
 
-    ctx = mp.spawn(worker, args=(free_port(), state, str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"DDP workers still running after {TIMEOUT_S} s (hang)")
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for i, (g_step, e_step) in enumerate(zip(got, expected)):
-            assert g_step.keys() == e_step.keys()
-            for name in e_step:
-                torch.testing.assert_close(
-                    g_step[name], e_step[name], rtol=1e-5, atol=1e-6, msg=f"step {i} {name}"
-                )
+    spawn(worker, state, str(tmp_path))
+    assert_ranks_match(tmp_path, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# a patched Hugging Face LLaVA
+
+HF_ROWS = [[[5, 6], "image", [7, 8, 9]]] * (2 * WORLD)  # 2 rows per rank, one image each
+# per step, the keep mask of each eligible decoder layer (1 and 2 of 4) over the global rows:
+# step 0: rank 0 skips layer 1 entirely; step 1: nobody runs layer 1, rank 1 skips layer 2
+HF_DECISIONS = [{1: [0, 0, 1, 1], 2: [1, 0, 1, 1]}, {1: [0, 0, 0, 0], 2: [1, 1, 0, 0]}]
+HF_TIMEOUT_S = 90  # the spawn: transformers imports in each rank, ~15 s on 2 idle cores
+
+
+def rank_rows(rank: int) -> slice:
+    return slice(2 * rank, 2 * rank + 2)
+
+
+def patched_llava(state: dict | None = None):
+    """A tiny LLaVA (VTC + LDS) whose skipper follows HF_DECISIONS for `where["rows"]` at
+    step `where["step"]`; returns (model, where)."""
+    from hf_models import make_llava
+
+    from sts_kernels.integrations.hf import apply_sts
+
+    model = make_llava()
+    if state is not None:
+        model.load_state_dict(state)
+    # LLaVA takes features from the tower's hidden states, never through CLIP's post_layernorm:
+    # default DDP needs such parameters frozen, patched or not
+    model.model.vision_tower.post_layernorm.requires_grad_(False)
+    skipper = apply_sts(model).skipper
+    where = {"step": 0, "rows": slice(None)}
+
+    def decide(idx, hidden_states):
+        keep = HF_DECISIONS[where["step"]].get(idx)
+        if keep is None:
+            return None, None
+        keep = torch.tensor(keep, dtype=torch.bool)[where["rows"]]
+        return keep, torch.full(keep.shape, 1.0 / (1.0 - skipper._schedule_p(idx)))
+
+    skipper.decide = decide
+    model.train()
+    return model, where
+
+
+def hf_batch(rows: slice) -> dict:
+    from hf_models import llava_batch
+
+    batch = llava_batch(pad_left=False, images=len(HF_ROWS), rows=HF_ROWS)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def hf_grads(model, where, steps_rows: list[list[slice]], grad_of=None) -> list[dict]:
+    """Per step: backward of the mean of the losses of `rows` micro-batches; the gradients
+    (`grad_of(param)`, default a copy; zeros for none)."""
+    grad_of = grad_of or (lambda p: p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+    grads = []
+    for step, micro in enumerate(steps_rows):
+        where["step"] = step
+        loss = 0
+        for rows in micro:
+            where["rows"] = rows
+            loss = loss + model(**hf_batch(rows)).loss / len(micro)
+        loss.backward()
+        grads.append({n: grad_of(p) for n, p in unwrap(model).named_parameters()})
+        model.zero_grad(set_to_none=True)
+    return grads
+
+
+def expected_hf_grads():
+    """(initial state, single-process gradients of both ranks' micro-batches per step)."""
+    model, where = patched_llava()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    both = [rank_rows(r) for r in range(WORLD)]
+    expected = hf_grads(model, where, [both] * len(HF_DECISIONS))
+    layer1 = "model.language_model.layers.1.mlp.up_proj.weight"
+    assert expected[1][layer1].abs().sum() == 0  # globally skipped
+    assert expected[0][layer1].abs().sum() > 0
+    return state, expected
+
+
+def hf_worker(rank: int, port: int, state: dict, out_dir: str) -> None:
+    join_group(rank, port)
+    model, where = patched_llava(state)
+    ddp = nn.parallel.DistributedDataParallel(model)  # default flags
+    grads = hf_grads(ddp, where, [[rank_rows(rank)]] * len(HF_DECISIONS))
+    torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    del ddp  # DDP's reducer before the process group (exit hang otherwise)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_default_flags_over_patched_llava_match_single_process(tmp_path):
+    state, expected = expected_hf_grads()
+    spawn(hf_worker, state, str(tmp_path), HF_TIMEOUT_S)
+    assert_ranks_match(tmp_path, expected, rtol=1e-4)

@@ -1,15 +1,11 @@
-"""LayerDynamicSkipper under FSDP2 (`fully_shard`, gloo, 2 CPU processes).
+"""LayerDynamicSkipper under FSDP2 (`fully_shard`, gloo, 2 CPU processes), default flags.
 
-A rank whose samples all skip a layer never uses that layer's parameters in its backward, so
-FSDP2 by default reduce-scatters nothing for them there while the other rank does: gloo then
-aborts on a collective mismatch ("Received data size doesn't match expected size"). The
-supported setup, tested here:
-- `fully_shard` each `SkippableLayer` (`skipper.layers[i]`), not the layer it wraps: the
-  wrapper is called on every rank every step, so every rank all-gathers the layer's
-  parameters, whereas the inner layer is not called at all on a rank that skips it entirely
-  (its all-gather is then missing there and the ranks hang);
-- `model.set_reduce_scatter_unused_params(True)` on the root: parameters without a gradient
-  on a rank take part in the reduce-scatter with zeros (FSDP2's `find_unused_parameters`).
+A rank whose samples all skip a layer runs none of it, but the skipper joins the layer's
+parameters to the graph with zero gradients, so every rank reduce-scatters every parameter
+(no `set_reduce_scatter_unused_params` needed). `fully_shard` each `SkippableLayer`
+(`skipper.layers[i]`), not the layer it wraps: the wrapper is called on every rank every step,
+so every rank all-gathers the layer's parameters, whereas the inner layer is not called at all
+on a rank that skips it entirely (its all-gather would be missing there and the ranks hang).
 Gradients then equal a single-process step on the concatenated batch with the same decisions.
 
 The same over a tiny HF LLaVA patched by `apply_sts` (VTC + LDS): `fully_shard` each decoder
@@ -33,13 +29,19 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from test_ddp import (
     DECISIONS,
+    HF_DECISIONS,
     WORLD,
     Net,
+    assert_ranks_match,
     data,
+    expected_hf_grads,
     finish_rank,
     fixed_decisions,
     free_port,
+    hf_grads,
     join_group,
+    patched_llava,
+    rank_rows,
     start_rank,
 )
 from torch import nn
@@ -88,7 +90,6 @@ def shard(net: Net) -> Net:
     for skippable in net.skipper.layers:
         fsdp.fully_shard(skippable, mesh=mesh)
     fsdp.fully_shard(net, mesh=mesh)
-    net.set_reduce_scatter_unused_params(True)
     return net
 
 
@@ -147,63 +148,7 @@ def test_fsdp_skipped_layers_match_single_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# a patched Hugging Face LLaVA
-
-HF_ROWS = [[[5, 6], "image", [7, 8, 9]]] * (2 * WORLD)  # 2 rows per rank, one image each
-# per step, the keep mask of each eligible decoder layer (1 and 2 of 4) over the global rows:
-# step 0: rank 0 skips layer 1 entirely; step 1: nobody runs layer 1, rank 1 skips layer 2
-HF_DECISIONS = [{1: [0, 0, 1, 1], 2: [1, 0, 1, 1]}, {1: [0, 0, 0, 0], 2: [1, 1, 0, 0]}]
-
-
-def rank_rows(rank: int) -> slice:
-    return slice(2 * rank, 2 * rank + 2)
-
-
-def patched_llava(state: dict | None = None):
-    """A tiny LLaVA (VTC + LDS) whose skipper follows HF_DECISIONS for `where["rows"]` at
-    step `where["step"]`; returns (model, where)."""
-    from hf_models import make_llava
-
-    from sts_kernels.integrations.hf import apply_sts
-
-    model = make_llava()
-    if state is not None:
-        model.load_state_dict(state)
-    skipper = apply_sts(model).skipper
-    where = {"step": 0, "rows": slice(None)}
-
-    def decide(idx, hidden_states):
-        keep = HF_DECISIONS[where["step"]].get(idx)
-        if keep is None:
-            return None, None
-        keep = torch.tensor(keep, dtype=torch.bool)[where["rows"]]
-        return keep, torch.full(keep.shape, 1.0 / (1.0 - skipper._schedule_p(idx)))
-
-    skipper.decide = decide
-    model.train()
-    return model, where
-
-
-def hf_batch(rows: slice) -> dict:
-    from hf_models import llava_batch
-
-    batch = llava_batch(pad_left=False, images=len(HF_ROWS), rows=HF_ROWS)
-    return {k: v[rows] for k, v in batch.items()}
-
-
-def hf_grads(model, where, steps_rows: list[list[slice]]) -> list[dict[str, torch.Tensor]]:
-    """Per step: backward of the mean of the losses of `rows` micro-batches; full gradients."""
-    grads = []
-    for step, micro in enumerate(steps_rows):
-        where["step"] = step
-        loss = 0
-        for rows in micro:
-            where["rows"] = rows
-            loss = loss + model(**hf_batch(rows)).loss / len(micro)
-        loss.backward()
-        grads.append({n: full_grad(p) for n, p in model.named_parameters()})
-        model.zero_grad(set_to_none=True)
-    return grads
+# a patched Hugging Face LLaVA (helpers shared with test_ddp.py)
 
 
 def hf_worker(rank: int, port: int, state: dict, out_dir: str) -> None:
@@ -212,29 +157,14 @@ def hf_worker(rank: int, port: int, state: dict, out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in model.model.language_model.layers:
         fsdp.fully_shard(layer, mesh=mesh)
-    fsdp.fully_shard(model, mesh=mesh)
-    model.set_reduce_scatter_unused_params(True)
-    grads = hf_grads(model, where, [[rank_rows(rank)]] * len(HF_DECISIONS))
+    fsdp.fully_shard(model, mesh=mesh)  # default flags: skipped layers join with zeros
+    grads = hf_grads(model, where, [[rank_rows(rank)]] * len(HF_DECISIONS), full_grad)
     torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
 def test_fsdp_over_patched_llava_matches_single_process(tmp_path):
-    model, where = patched_llava()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    both = [rank_rows(r) for r in range(WORLD)]
-    expected = hf_grads(model, where, [both] * len(HF_DECISIONS))
-    layer1 = "model.language_model.layers.1.mlp.up_proj.weight"
-    assert expected[1][layer1].abs().sum() == 0  # globally skipped
-    assert expected[0][layer1].abs().sum() > 0
-
+    state, expected = expected_hf_grads()
     run_workers(state, str(tmp_path), target=hf_worker)
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for i, (g_step, e_step) in enumerate(zip(got, expected, strict=True)):
-            assert g_step.keys() == e_step.keys()
-            for name in e_step:
-                torch.testing.assert_close(
-                    g_step[name], e_step[name], rtol=1e-4, atol=1e-6, msg=f"step {i} {name}"
-                )
+    assert_ranks_match(tmp_path, expected, rtol=1e-4)

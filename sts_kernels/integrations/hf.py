@@ -338,6 +338,12 @@ class _LayerCall(nn.Module):
     def forward(self, *args, **kwargs):
         return _unpatched_forward(self.layer, self.previous)(*args, **kwargs)
 
+    def parameters(self, recurse: bool = True):
+        """The layer's: the skipper joins a layer skipped for every row to their graph (zero
+        gradients, so DDP's default flags hold). Not registered here: `model.parameters()`
+        and `state_dict()` walk submodules, and see each parameter once, at the layer."""
+        return self.layer.parameters(recurse)
+
 
 def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: int, family: dict):
     """Returns (skipper, per-layer callables the patched forwards route to). `family`: the
