@@ -41,13 +41,17 @@ which the model holds (`sts_handle(model)`). `copy.deepcopy` (EMA / reference mo
 own layers; a stale handle's `remove()` is a no-op. `handle.last_inputs` is detached.
 `handle.totals` sums the reports of all training forwards (`StsCallback` logs and resets them).
 
-Distributed: call `apply_sts` before wrapping. DDP needs `find_unused_parameters=True` with LDS
-(a rank whose samples all skip a layer gives its parameters no gradient) and
-`static_graph=False`; gradients then equal a single-process step (tests/test_ddp.py). Give each
-rank its own skipper seed (e.g. seed + rank). FSDP2: `fully_shard` each decoder layer after
-`apply_sts` (a patched layer is called on every rank, only its inner work is skipped) and call
-`set_reduce_scatter_unused_params(True)` on the root (README; tests/test_fsdp.py checks the
-plain skipper, not this patch).
+Distributed: call `apply_sts` before wrapping; give each rank its own skipper seed (seed +
+rank). A layer that a rank skips for every row still joins the graph with zero gradients, so
+`DistributedDataParallel(model)` works with its default flags (LLaVA's unused CLIP
+post_layernorm must be frozen, as without the patch). FSDP2: `fully_shard` each decoder layer
+(called on every rank; only its inner work is skipped), then the root, default flags. Both
+give a single process's gradients (tests/test_ddp.py, tests/test_fsdp.py, patched LLaVA).
+
+torch.compile: the skipper's call runs eagerly inside the compiled model (its row counts are
+host values that change every step), and so does `shrink_placeholders`: no per-layer
+recompiles, a graph count independent of depth (tests/test_training_stacks.py); the layers'
+own compute is not compiled while they skip.
 
 Pass the skipper as a dict (or None) rather than a ready `LayerDynamicSkipper`: a ready one
 wraps the real layers, so their module hooks (and `output_hidden_states` recorders) also see the
