@@ -96,10 +96,11 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
         return
     row_bytes = math.prod(src.shape[1:]) * src.element_size()
     word = _word_dtype(row_bytes, src, dst)
-    # [Ns, W], [Nd, W]; 2-D first: a contiguous tensor may have a size-1 last dim of any
-    # stride, which a dtype view rejects
+    # [Ns, W], [Nd, W]; canonical 2-D strides first: a contiguous tensor may keep any stride
+    # on a size-1 dim (even through view(-1)), which a dtype view rejects
     src_words, dst_words = (
-        t.view(-1).view(t.shape[0], -1).view(torch.uint8).view(word) for t in (src, dst)
+        t.as_strided((t.shape[0], t[0].numel()), (t[0].numel(), 1)).view(torch.uint8).view(word)
+        for t in (src, dst)
     )
     num_cols = src_words.shape[1]
     block_rows, block_cols, num_warps = tile_shape(rows.numel(), num_cols, _MAX_BLOCK_COLS)
@@ -198,19 +199,25 @@ class _SparseGradGather(torch.autograd.Function):
     scattering K into them and adding that."""
 
     @staticmethod
-    def forward(ctx, flat: Tensor, index: Tensor, gather: str) -> Tensor:
+    def forward(ctx, x: Tensor, index: Tensor, plan_shape: tuple[int, ...], gather: str) -> Tensor:
         ctx.save_for_backward(index)
-        ctx.shape = flat.shape
+        ctx.shape, ctx.plan_shape = x.shape, plan_shape
+        flat = x.reshape(math.prod(plan_shape), *x.shape[len(plan_shape) :])  # [R, ...]
         return getattr(torch.ops.sts, gather)(flat, index)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
+        # x's own shape, the plan's dims sparse (a reshape's backward rejects sparse tensors);
         # index is ascending and unique: a coalesced COO tensor by construction
+        if len(ctx.plan_shape) == 1:
+            ids = index[None]  # [1, K]
+        else:
+            ids = torch.stack((index // ctx.plan_shape[1], index % ctx.plan_shape[1]))  # [2, K]
         sparse = torch.sparse_coo_tensor(
-            index[None], grad, ctx.shape, is_coalesced=True, check_invariants=False
+            ids, grad, ctx.shape, is_coalesced=True, check_invariants=False
         )
-        return sparse, None, None
+        return sparse, None, None, None
 
 
 def gather_rows(
@@ -232,9 +239,7 @@ def gather_rows(
     feat = tuple(x.shape[len(plan.shape) :])
     flat = x.reshape(plan.num_rows, *feat)  # [R, ...]
     if sparse_grad and x.requires_grad and not torch.compiler.is_compiling():
-        # `x` itself where it is already [R, ...]: a view's backward cannot reshape a sparse grad
-        source = x if x.shape == flat.shape else flat
-        return _SparseGradGather.apply(source, plan.index, _GATHER[impl])
+        return _SparseGradGather.apply(x, plan.index, plan.shape, _GATHER[impl])
     rows = plan.padded_index.reshape(-1) if padded else plan.index  # [B * Kmax] or [K]
     out = getattr(torch.ops.sts, _GATHER[impl])(flat, rows)
     return out.view(*plan.padded_index.shape, *feat) if padded else out
