@@ -576,7 +576,7 @@ def ideal_bytes(
     autograd adds the gather's sparse K-row gradient out of place (R read, R write, K read):
     4R + 2K (+ 2K), e.g. 1.21x the ideal forward+backward at K = R/2 (1.1x at K = R).
     Token mode (padded layout) moves more in the backward: the gather's gradient is still a
-    zero-filled R-row scatter plus autograd's dense add, 6R + 2K (+ 2K).
+    zero-filled R-row scatter plus autograd's dense add, 6R + 3K (+ 2K).
     """
     rows = 2 * num_rows + 3 * num_active
     if backward:
