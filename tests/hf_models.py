@@ -146,10 +146,17 @@ LLAVA_NEXT_SIZES = [(32, 64), (64, 32), (48, 64)]
 
 
 def llava_next_batch(
-    model, pad_left: bool, sizes=LLAVA_NEXT_SIZES, rows=LLAVA_ROWS, videos: int = 0, **extra
+    model,
+    pad_left: bool,
+    sizes=LLAVA_NEXT_SIZES,
+    rows=LLAVA_ROWS,
+    videos: int = 0,
+    video_tokens: int = 0,
+    **extra,
 ) -> dict:
-    """Anyres images (and `videos` videos of 4 frames); placeholder counts are the lengths
-    the model computes (given the `extra` inputs, e.g. batch_num_images)."""
+    """Anyres images (placeholder counts: the packed lengths the model computes, given the
+    `extra` inputs, e.g. batch_num_images) and `videos` videos of 4 frames, `video_tokens`
+    placeholders each."""
     gen = torch.Generator().manual_seed(1)
     pixels = torch.randn(len(sizes), 5, 3, 32, 32, generator=gen)  # base + up to 4 tiles
     image_sizes = torch.tensor(sizes)
@@ -158,10 +165,9 @@ def llava_next_batch(
         image_kw = {k: v for k, v in extra.items() if k not in ("pixel_values", "image_sizes")}
         feats = model.model.get_image_features(pixels, image_sizes, return_dict=True, **image_kw)
         placeholders = {"image": [f.shape[0] for f in feats.pooler_output]}
-        if videos:
-            extra["pixel_values_videos"] = torch.randn(videos, 4, 3, 32, 32, generator=gen)
-            feats = model.model.get_video_features(extra["pixel_values_videos"], return_dict=True)
-            placeholders["video"] = [len(f) for f in feats.pooler_output]
+    if videos:
+        extra["pixel_values_videos"] = torch.randn(videos, 4, 3, 32, 32, generator=gen)
+        placeholders["video"] = [video_tokens] * videos
     batch = build_ids(rows, placeholders, pad_left)
     del batch["mm_token_type_ids"]
     return batch | extra
@@ -192,7 +198,8 @@ LLAVA_VIDEO_ROWS = [
 
 
 def llava_next_video_batch(model, pad_left: bool) -> dict:
-    return llava_next_batch(model, pad_left, [(32, 64), (48, 64)], LLAVA_VIDEO_ROWS, videos=2)
+    # 4 frames of 2x2 pooled tokens a video
+    return llava_next_batch(model, pad_left, [(32, 64), (48, 64)], LLAVA_VIDEO_ROWS, 2, 16)
 
 
 # an anyres image, a video, two base-only images (a multi-image row) and a video, text only
@@ -206,7 +213,8 @@ ONEVISION_ROWS = [
 
 def llava_onevision_batch(model, pad_left: bool) -> dict:
     sizes, per_row = [(32, 64), (48, 64), (64, 32)], torch.tensor([1, 0, 2, 0])
-    return llava_next_batch(model, pad_left, sizes, ONEVISION_ROWS, 2, batch_num_images=per_row)
+    # 4 frames of 2x2 tokens (bilinear from 4x4) and a newline a video
+    return llava_next_batch(model, pad_left, sizes, ONEVISION_ROWS, 2, 17, batch_num_images=per_row)
 
 
 def make_llava_onevision(attn: str = "sdpa"):

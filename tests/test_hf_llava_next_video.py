@@ -60,6 +60,7 @@ def test_images_and_videos_equal_unpatched_on_reference_features(pad_left, time_
     handle.remove()
 
 
+@needs_encoder_outputs
 @pytest.mark.parametrize("pad_left", [False, True])
 def test_train_step_eval_and_remove(pad_left):
     model = make_llava_next_video()

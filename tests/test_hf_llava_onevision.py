@@ -68,6 +68,7 @@ def test_images_and_videos_equal_unpatched_on_reference_features(pad_left):
     handle.remove()
 
 
+@needs_encoder_outputs
 def test_train_step_eval_and_remove():
     model = make_llava_onevision()
     batch = llava_onevision_batch(model, True)

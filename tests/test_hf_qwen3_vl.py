@@ -30,6 +30,7 @@ def test_images_video_and_deepstack_equal_unpatched_on_shrunk_batch(pad_left):
     )
 
 
+@needs_encoder_outputs
 def test_train_step_eval_and_remove():
     model = make_qwen3_vl()
     batch = qwen3_batch(True)
@@ -39,6 +40,7 @@ def test_train_step_eval_and_remove():
     check_remove_restores(model, batch)
 
 
+@needs_encoder_outputs
 @pytest.mark.parametrize("mode", ["sample", "token"])
 def test_moe_train_step(mode):
     model = make_qwen3_vl(moe=True)

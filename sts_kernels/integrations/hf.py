@@ -253,7 +253,7 @@ def apply_sts(
     vtc_default = compress_default and (bool(adapter.modes) or stage == "align")
     compressor = _build_compressor(compress, vtc_default)
     if compressor is not None:
-        adapter.check_compressor(compressor)
+        adapter.check_compressor(compressor, model)
     skipper, layer_calls = _build_skipper(
         skip, skip_default, layers, adapter.hidden_size(model), adapter.skipper_arguments()
     )

@@ -27,6 +27,9 @@ class Adapter:
     lds_modes: tuple[str, ...] = ("sample", "token")
     video: bool = False  # compresses video inputs too
     pixel_keys: tuple[str, ...] = ("pixel_values",)  # forward arguments that carry visual input
+    # VTC only through `mm_encoder_outputs` (transformers >= 5.2x): the feature getters of older
+    # 5.x versions return other layouts for this family
+    needs_encoder_outputs: bool = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers LDS wraps."""
@@ -35,11 +38,16 @@ class Adapter:
     def hidden_size(self, model: nn.Module) -> int:
         return model.config.text_config.hidden_size
 
-    def check_compressor(self, compressor: nn.Module) -> None:
+    def check_compressor(self, compressor: nn.Module, model: nn.Module) -> None:
         """ValueError, before any forward, for a compressor this layout cannot take."""
         mode = getattr(compressor, "mode", "pool")
         if not self.modes:
             raise ValueError(f"compress: {self.name} takes no VTC: {self.mode_reason}")
+        if self.needs_encoder_outputs and not takes_encoder_outputs(model):
+            raise ValueError(
+                f"compress: VTC on {self.name} needs a transformers whose models take "
+                "mm_encoder_outputs (>= 5.2x); this one has none: use skip only"
+            )
         if mode not in self.modes:
             allowed = " or ".join(f"mode={m!r}" for m in self.modes)
             raise ValueError(
@@ -113,7 +121,7 @@ def feed_features(
     )
     kw[type_ids] = shrunk.pop("mm_token_type_ids")
     kw.update(shrunk)
-    if "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters:
+    if takes_encoder_outputs(model):
         mm = dict(kw.get("mm_encoder_outputs") or {})
         mm[modality] = features
         kw["mm_encoder_outputs"] = mm
@@ -158,6 +166,11 @@ class TiledAdapter(Adapter):
 
     def tokens_per_tile(self, model: nn.Module) -> int:
         raise NotImplementedError
+
+
+def takes_encoder_outputs(model: nn.Module) -> bool:
+    """Whether the model's forward takes precomputed visual features (`mm_encoder_outputs`)."""
+    return "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters
 
 
 def _answer_once(inner: nn.Module, getter: str, features: Any) -> None:

@@ -21,6 +21,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     video = True
     pixel_keys = ("pixel_values", "pixel_values_videos")
     video_newline = False  # LLaVA-OneVision ends each video with one image_newline token
+    needs_encoder_outputs = True
 
     def compress(self, model, compressor, kw):
         counts = {}

@@ -18,13 +18,15 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     frame_runs = True
 
-    def check_compressor(self, compressor):
-        super().check_compressor(compressor)
+    needs_encoder_outputs = True
+
+    def check_compressor(self, compressor, model):
         if getattr(compressor, "time_window", 1) > 1:
             raise ValueError(
                 "compress: Qwen3-VL needs time_window=1 (timestamp text separates video "
                 f"frames; averaging frames would orphan it), got {compressor.time_window}"
             )
+        super().check_compressor(compressor, model)
 
     def _compress_extra(self, compressor, features, grids):
         levels = getattr(features, "deepstack_features", None) or []
