@@ -75,7 +75,7 @@ def test_cross_attention_layer_on_kept_samples_equals_its_dense_rows():
         model(**mllama_batch(False))
         hook.remove()
         args = seen["args"]
-        # the call wrote a cache (named past_key_values before transformers 5.2x): none now
+        # the call wrote a cache (named past_key_values in transformers 5.17): none now
         kwargs = seen["kwargs"] | {"use_cache": False}
         kwargs |= {k: None for k in ("cache", "past_key_values") if k in kwargs}
         assert kwargs["cross_attention_states"].shape[0] == 3 * 2  # [B * images * tiles, P, D]

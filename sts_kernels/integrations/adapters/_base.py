@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 class Adapter:
     """One family of Hugging Face VLMs. Subclass, set the class attributes, override `compress`
-    (and `layers` when the decoder layers live elsewhere), then `register` an instance.
+    (and `layers` when the decoder layers live elsewhere), and define the instance as `ADAPTER`
+    in a module listed in the registry (`adapters/__init__.py`).
 
     `compress(model, compressor, kw)` receives the bound forward arguments of a training call
     that carries visual inputs; it runs the vision tower itself, compresses the features, hands
@@ -27,8 +28,8 @@ class Adapter:
     lds_modes: tuple[str, ...] = ("sample", "token")
     video: bool = False  # compresses video inputs too
     pixel_keys: tuple[str, ...] = ("pixel_values",)  # forward arguments that carry visual input
-    # VTC only through `mm_encoder_outputs` (transformers >= 5.2x): the feature getters of older
-    # 5.x versions return other layouts for this family
+    # VTC only through `mm_encoder_outputs` (transformers 5.24 has it, 5.17 not): the feature
+    # getters of older 5.x versions return other layouts for this family
     needs_encoder_outputs: bool = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -46,7 +47,7 @@ class Adapter:
         if self.needs_encoder_outputs and not takes_encoder_outputs(model):
             raise ValueError(
                 f"compress: VTC on {self.name} needs a transformers whose models take "
-                "mm_encoder_outputs (>= 5.2x); this one has none: use skip only"
+                "mm_encoder_outputs (5.24 does, 5.17 not); this one has none: use skip only"
             )
         if mode not in self.modes:
             allowed = " or ".join(f"mode={m!r}" for m in self.modes)
@@ -96,8 +97,8 @@ def feed_features(
     are split by text (tiles between row markers); default one run per item. `type_ids`: the
     model's per-token modality ids argument. Returns (tokens in, kept).
 
-    transformers >= 5.2x takes them as `mm_encoder_outputs[modality]` (pixels dropped); older
-    5.x has no such argument (it would be ignored silently), so there the model's own call of
+    transformers 5.24 takes them as `mm_encoder_outputs[modality]` (pixels dropped); 5.17 has
+    no such argument (it would be ignored silently), so there the model's own call of
     `get_{modality}_features` is answered once with them instead.
     """
     from ..hf import shrink_placeholders  # hf imports this package at load time
