@@ -30,17 +30,33 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Scatters each active row id to its slot k = (inclusive prefix count at i) - 1, and records
-// the inverse map row -> k (-1 for a skipped row).
+// Scatters each active row id to its slot k = (inclusive prefix count at i) - 1: index[k],
+// the inverse map row_to_k (-1 for a skipped row) and its place in the padded layout; the
+// padded layout's slots past each sample's count get -1. One grid-stride loop over
+// max(R, B * Kmax) items.
 __global__ void compact_kernel(const bool* __restrict__ flags, const int64_t* __restrict__ inclusive,
-                               int64_t num_rows, int64_t* __restrict__ index,
-                               int64_t* __restrict__ row_to_k) {
+                               const int64_t* __restrict__ offsets, int64_t num_rows,
+                               int64_t per_sample, int64_t samples, int64_t max_count,
+                               int64_t* __restrict__ index, int64_t* __restrict__ row_to_k,
+                               int64_t* __restrict__ padded) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < num_rows;
+  const int64_t slots = samples * max_count;
+  const int64_t work = num_rows > slots ? num_rows : slots;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < work;
        i += stride) {
-    const int64_t k = flags[i] ? inclusive[i] - 1 : -1;
-    row_to_k[i] = k;
-    if (k >= 0) index[k] = i;
+    if (i < num_rows) {  // per_sample >= 1 here
+      const int64_t k = flags[i] ? inclusive[i] - 1 : -1;
+      row_to_k[i] = k;
+      if (k >= 0) {
+        const int64_t b = i / per_sample;
+        index[k] = i;
+        padded[b * max_count + k - offsets[b]] = i;
+      }
+    }
+    if (i < slots) {  // max_count >= 1 here
+      const int64_t b = i / max_count;
+      if (i % max_count >= offsets[b + 1] - offsets[b]) padded[i] = -1;
+    }
   }
 }
 
@@ -72,18 +88,6 @@ __global__ void sample_offsets_kernel(const int64_t* __restrict__ inclusive, int
   if (threadIdx.x == 0) {
     sizes[0] = before(samples);
     sizes[1] = block_max[0];
-  }
-}
-
-// padded_index[b, j] = index[offsets[b] + j] for j < counts[b], else -1.
-__global__ void padded_index_kernel(const int64_t* __restrict__ index,
-                                    const int64_t* __restrict__ offsets, int64_t samples,
-                                    int64_t max_count, int64_t* __restrict__ padded) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       s < samples * max_count; s += stride) {
-    const int64_t b = s / max_count, k = offsets[b] + s % max_count;
-    padded[s] = k < offsets[b + 1] ? index[k] : -1;
   }
 }
 
@@ -135,16 +139,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cud
   auto index = at::empty({active}, long_opts);
   auto row_to_k = at::empty({num_rows}, long_opts);
   auto padded_index = at::empty({samples, max_count}, long_opts);
-  if (num_rows > 0) {
-    compact_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
-        flat.data_ptr<bool>(), inclusive.data_ptr<int64_t>(), num_rows, index.data_ptr<int64_t>(),
-        row_to_k.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (padded_index.numel() > 0) {
-    padded_index_kernel<<<grid_for(padded_index.numel(), kThreads), kThreads, 0, stream>>>(
-        index.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), samples, max_count,
-        padded_index.data_ptr<int64_t>());
+  const int64_t work = std::max(num_rows, padded_index.numel());
+  if (work > 0) {
+    compact_kernel<<<grid_for(work, kThreads), kThreads, 0, stream>>>(
+        flat.data_ptr<bool>(), inclusive.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+        num_rows, per_sample, samples, max_count, index.data_ptr<int64_t>(),
+        row_to_k.data_ptr<int64_t>(), padded_index.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {index, counts, offsets, row_to_k, padded_index};

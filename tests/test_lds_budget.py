@@ -6,7 +6,8 @@ layer (`x * w`), whose own kernels, counted alone on the same rows, are subtract
 What the count cannot see: the inside of a compiled C++ op (one kernel when nothing inside it
 is visible, else what is visible; the CPU `route` shows as its `counts` subtraction), and the
 CUDA `route`'s one host read of (K, Kmax), which the CPU op does not need. On a GPU the route
-is 5 launches (scan, offsets + sizes, the read, compaction, padded ids) and 1 sync."""
+is 4 launches (the scan, offsets + sizes, the read, the compaction) and 1 sync, so the GPU
+forward glue is ~9 launches where this count says 6."""
 
 from __future__ import annotations
 
