@@ -268,6 +268,28 @@ def test_trainer_with_label_smoothing_and_callback(tmp_path):
     assert sts_handle(model).compressor is None and sts_handle(model).skipper is not None
 
 
+def test_callback_refuses_bad_arguments_and_a_switch_adding_parameters():
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from sts_kernels.integrations.hf import StsCallback
+
+    with pytest.raises(ValueError, match="switch_step"):
+        StsCallback(switch_step=-1)
+    model = make_llava()
+    apply_sts(model, stage="align")
+    callback = StsCallback(
+        switch_step=0, switch_to={"stage": "instruct", "skip": {"policy": "router"}}
+    )
+    with pytest.raises(ValueError, match="sts_skipper"):
+        callback.on_step_begin(None, SimpleNamespace(global_step=0), None, model=model)
+    assert not hasattr(model, "sts_skipper")
+    with pytest.raises(ValueError, match="not patched"):
+        StsCallback(switch_step=0).on_step_begin(
+            None, SimpleNamespace(global_step=0), None, model=make_llava()
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 
