@@ -1,6 +1,7 @@
 """Integrations with model libraries.
 
-`sts_kernels.integrations.hf.apply_sts` patches a Hugging Face LLaVA / Qwen2-VL instance.
+`sts_kernels.integrations.hf.apply_sts` patches a Hugging Face VLM instance through its
+family's adapter (`integrations/adapters/`; `SUPPORTED_MODELS` lists them).
 Importing this package does not import transformers; the submodule does on use.
 """
 
