@@ -176,15 +176,20 @@ def assert_ranks_match(out_dir, expected: list[dict], rtol: float = 1e-5) -> Non
                 )
 
 
-def test_ddp_skipped_layers_match_single_process(tmp_path):
+def expected_grads(train=train_steps):
+    """(initial state of Net, single-process gradients of `train` on the whole batch)."""
     torch.manual_seed(0)
     net = Net()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     step = fixed_decisions(net.skipper, slice(None))
     x, y = data()
-    expected = train_steps(net, step, x, y)
+    expected = train(net, step, x, y)
     assert expected[1]["skipper.layers.1.layer.up.weight"].abs().sum() == 0  # globally unused
+    return state, expected
 
+
+def test_ddp_skipped_layers_match_single_process(tmp_path):
+    state, expected = expected_grads()
     spawn(worker, state, str(tmp_path))
     assert_ranks_match(tmp_path, expected)
 

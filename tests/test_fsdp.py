@@ -33,10 +33,9 @@ from test_ddp import (
     WORLD,
     Net,
     assert_ranks_match,
-    data,
+    expected_grads,
     expected_hf_grads,
     finish_rank,
-    fixed_decisions,
     free_port,
     hf_grads,
     join_group,
@@ -128,23 +127,9 @@ def run_workers(state: dict, out_dir: str, target=worker) -> None:
 
 
 def test_fsdp_skipped_layers_match_single_process(tmp_path):
-    torch.manual_seed(0)
-    net = Net()
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    step = fixed_decisions(net.skipper, slice(None))
-    x, y = data()
-    expected = train_steps(net, step, x, y)
-    assert expected[1]["skipper.layers.1.layer.up.weight"].abs().sum() == 0  # globally unused
-
+    state, expected = expected_grads(train_steps)
     run_workers(state, str(tmp_path))
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for i, (g_step, e_step) in enumerate(zip(got, expected, strict=True)):
-            assert g_step.keys() == e_step.keys()
-            for name in e_step:
-                torch.testing.assert_close(
-                    g_step[name], e_step[name], rtol=1e-5, atol=1e-6, msg=f"step {i} {name}"
-                )
+    assert_ranks_match(tmp_path, expected)
 
 
 # ---------------------------------------------------------------------------------------------
