@@ -12,139 +12,33 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from hf_models import (  # noqa: E402
+    IMG,
+    V_END,
+    V_START,
+    build_ids,
+    llava_batch,
+    make_llava,
+    needs_encoder_outputs,
+    pooled,
+    qwen_batch,
+)
+from hf_models import make_qwen2_vl as make_qwen  # noqa: E402
+
 from sts_kernels import token_pool  # noqa: E402
 from sts_kernels.integrations.hf import apply_sts, shrink_placeholders  # noqa: E402
 from sts_kernels.nn import LayerDynamicSkipper, VisualTokenCompressor  # noqa: E402
 
-IMG, PAD = 999, 0
-V_START, V_END = 997, 996  # Qwen2-VL vision start / end tokens
-
-
-def make_llava(attn: str = "sdpa"):
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=1000,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=PAD,
-        ),
-        image_token_index=IMG,
-        vision_feature_layer=-1,  # every vision layer gets a gradient
-    )
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config)
-
-
-def make_qwen(attn: str = "sdpa"):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    config = Qwen2VLConfig(
-        vision_config=dict(
-            depth=2,
-            embed_dim=64,
-            hidden_size=128,
-            num_heads=4,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        ),
-        text_config=dict(
-            vocab_size=1000,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=PAD,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
-        ),
-        image_token_id=IMG,
-        video_token_id=998,
-        vision_start_token_id=V_START,
-        vision_end_token_id=V_END,
-    )
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    return Qwen2VLForConditionalGeneration(config)
-
-
-def build_ids(samples: list[list], placeholders: list[int], pad_left: bool) -> dict:
-    """samples: per row a list of text token lists and image markers (None); the k-th image
-    (row-major) gets `placeholders[k]` tokens. Returns input_ids, attention_mask, labels."""
-    seqs, k = [], 0
-    for parts in samples:
-        seq = []
-        for part in parts:
-            if part is None:
-                seq += [IMG] * placeholders[k]
-                k += 1
-            else:
-                seq += part
-        seqs.append(seq)
-    length = max(map(len, seqs))
-    ids = torch.full((len(seqs), length), PAD)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(seqs):
-        cols = slice(length - len(seq), length) if pad_left else slice(0, len(seq))
-        ids[i, cols], mask[i, cols] = torch.tensor(seq), 1
-    labels = torch.where((ids == IMG) | (mask == 0), -100, ids)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-LLAVA_ROWS = [[[5, 6], None, [7, 8, 9]], [[10], None, [11], None, [12, 13]], [[14, 15, 16]]]
-
-
-def llava_batch(pad_left: bool, placeholders: int = 16):
-    """3 rows: one image, two images, none; 3 images of 4x4 patches."""
-    batch = build_ids(LLAVA_ROWS, [placeholders] * 3, pad_left)
-    batch["pixel_values"] = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    return batch
-
-
 QWEN_GRIDS = [(1, 8, 8), (1, 4, 6), (1, 6, 4)]  # raw patches; merged grids 4x4, 2x3, 3x2
 QWEN_ROWS = [
-    [[5], [V_START], None, [V_END], [20, 21]],
-    [[6, 7], [V_START], None, [V_END], [V_START], None, [V_END], [22]],
+    [[5], [V_START], "image", [V_END], [20, 21]],
+    [[6, 7], [V_START], "image", [V_END], [V_START], "image", [V_END], [22]],
 ]
 
 
-def qwen_batch(pad_left: bool, grids=QWEN_GRIDS, rope_grids=None):
-    rope_grids = rope_grids or grids
-    batch = build_ids(QWEN_ROWS, [t * h * w // 4 for t, h, w in rope_grids], pad_left)
-    batch["mm_token_type_ids"] = (batch["input_ids"] == IMG).long()
-    batch["image_grid_thw"] = torch.tensor(grids)
-    n = sum(t * h * w for t, h, w in grids)
-    batch["pixel_values"] = torch.randn(
-        n, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(1)
-    )
-    return batch
-
-
-def pooled_grid(h: int, w: int) -> tuple[int, int]:
-    return math.ceil(h / 2), math.ceil(w / 2)
+def qwen_images(pad_left: bool, grids=QWEN_GRIDS) -> dict:
+    """2 rows: one image, two images (QWEN_GRIDS), no video."""
+    return qwen_batch(pad_left, images=grids, videos=[], rows=QWEN_ROWS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +47,7 @@ def pooled_grid(h: int, w: int) -> tuple[int, int]:
 @pytest.mark.parametrize("kind", ["llava", "qwen"])
 def test_remove_restores_the_model_exactly(kind):
     model = make_llava() if kind == "llava" else make_qwen()
-    batch = llava_batch(False) if kind == "llava" else qwen_batch(False)
+    batch = llava_batch(False) if kind == "llava" else qwen_images(False)
     layers = list(model.model.language_model.layers)
     modules = dict(model.named_modules())
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -240,7 +134,7 @@ def test_stage_presets_and_instances():
 
 @pytest.mark.parametrize("pad_left", [False, True])
 def test_shrink_placeholders_keeps_text_labels_and_masks_aligned(pad_left):
-    batch = qwen_batch(pad_left)
+    batch = qwen_images(pad_left)
     n_in = [16, 6, 6]
     n_out = [4, 2, 2]
     out = shrink_placeholders(
@@ -253,7 +147,7 @@ def test_shrink_placeholders_keeps_text_labels_and_masks_aligned(pad_left):
         mm_token_type_ids=batch["mm_token_type_ids"],
         position_ids=torch.arange(batch["input_ids"].shape[1]).expand(2, -1),
     )
-    expected = build_ids(QWEN_ROWS, n_out, pad_left)
+    expected = build_ids(QWEN_ROWS, {"image": n_out}, pad_left)
     for name in ("input_ids", "attention_mask", "labels"):
         assert torch.equal(out[name], expected[name]), name
     assert torch.equal(out["mm_token_type_ids"], (expected["input_ids"] == IMG).long())
@@ -277,6 +171,7 @@ def test_shrink_position_ids_are_renumbered():
 # ---- VTC: logits equal the unpatched model fed the shrunk batch -----------------------------
 
 
+@needs_encoder_outputs
 @pytest.mark.parametrize("pad_left", [False, True])
 def test_llava_vtc_equals_unpatched_on_shrunk_batch(pad_left):
     model = make_llava("eager")
@@ -287,11 +182,12 @@ def test_llava_vtc_equals_unpatched_on_shrunk_batch(pad_left):
     assert handle.report.visual_tokens_in == 48 and handle.report.visual_tokens_kept == 12
     assert handle.report.lm_tokens < handle.report.lm_tokens_in
 
-    shrunk = build_ids(LLAVA_ROWS, [4] * 3, pad_left)
+    shrunk = llava_batch(pad_left, tokens=4)
+    del shrunk["pixel_values"]
     with torch.no_grad():
         feats = ref.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
-        pooled = torch.stack(list(feats.pooler_output))  # [3, 16, D]
-        feats.pooler_output = list(token_pool(pooled, (4, 4), (2, 2)))
+        images = torch.stack(list(feats.pooler_output))  # [3, 16, D]
+        feats.pooler_output = list(token_pool(images, (4, 4), (2, 2)))
     expected = ref(**shrunk, mm_encoder_outputs={"image": feats})
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
@@ -299,18 +195,19 @@ def test_llava_vtc_equals_unpatched_on_shrunk_batch(pad_left):
         assert torch.equal(handle.last_inputs[name], shrunk[name])
 
 
+@needs_encoder_outputs
 @pytest.mark.parametrize("pad_left", [False, True])
 def test_qwen2vl_vtc_equals_unpatched_on_shrunk_batch(pad_left):
     model = make_qwen("eager")
     ref = copy.deepcopy(model)
-    batch = qwen_batch(pad_left)
+    batch = qwen_images(pad_left)
     handle = apply_sts(model, stage="align")
     out = model(**batch)
-    pooled_grids = [pooled_grid(h // 2, w // 2) for _, h, w in QWEN_GRIDS]  # merged, then 2x2
+    pooled_grids = [(pooled(h // 2), pooled(w // 2)) for _, h, w in QWEN_GRIDS]  # merged, then 2x2
     rope_grids = [(1, 2 * gh, 2 * gw) for gh, gw in pooled_grids]
     assert handle.report.visual_tokens_kept == sum(gh * gw for gh, gw in pooled_grids) == 8
 
-    shrunk = qwen_batch(pad_left, rope_grids=rope_grids)
+    shrunk = qwen_images(pad_left, grids=rope_grids)
     with torch.no_grad():
         feats = ref.model.get_image_features(
             batch["pixel_values"], batch["image_grid_thw"], return_dict=True
@@ -320,7 +217,6 @@ def test_qwen2vl_vtc_equals_unpatched_on_shrunk_batch(pad_left):
             for f, (_, h, w) in zip(feats.pooler_output, QWEN_GRIDS)
         ]
     del shrunk["pixel_values"]
-    shrunk["image_grid_thw"] = torch.tensor(rope_grids)
     expected = ref(**shrunk, mm_encoder_outputs={"image": feats})
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
     # M-RoPE positions of the pooled grid: rebuilt by the model from the shrunk ids
@@ -341,7 +237,7 @@ def test_vtc_in_eval_only_when_enabled():
         dense = model(**batch).logits
     handle = apply_sts(model, compress={"enabled_in_eval": True}, skip=False)
     with torch.no_grad():
-        assert model(**batch).logits.shape[1] == dense.shape[1] - 2 * 12  # row 1: two images
+        assert model(**batch).logits.shape[1] == dense.shape[1] - 2 * 12  # row 0: two images
     handle.remove()
 
 
@@ -352,7 +248,7 @@ def test_vtc_in_eval_only_when_enabled():
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_token_mode_without_skipping_equals_dense(kind, attn):
     model = make_llava(attn) if kind == "llava" else make_qwen(attn)
-    batch = llava_batch(True) if kind == "llava" else qwen_batch(True)
+    batch = llava_batch(True) if kind == "llava" else qwen_images(True)
     dense = model(**batch).logits
     handle = apply_sts(model, compress=False, skip={"mode": "token", "p_max": 0.0})
     out = model(**batch).logits
@@ -390,7 +286,7 @@ def _dense_grad_names(model, batch) -> set[str]:
 @pytest.mark.parametrize("stage", ["align", "instruct", None])
 def test_training_steps_reduce_loss_and_reach_every_parameter(kind, stage):
     model = make_llava() if kind == "llava" else make_qwen()
-    batch = llava_batch(False) if kind == "llava" else qwen_batch(True)
+    batch = llava_batch(False) if kind == "llava" else qwen_images(True)
     expected = _dense_grad_names(model, batch)
     handle = apply_sts(model, stage=stage, skip=None if stage == "align" else {"seed": 0})
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -429,8 +325,10 @@ def test_router_policy_parameters_are_trained_and_removed():
 
 def test_activation_checkpointing_with_lds():
     model = make_qwen()
-    model.activation_checkpointing_enable({"use_reentrant": False})
-    batch = qwen_batch(False)
+    # older transformers (e.g. 5.17) call it gradient_checkpointing_enable
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
+    batch = qwen_images(False)
     handle = apply_sts(model, skip={"seed": 0})
     model(**batch).loss.backward()
     assert model.model.language_model.layers[1].mlp.up_proj.weight.grad is not None
