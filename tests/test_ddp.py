@@ -88,18 +88,18 @@ def data():
     return x, y
 
 
-def train_steps(model, step, x, y) -> list[dict[str, torch.Tensor]]:
-    """Gradients of every step (zeros for parameters that got none), no optimizer."""
+def copy_grad(param: nn.Parameter) -> torch.Tensor:
+    return param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+
+
+def train_steps(model, step, x, y, grad_of=copy_grad) -> list[dict[str, torch.Tensor]]:
+    """Gradients of every step (`grad_of(param)`: a copy, zeros for parameters that got none),
+    no optimizer."""
     grads = []
     for i in range(len(DECISIONS)):
         step[0] = i
         F.cross_entropy(model(x), y).backward()
-        grads.append(
-            {
-                n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-                for n, p in unwrap(model).named_parameters()
-            }
-        )
+        grads.append({n: grad_of(p) for n, p in unwrap(model).named_parameters()})
         model.zero_grad(set_to_none=True)
     return grads
 
@@ -176,14 +176,14 @@ def assert_ranks_match(out_dir, expected: list[dict], rtol: float = 1e-5) -> Non
                 )
 
 
-def expected_grads(train=train_steps):
-    """(initial state of Net, single-process gradients of `train` on the whole batch)."""
+def expected_grads():
+    """(initial state of Net, single-process gradients on the whole batch)."""
     torch.manual_seed(0)
     net = Net()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     step = fixed_decisions(net.skipper, slice(None))
     x, y = data()
-    expected = train(net, step, x, y)
+    expected = train_steps(net, step, x, y)
     assert expected[1]["skipper.layers.1.layer.up.weight"].abs().sum() == 0  # globally unused
     return state, expected
 
@@ -243,10 +243,9 @@ def hf_batch(rows: slice) -> dict:
     return {k: v[rows] for k, v in batch.items()}
 
 
-def hf_grads(model, where, steps_rows: list[list[slice]], grad_of=None) -> list[dict]:
+def hf_grads(model, where, steps_rows: list[list[slice]], grad_of=copy_grad) -> list[dict]:
     """Per step: backward of the mean of the losses of `rows` micro-batches; the gradients
     (`grad_of(param)`, default a copy; zeros for none)."""
-    grad_of = grad_of or (lambda p: p.grad.clone() if p.grad is not None else torch.zeros_like(p))
     grads = []
     for step, micro in enumerate(steps_rows):
         where["step"] = step

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from test_ddp import (
-    DECISIONS,
     HF_DECISIONS,
     WORLD,
     Net,
@@ -42,6 +41,7 @@ from test_ddp import (
     patched_llava,
     rank_rows,
     start_rank,
+    train_steps,
 )
 from torch import nn
 
@@ -63,17 +63,6 @@ pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 240  # the whole spawn: 3-40 s (plain), 15-60 s (LLaVA) on 2 shared cores
 SETUP_ERROR = "setup_error.txt"  # written by a worker whose torch cannot shard on CPU
-
-
-def train_steps(model: nn.Module, step: list[int], x, y) -> list[dict[str, torch.Tensor]]:
-    """Full (unsharded) gradients of every step (zeros for parameters that got none)."""
-    grads = []
-    for i in range(len(DECISIONS)):
-        step[0] = i
-        F.cross_entropy(model(x), y).backward()
-        grads.append({n: full_grad(p) for n, p in model.named_parameters()})
-        model.zero_grad(set_to_none=True)
-    return grads
 
 
 def full_grad(param: nn.Parameter) -> torch.Tensor:
@@ -103,7 +92,7 @@ def worker(rank: int, port: int, state: dict, out_dir: str) -> None:
     if not all(isinstance(p, DTensor) for p in model.parameters()):
         raise AssertionError("fully_shard left parameters unsharded")
     del net  # the same module as model; finish_rank must hold the last reference
-    finish_rank(model, train_steps, step, samples, rank, out_dir)
+    finish_rank(model, partial(train_steps, grad_of=full_grad), step, samples, rank, out_dir)
 
 
 def run_workers(state: dict, out_dir: str, target=worker) -> None:
@@ -127,7 +116,7 @@ def run_workers(state: dict, out_dir: str, target=worker) -> None:
 
 
 def test_fsdp_skipped_layers_match_single_process(tmp_path):
-    state, expected = expected_grads(train_steps)
+    state, expected = expected_grads()
     run_workers(state, str(tmp_path))
     assert_ranks_match(tmp_path, expected)
 
