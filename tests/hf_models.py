@@ -103,17 +103,22 @@ def llama_config(**extra):
     return LlamaConfig(**_text_config(**extra))
 
 
-def make_llava(attn: str = "sdpa", **extra):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def _llava_family(family: str, attn: str, **extra):
+    """A tiny `<family>ForConditionalGeneration`: CLIP tower, Llama LM, image token IMG."""
+    import transformers
 
-    config = LlavaConfig(
+    config = getattr(transformers, f"{family}Config")(
         vision_config=clip_config(),
         text_config=llama_config(),
         image_token_index=IMG,
         vision_feature_layer=-1,  # every vision layer gets a gradient
         **extra,
     )
-    return _finish(LlavaForConditionalGeneration, config, attn)
+    return _finish(getattr(transformers, f"{family}ForConditionalGeneration"), config, attn)
+
+
+def make_llava(attn: str = "sdpa", **extra):
+    return _llava_family("Llava", attn, **extra)
 
 
 # several images in a row, one image, text only
@@ -128,17 +133,11 @@ def llava_batch(pad_left: bool, images: int = 3, rows=LLAVA_ROWS, tokens: int = 
     return batch
 
 
-def make_llava_next(attn: str = "sdpa"):
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+ANYRES = dict(image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])  # 1x2, 2x1, 2x2 tiles of 32 px
 
-    config = LlavaNextConfig(
-        vision_config=clip_config(),
-        text_config=llama_config(),
-        image_token_index=IMG,
-        vision_feature_layer=-1,
-        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],  # 1x2, 2x1, 2x2 tiles of 32 px
-    )
-    return _finish(LlavaNextForConditionalGeneration, config, attn)
+
+def make_llava_next(attn: str = "sdpa"):
+    return _llava_family("LlavaNext", attn, **ANYRES)
 
 
 # original (H, W) of each image: 1x2 tiles, 2x1 tiles, 2x2 tiles unpadded to a 6x8 crop grid
@@ -174,18 +173,10 @@ def llava_next_batch(
 
 
 def make_llava_next_video(attn: str = "sdpa"):
-    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
-
-    config = LlavaNextVideoConfig(
-        vision_config=clip_config(),
-        text_config=llama_config(),
-        image_token_index=IMG,
-        video_token_index=VID,
-        vision_feature_layer=-1,
-        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
-        spatial_pool_stride=2,  # a frame's 4x4 patches -> 2x2 tokens
+    # spatial_pool_stride 2: a frame's 4x4 patches -> 2x2 tokens
+    return _llava_family(
+        "LlavaNextVideo", attn, video_token_index=VID, spatial_pool_stride=2, **ANYRES
     )
-    return _finish(LlavaNextVideoForConditionalGeneration, config, attn)
 
 
 # an image row, a video row, an image + video row, text only
@@ -218,19 +209,14 @@ def llava_onevision_batch(model, pad_left: bool) -> dict:
 
 
 def make_llava_onevision(attn: str = "sdpa"):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-    config = LlavaOnevisionConfig(
-        vision_config=clip_config(),
-        text_config=llama_config(),
-        image_token_index=IMG,
+    return _llava_family(
+        "LlavaOnevision",
+        attn,
         video_token_index=VID,
-        vision_feature_layer=-1,
         vision_feature_select_strategy="default",
-        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
         vision_aspect_ratio="anyres_max_1",  # crop grids over one tile's tokens are shrunk
+        **ANYRES,
     )
-    return _finish(LlavaOnevisionForConditionalGeneration, config, attn)
 
 
 def llava_next_reference_pack(packed, newline, crop_grid):
