@@ -174,6 +174,9 @@ _token_pool_backward_op.register_autograd(_token_pool_backward_grad, setup_conte
 def token_pool(x: Tensor, grid: tuple[int, int], window: tuple[int, int] | int = (2, 2)) -> Tensor:
     """`[B, H*W, D]` -> `[B, ceil(H/kh)*ceil(W/kw), D]` window means (STS_SPEC.md §1)."""
     h, w, kh, kw = _checks.token_pool(x, grid, window)
+    # a window past the grid's edge pools the tokens inside it: clipped to the grid it gives
+    # the same windows, and the kernel (unrolled over the window) stays H x W at most
+    kh, kw = min(kh, h), min(kw, w)
     if select("token_pool", x.device, ("triton",)) == "triton":
         return _token_pool_op(x, h, w, kh, kw)
     return reference.token_pool(x, (h, w), (kh, kw))
