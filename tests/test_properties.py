@@ -311,3 +311,56 @@ def test_unmerge(backend, data):
     index = _layout(torch.tensor(ids).view(b, n), data.draw(st.sampled_from(LAYOUTS)))
 
     _compare(lambda t: sts_kernels.unmerge(t, index), [y], backend)
+
+
+# ---- double backward -------------------------------------------------------------------------
+
+_PLAN = reference.route(torch.tensor([[True, False, True], [False, False, True]]))
+_ROWS = _PLAN.padded_index.reshape(-1)  # [B * Kmax] with a -1 slot
+
+
+def _f64(*shape):
+    return torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+
+DOUBLE_BACKWARD = {
+    "gather_rows": (("cpp", "triton"), lambda x: sts_kernels.gather_rows(x, _PLAN), (2, 3, 2)),
+    "gather_rows_padded": (
+        ("cpp", "triton"),
+        lambda x: sts_kernels.gather_rows(x, _PLAN, padded=True),
+        (2, 3, 2),
+    ),
+    "scatter_rows": (("cpp", "triton"), lambda s: _scatter_rows(s, _ROWS, 6), (4, 2)),
+    "skip_residual": (
+        ("cpp", "triton"),
+        lambda x, y, g: sts_kernels.skip_residual(x, y, _PLAN, g, from_output=True),
+        ((2, 3, 2), (3, 2), (3,)),
+    ),
+    "token_pool": (("triton",), lambda x: sts_kernels.token_pool(x, (2, 3)), (1, 6, 2)),
+    "bipartite_merge": (
+        ("triton",),
+        lambda x: sts_kernels.bipartite_merge(x, 2, protected=1).x,
+        (1, 7, 2),
+    ),
+    "unmerge": (
+        ("triton",),
+        lambda y: sts_kernels.unmerge(y, torch.tensor([[2, 0, 1, 1, 2]])),
+        (1, 3, 2),
+    ),
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    ("name", "backend"),
+    [(n, b) for n, (impls, _, _) in DOUBLE_BACKWARD.items() for b in ("reference", *impls)],
+)
+def test_double_backward(name, backend):
+    """Every op's double backward is exact on every backend (gradgradcheck in fp64)."""
+    impls, fn, shapes = DOUBLE_BACKWARD[name]
+    if backend not in sts_kernels.available_backends("cpu"):
+        pytest.skip(f"no {backend}")
+    shapes = shapes if isinstance(shapes[0], tuple) else (shapes,)
+    inputs = [_f64(*s) for s in shapes]
+    with sts_kernels.use_backend(backend):
+        assert torch.autograd.gradgradcheck(fn, inputs)
