@@ -8,6 +8,8 @@ and no example database, so CI is reproducible and bounded; Triton runs under th
 on tiny shapes.
 """
 
+from math import inf, nan
+
 import pytest
 import torch
 
@@ -18,6 +20,9 @@ from tests.tolerances import LOW_PRECISION, assert_close
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 given = hypothesis.given
+
+# NaN/Inf inputs are drawn on purpose: the interpreter's numpy warns when it computes with them
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("contiguous", "sliced", "transposed", "size1_strides")
@@ -60,9 +65,14 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.detach()
 
 
-def _randn(data, shape, dtype, layout=None) -> torch.Tensor:
+def _randn(data, shape, dtype, layout=None, special=True) -> torch.Tensor:
+    """Random values in a drawn layout; with `special`, sometimes one NaN or +-Inf (data,
+    which every backend must propagate alike)."""
     seed = data.draw(st.integers(0, 2**16), label="seed")
     values = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    value = data.draw(st.sampled_from([None] * 3 + [nan, inf, -inf]), label="special")
+    if special and value is not None and values.numel():
+        values.view(-1)[data.draw(st.integers(0, values.numel() - 1), label="at")] = value
     if layout is None:
         layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
     return _layout(values, layout)
@@ -111,6 +121,17 @@ def _fwd_bwd(fn, inputs, diff, backend, weight):
     return out, grads
 
 
+def _close(actual, expected, reference_lowp, name):
+    """assert_close, where NaN/Inf in the reference must be at the same places in `actual`
+    (Inf with its sign) and the finite rest is held to the tolerance rule."""
+    special = ~torch.isfinite(expected)
+    torch.testing.assert_close(
+        actual[special], expected[special].to(actual.dtype), atol=0, rtol=0, equal_nan=True
+    )
+    finite = lambda t: None if t is None else t.masked_fill(special, 0)  # noqa: E731
+    assert_close(finite(actual), finite(expected), reference_lowp=finite(reference_lowp), name=name)
+
+
 def _compare(fn, inputs, backend, diff=(0,)):
     """fn on `backend` against the reference, forward (first output) and backward (inputs
     `diff`). Returns (output, reference output in the same dtype) for further checks."""
@@ -119,7 +140,11 @@ def _compare(fn, inputs, backend, diff=(0,)):
         probe = _head(fn(*inputs))  # the output's shape, for a fixed gradient weight
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(probe.shape, generator=gen).to(probe.dtype)
+    before = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
     out, grads = _fwd_bwd(fn, inputs, diff, backend, weight)
+    for t, b in zip(inputs, before):  # inputs are never modified
+        if isinstance(t, torch.Tensor):
+            torch.testing.assert_close(t, b, atol=0, rtol=0, equal_nan=True)
     same, grads_same = _fwd_bwd(fn, inputs, diff, "reference", weight)
     lowp = dtype in LOW_PRECISION
     if lowp:  # judged against the fp32 reference on the same rounded values
@@ -132,10 +157,10 @@ def _compare(fn, inputs, backend, diff=(0,)):
         exact, grads_exact = same, grads_same
     assert _head(out).dtype == _head(same).dtype
     ref_lp = (lambda t: t) if lowp else (lambda t: None)
-    assert_close(_head(out), _head(exact), reference_lowp=ref_lp(_head(same)), name="out")
+    _close(_head(out), _head(exact), ref_lp(_head(same)), name="out")
     for i, g, g_exact, g_same in zip(diff, grads, grads_exact, grads_same):
         assert g.dtype == inputs[i].dtype, f"grad {i}: dtype {g.dtype}"
-        assert_close(g, g_exact, reference_lowp=ref_lp(g_same), name=f"grad of input {i}")
+        _close(g, g_exact, ref_lp(g_same), name=f"grad of input {i}")
     return out, same
 
 
@@ -250,7 +275,7 @@ def test_skip_residual(backend, data):
     out, same = _compare(op, [x, delta, gate], backend, diff)
     if stats:  # fp32 cosines of the same rows: as close as fp32 arithmetic allows
         assert out[1].dtype == torch.float32
-        torch.testing.assert_close(out[1], same[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1], same[1], atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
 @pytest.mark.interpreter
@@ -285,7 +310,7 @@ def test_bipartite_merge(backend, data):
     metric = _sign_tokens(data, b, n)
     size = None
     if data.draw(st.booleans(), label="size"):
-        size = _randn(data, (b, n), torch.float32).abs() + 0.5  # positive
+        size = _randn(data, (b, n), torch.float32, special=False).abs() + 0.5  # positive
     r = data.draw(st.integers(0, n), label="r")
     protected = data.draw(st.integers(0, min(2, n - 1)), label="protected")
 
