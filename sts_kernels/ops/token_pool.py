@@ -108,9 +108,21 @@ def _token_pool_bwd_kernel(
 _MAX_BLOCK_D = 512
 
 
+def _check_geometry(h: int, w: int, kh: int, kw: int, n: int, p: int | None = None) -> None:
+    """The raw ops' ints (the public op checks them first): a wrong grid would read or write
+    past the tensors, a zero window divide by zero. `n` input tokens, `p` pooled ones."""
+    bad = min(h, w) < 0 or min(kh, kw) < 1 or h * w != n
+    if bad or (p is not None and -(-h // kh) * -(-w // kw) != p):
+        raise ValueError(
+            f"sts::token_pool: grid ({h}, {w}) must hold the N={n} tokens and window "
+            f"({kh}, {kw}) be positive and pool them into the P={p} outputs"
+        )
+
+
 @torch.library.custom_op("sts::token_pool", mutates_args=())
 def _token_pool_op(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     b, n, d = x.shape
+    _check_geometry(h, w, kh, kw, n)
     ow = triton.cdiv(w, kw)
     p = triton.cdiv(h, kh) * ow
     y = torch.empty(b, p, d, dtype=x.dtype, device=x.device)
@@ -136,6 +148,7 @@ def _(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
 def _token_pool_backward_op(grad: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     b, _, d = grad.shape
     n = h * w
+    _check_geometry(h, w, kh, kw, n, grad.shape[1])
     dx = torch.empty(b, n, d, dtype=grad.dtype, device=grad.device)
     if dx.numel() == 0:
         return dx
