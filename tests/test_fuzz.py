@@ -91,22 +91,6 @@ def test_token_pool_window_larger_than_grid(backend):
 
 
 @pytest.mark.interpreter
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.ops.sts.gather_rows_triton / scatter_rows_triton check none of their "
-    "arguments: 2-D or int32 rows write past the output (heap corruption, abort), float rows "
-    "raise triton's InterpreterError (ops/routing.py)",
-)
-def test_fuzz_raw_triton_row_ops():
-    from tests.fuzz_ops import UNCHECKED, raw_cases
-
-    names = [name for name, _ in raw_cases() if name.startswith(UNCHECKED)]
-    proc, result = _fuzz(*names, debug=False)
-    assert proc.returncode == 0 and result is not None, _death(proc)
-    assert not result["bad"], "\n".join(result["bad"])
-
-
-@pytest.mark.interpreter
 @pytest.mark.parametrize("geometry", [(4, 4, 2, 2), (2, 3, 0, 2), (2, 3, 2, -1), (-2, -3, 1, 1)])
 def test_raw_token_pool_checks_geometry(geometry):
     """Found by the fuzz test: the raw op read past x for a grid larger than N and divided by

@@ -125,9 +125,24 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
 # torch.library registration
 
 
+def _check_rows(op: str, data: Tensor, rows: Tensor) -> None:
+    """The C++ ops' argument checks, for their Triton twins, which are callable directly as
+    `torch.ops.sts.*`: rows of another shape or dtype would make the kernel write past its
+    output (out-of-range ids are safe: the kernel skips them)."""
+    if data.dim() < 1:
+        raise ValueError(f"{op}: the row tensor needs at least 1 dim, got a 0-dim tensor")
+    if rows.dim() != 1 or rows.dtype != torch.int64:
+        raise ValueError(
+            f"{op}: rows must be a 1-D int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}"
+        )
+    if rows.device != data.device:
+        raise ValueError(f"{op}: rows is on {rows.device} but the data is on {data.device}")
+
+
 @torch.library.custom_op("sts::gather_rows_triton", mutates_args=())
 def _gather_rows_triton(x: Tensor, rows: Tensor) -> Tensor:
     """Triton twin of `sts::gather_rows`: `out[k] = x[rows[k]]`, a zero row for -1."""
+    _check_rows("sts::gather_rows_triton", x, rows)
     src = x.contiguous()
     shape = (rows.shape[0], *src.shape[1:])
     # With no source rows every id is -1 and the kernel has nothing to read: all zeros.
@@ -139,6 +154,14 @@ def _gather_rows_triton(x: Tensor, rows: Tensor) -> Tensor:
 @torch.library.custom_op("sts::scatter_rows_triton", mutates_args=())
 def _scatter_rows_triton(src: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """Triton twin of `sts::scatter_rows`: zeros with `out[rows[k]] = src[k]`, -1 skipped."""
+    _check_rows("sts::scatter_rows_triton", src, rows)
+    if src.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"sts::scatter_rows_triton: src has {src.shape[0]} rows but rows has "
+            f"{rows.shape[0]} entries"
+        )
+    if num_rows < 0:
+        raise ValueError(f"sts::scatter_rows_triton: num_rows must be >= 0, got {num_rows}")
     packed = src.contiguous()
     out = packed.new_zeros((num_rows, *packed.shape[1:]))
     _launch_copy_rows(packed, out, rows.contiguous(), scatter=True)
