@@ -146,8 +146,23 @@ def route(mask: Tensor) -> RoutePlan:
     return RoutePlan(index=index, counts=counts, offsets=offsets, shape=tuple(mask.shape))
 
 
+def _check_index_range(plan: RoutePlan) -> None:
+    """A hand-built plan's row ids must lie in [0, R): a ValueError naming `plan.index` (the
+    kernels skip such ids; index_select would raise an IndexError of its own). Not while
+    torch.compile traces (data-dependent)."""
+    index = plan.index
+    if index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= plan.num_rows:
+        raise ValueError(
+            f"plan.index must hold row ids in [0, {plan.num_rows}), got values in [{lo}, {hi}]"
+        )
+
+
 def gather_rows(x: Tensor, plan: RoutePlan, padded: bool = False) -> Tensor:
     """Active rows of `x`: packed `[K, ...]`, or `[B, Kmax, ...]` with zeros past each count."""
+    _check_index_range(plan)
     flat = x.reshape(plan.num_rows, *x.shape[len(plan.shape) :])
     if not padded:
         return flat.index_select(0, plan.index)
@@ -170,6 +185,7 @@ def skip_residual(
 
     With `stats`, also the fp32 cosine between `x` and `out` of every active row (no grad).
     """
+    _check_index_range(plan)
     feat = x.shape[len(plan.shape) :]
     if delta.dim() == len(feat) + 2 and len(plan.shape) == 2:  # padded [B, Kmax, ...]
         delta = delta[plan.valid]

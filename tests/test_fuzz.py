@@ -18,10 +18,6 @@ from sts_kernels import RoutePlan
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "fuzz_ops.py"
 
-# Hand-built plans with out-of-range ids: without STS_DEBUG=1 the reference backend lets
-# torch's index_select raise IndexError (test_reference_bad_plan_raises_value_error)
-KNOWN_INDEX_ERROR = ("reference:", "plan_index_", ": IndexError")
-
 
 def _fuzz(*args: str, debug: bool) -> tuple[subprocess.CompletedProcess, dict | None]:
     env = dict(os.environ, STS_DEBUG="1" if debug else "0")
@@ -55,7 +51,7 @@ def test_fuzz_never_kills_the_process(debug):
     proc, result = _fuzz(debug=debug)
     assert proc.returncode == 0 and result is not None, _death(proc)
     assert result["cases"] > 100 * len(result["backends"]) // 2
-    bad = [b for b in result["bad"] if debug or not all(k in b for k in KNOWN_INDEX_ERROR)]
+    bad = result["bad"]
     assert not bad, "ops failed with the wrong exception:\n" + "\n".join(bad)
 
 
@@ -66,16 +62,14 @@ def test_fuzz_reports_the_killing_case():
     assert "selftest/abort" in _death(proc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="reference gather_rows/skip_residual index a hand-built plan's out-of-range ids "
-    "directly (IndexError from index_select) unless STS_DEBUG=1 (LDS ops)",
-)
 def test_reference_bad_plan_raises_value_error():
     plan = RoutePlan(torch.tensor([0, 6]), torch.tensor([2, 0]), torch.tensor([0, 2, 2]), (2, 3))
-    with sts_kernels.use_backend("reference"), pytest.raises(ValueError, match="plan.index"):
-        sts_kernels.gather_rows(torch.randn(2, 3, 4), plan)
+    x = torch.randn(2, 3, 4)
+    with sts_kernels.use_backend("reference"):
+        with pytest.raises(ValueError, match="plan.index"):
+            sts_kernels.gather_rows(x, plan)
+        with pytest.raises(ValueError, match="plan.index"):
+            sts_kernels.skip_residual(x, torch.randn(2, 4), plan)
 
 
 @pytest.mark.interpreter
