@@ -39,6 +39,45 @@ from ._common import acc_dtype, tile_shape
 
 
 @triton.jit
+def _gate(GATE_ptr, k, active, HAS_GATE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """g[k] on active rows (1 without a gate), 0 elsewhere."""
+    if HAS_GATE:
+        return tl.load(GATE_ptr + k, mask=active, other=0.0).to(ACC_DTYPE)
+    return tl.where(active, 1.0, 0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def _row_slots(
+    ROW_TO_K_ptr,  # [R] int64: k of row i, -1 when no update row maps to it
+    OFFSETS_ptr,  # [B + 1] int64
+    pid,
+    num_rows,
+    num_active,
+    num_slots,
+    rows_per_sample,
+    max_count,
+    IS_PADDED: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """Rows i of program `pid`, k = row_to_k[i] and k's slot in the update tensor: k packed,
+    b * Kmax + (k - offsets[b]) padded (i = b * T + t). `active` is false where no update row
+    maps to i, and where a malformed plan would point outside the update tensor (so a kernel
+    never reads or writes out of bounds; a valid plan is unaffected)."""
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
+    in_range = rows < num_rows
+    k = tl.load(ROW_TO_K_ptr + rows, mask=in_range, other=-1)
+    active = (k >= 0) & (k < num_active)
+    sample = rows // rows_per_sample  # only the padded layout uses it
+    if IS_PADDED:
+        first_k = tl.load(OFFSETS_ptr + sample, mask=active, other=0)
+        slot = sample * max_count + k - first_k
+    else:
+        slot = k
+    active = active & (slot >= 0) & (slot < num_slots)
+    return rows, in_range, k, active, slot, sample
+
+
+@triton.jit
 def _skip_residual_fwd_kernel(
     X_ptr,  # [R, F]
     U_ptr,  # [K, F] packed or [B * Kmax, F] padded: delta, or y with FROM_OUTPUT
@@ -71,23 +110,12 @@ def _skip_residual_fwd_kernel(
     STATS: cos[k] = <x[i], out[i]> / max(|x[i]| |out[i]|, 1e-8), out taken before the cast.
     """
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
-    in_range = rows < num_rows
-    # which update row (if any) every row adds
-    k = tl.load(ROW_TO_K_ptr + rows, mask=in_range, other=-1)
-    active = (k >= 0) & (k < num_active)
-    if IS_PADDED:
-        sample = rows // rows_per_sample
-        first_k = tl.load(OFFSETS_ptr + sample, mask=active, other=0)
-        slot = sample * max_count + k - first_k
-    else:
-        slot = k
-    # a malformed plan never reads or writes out of bounds (a valid one is unaffected)
-    active = active & (slot >= 0) & (slot < num_slots)
-    if HAS_GATE:
-        gate = tl.load(GATE_ptr + k, mask=active, other=0.0).to(ACC_DTYPE)
-    else:
-        gate = tl.where(active, 1.0, 0.0).to(ACC_DTYPE)
+    # this program's rows, the update row k each adds (if any) and k's slot in U
+    rows, in_range, k, active, slot, sample = _row_slots(
+        ROW_TO_K_ptr, OFFSETS_ptr, pid, num_rows, num_active, num_slots, rows_per_sample,
+        max_count, IS_PADDED=IS_PADDED, BLOCK_ROWS=BLOCK_ROWS,
+    )  # fmt: skip
+    gate = _gate(GATE_ptr, k, active, HAS_GATE=HAS_GATE, ACC_DTYPE=ACC_DTYPE)
     x_dot_out = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
     x_sq = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
     out_sq = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
@@ -167,10 +195,7 @@ def _skip_residual_bwd_delta_kernel(
         valid = in_range
     rows = tl.load(INDEX_ptr + k, mask=valid, other=0)
     valid = valid & (rows >= 0) & (rows < num_rows)  # a malformed plan stays in bounds
-    if HAS_GATE:
-        gate = tl.load(GATE_ptr + k, mask=valid, other=0.0).to(ACC_DTYPE)
-    else:
-        gate = tl.where(valid, 1.0, 0.0).to(ACC_DTYPE)
+    gate = _gate(GATE_ptr, k, valid, HAS_GATE=HAS_GATE, ACC_DTYPE=ACC_DTYPE)
     grad_gate = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
     # one sweep over the features: read grad_out (and delta for grad_gate), write grad_delta
     for start in range(0, num_features, BLOCK_F):
@@ -233,19 +258,11 @@ def _skip_residual_bwd_output_kernel(
     (Kmax <= T, so every padding slot has exactly one such row): no separate zero fill.
     """
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
-    in_range = rows < num_rows
-    # the k (and update slot) of every row
-    k = tl.load(ROW_TO_K_ptr + rows, mask=in_range, other=-1)
-    active = (k >= 0) & (k < num_active)
-    if IS_PADDED:
-        sample = rows // rows_per_sample
-        first_k = tl.load(OFFSETS_ptr + sample, mask=active, other=0)
-        slot = sample * max_count + k - first_k
-    else:
-        slot = k
-    # a malformed plan never reads or writes out of bounds (a valid one is unaffected)
-    active = active & (slot >= 0) & (slot < num_slots)
+    # this program's rows, the update row k each adds (if any) and k's slot in U
+    rows, in_range, k, active, slot, sample = _row_slots(
+        ROW_TO_K_ptr, OFFSETS_ptr, pid, num_rows, num_active, num_slots, rows_per_sample,
+        max_count, IS_PADDED=IS_PADDED, BLOCK_ROWS=BLOCK_ROWS,
+    )  # fmt: skip
     if IS_PADDED:
         # the padding slot this row zeroes, if any: (b, t) with counts[b] <= t < Kmax
         t = rows - sample * rows_per_sample
@@ -254,10 +271,7 @@ def _skip_residual_bwd_output_kernel(
         )
         pad_slot = sample * max_count + t
         pads = in_range & (t >= count) & (t < max_count) & (pad_slot < num_slots)
-    if HAS_GATE:
-        gate = tl.load(GATE_ptr + k, mask=active, other=0.0).to(ACC_DTYPE)
-    else:
-        gate = tl.where(active, 1.0, 0.0).to(ACC_DTYPE)
+    gate = _gate(GATE_ptr, k, active, HAS_GATE=HAS_GATE, ACC_DTYPE=ACC_DTYPE)
     grad_gate = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
     # one sweep over the features: read grad_out, write grad_x (and grad_y on active rows)
     for start in range(0, num_features, BLOCK_F):
