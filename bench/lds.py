@@ -142,6 +142,14 @@ def ideal_layer_bytes(rows: int, active: int, row_bytes: int, backward: bool) ->
 _GATHERS = ("index_select", "index.Tensor", "gather_rows")  # read only the rows they write
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches in `t`: a sparse COO tensor (the sample-mode gather's gradient)
+    is its indices and values."""
+    if t.is_sparse:
+        return t._indices().nbytes + t._values().nbytes
+    return t.nbytes
+
+
 class BytesMoved(TorchDispatchMode):
     """Sums the bytes every kernel-launching op reads and writes (views and allocations
     move nothing)."""
@@ -158,12 +166,12 @@ class BytesMoved(TorchDispatchMode):
         )
         if aliases or schema.name.split("::")[1].startswith(("empty", "detach", "lift")):
             return out
-        outputs = sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        outputs = sum(_nbytes(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if any(name in str(func) for name in _GATHERS):
-            self.nbytes += 2 * outputs + sum(t.nbytes for t in inputs if t.dtype == torch.int64)
+            self.nbytes += 2 * outputs + sum(_nbytes(t) for t in inputs if t.dtype == torch.int64)
         else:
-            self.nbytes += outputs + sum(t.nbytes for t in inputs)
+            self.nbytes += outputs + sum(_nbytes(t) for t in inputs)
         return out
 
 
