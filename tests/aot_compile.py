@@ -56,17 +56,31 @@ def kernel_name(obj: object) -> str | None:
 
 
 def discover() -> list[str]:
-    """Every Triton kernel defined in a module of sts_kernels (imports them all)."""
+    """Every Triton kernel defined in a module of sts_kernels (imports them all). A jit function
+    that another one calls (a device helper such as `_row_slots`) is compiled into its caller,
+    so it is not a kernel of its own; one that nothing calls and nothing launches still is, and
+    fails as never compiled."""
+    from triton.runtime.jit import KernelInterface
+
     import sts_kernels
 
-    names = set()
+    found: dict[str, str] = {}  # module.qualname -> source
     for info in pkgutil.walk_packages(sts_kernels.__path__, "sts_kernels."):
         module = importlib.import_module(info.name)
         for value in vars(module).values():
             name = kernel_name(value)
             if name is not None and name.startswith(info.name + "."):
-                names.add(name)
-    return sorted(names)
+                fn = value
+                while isinstance(fn, KernelInterface):
+                    fn = fn.fn
+                found[name] = inspect.getsource(fn)
+    called = {
+        name
+        for name in found
+        for other, source in found.items()
+        if other != name and f"{name.rsplit('.', 1)[1]}(" in source
+    }
+    return sorted(set(found) - called)
 
 
 # ---------------------------------------------------------------------------------------------
