@@ -140,6 +140,7 @@ def ideal_layer_bytes(rows: int, active: int, row_bytes: int, backward: bool) ->
 
 
 _GATHERS = ("index_select", "index.Tensor", "gather_rows")  # read only the rows they write
+_ROW_ADDS = ("index_add_", "index_put_")  # in place: read and write only the rows they add
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -168,7 +169,10 @@ class BytesMoved(TorchDispatchMode):
             return out
         outputs = sum(_nbytes(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if any(name in str(func) for name in _GATHERS):
+        if any(name in str(func) for name in _ROW_ADDS):  # self[ids] += src: 3x src, ids
+            added = inputs[1:]
+            self.nbytes += sum(_nbytes(t) * (1 if t.dtype == torch.int64 else 3) for t in added)
+        elif any(name in str(func) for name in _GATHERS):
             self.nbytes += 2 * outputs + sum(_nbytes(t) for t in inputs if t.dtype == torch.int64)
         else:
             self.nbytes += outputs + sum(_nbytes(t) for t in inputs)

@@ -23,7 +23,7 @@ from sts_kernels.ops.skip_residual import ideal_bytes
 
 CPP = pytest.mark.skipif(not _backend.has_extension("cpu"), reason="extension not built")
 BACKENDS = [pytest.param("cpp", marks=CPP), pytest.param("triton", marks=pytest.mark.interpreter)]
-FORWARD, FORWARD_BACKWARD, SYNCS = 6, 10, 1
+FORWARD, FORWARD_BACKWARD, SYNCS = 6, 10, 1  # counted now: 6 / 8 (sample), 6 / 10 (token)
 
 
 class Scale(nn.Module):
@@ -76,18 +76,23 @@ def test_skipper_glue_within_budget(mode, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_delta_pass_and_no_zero_fill_in_sample_mode(backend):
-    """The glue neither forms `y - rows` (skip_residual reads y) nor zero-fills R rows for the
-    gather's gradient (it is sparse; autograd adds its K rows to skip_residual's grad_x)."""
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_no_delta_pass_no_zero_fill_no_dense_add(mode, backend):
+    """The glue neither forms `y - rows` (skip_residual reads y), nor zero-fills R rows for
+    the gather's gradient, nor adds two R-row gradients of x: the gather and skip_residual's
+    input are one autograd node whose backward adds the rows' gradient in place."""
     layers = nn.ModuleList(Scale() for _ in range(3))
-    skipper = LayerDynamicSkipper(layers, 8, p_max=0.5, seed=0, keep_first_last=False).train()
+    skipper = LayerDynamicSkipper(
+        layers, 8, mode=mode, p_max=0.5, seed=0, keep_first_last=False
+    ).train()
     x = torch.randn(8, 6, 8, requires_grad=True)
     with sts.use_backend(backend), count_kernels() as counted:
         skipper.layers[1](x).sum().backward()
     names = counted.aten_names
     assert names["sub"] <= 1 and names["neg"] == 0, counted  # sub: the CPU route's counts
     assert names["zeros"] == 0 and names["scatter_rows"] == 0, counted
-    assert names["scatter_rows_triton"] == 0, counted
+    assert names["scatter_rows_triton"] == 0 and names["add"] == 0, counted
+    assert names["index_add_"] + names["index_put_"] == 1, counted  # the in-place add
 
 
 def test_ideal_bytes_model():

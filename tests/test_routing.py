@@ -9,6 +9,7 @@ import torch
 import sts_kernels
 from sts_kernels import _backend, reference
 from sts_kernels._types import RoutePlan
+from sts_kernels.ops.routing import gather_rows_passthrough
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Triton runs on DEVICE: CUDA on a GPU machine, else CPU under the interpreter
@@ -343,3 +344,83 @@ def test_cpp_ops_reject_bad_rows():
         torch.ops.sts.gather_rows(x, torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="mask must be bool"):
         torch.ops.sts.route(torch.ones(3))
+
+
+# ---- gather with passthrough (the skipper's gather: one node, in-place backward add) -------
+
+PASS_MASKS = {
+    "samples": (lambda: torch.tensor([True, False, True, True, False], device=DEVICE), False),
+    "tokens": (lambda: torch.rand(3, 7, device=DEVICE) < 0.5, False),
+    "tokens_padded": (lambda: torch.rand(3, 7, device=DEVICE) < 0.5, True),
+}
+
+
+class _PoisonPadding(torch.autograd.Function):
+    """Identity whose backward puts NaN on the padding slots' gradient (a layer may give
+    padding slots any gradient; none of it may reach x)."""
+
+    @staticmethod
+    def forward(ctx, rows, valid):
+        ctx.save_for_backward(valid)
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (valid,) = ctx.saved_tensors
+        return torch.where(valid[..., None], grad, float("nan")), None
+
+
+def _skip_layer(impl: str, plan, padded: bool, passthrough: bool, x):
+    """skip_residual(x_pass, layer(rows), from_output=True), as the skipper forms it."""
+    with sts_kernels.use_backend(impl):
+        if passthrough:
+            rows, x_pass = gather_rows_passthrough(x, plan, padded)
+        else:
+            rows, x_pass = sts_kernels.gather_rows(x, plan, padded), x
+        if padded:
+            rows = _PoisonPadding.apply(rows, plan.valid)
+        gate = torch.linspace(0.5, 2.0, plan.num_active, dtype=x.dtype, device=DEVICE)
+        return sts_kernels.skip_residual(x_pass, rows * 1.5 + 0.25, plan, gate, from_output=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(PASS_MASKS))
+def test_gather_passthrough_matches_plain_gather(impl, case):
+    """The in-place backward add gives x the same gradient as the plain gather (its own
+    gradient node, summed by autograd), bit for bit; padding slots' NaN never reaches x, and
+    the caller's grad_out is left unmodified."""
+    need(impl)
+    make_mask, padded = PASS_MASKS[case]
+    plan = sts_kernels.route(make_mask())
+    x = torch.randn(*plan.shape, 4, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    kept = grad_out.clone()
+    outs, grads = [], []
+    for passthrough in (True, False):
+        out = _skip_layer(impl, plan, padded, passthrough, x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, x, grad_out)[0])
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1]) and grads[0].isfinite().all()
+    assert torch.equal(grad_out, kept)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(PASS_MASKS))
+def test_gather_passthrough_double_backward_float64(impl, case):
+    """create_graph: the backward adds out of place with differentiable ops, so second
+    derivatives are exact."""
+    need(impl)
+    make_mask, padded = PASS_MASKS[case]
+    plan = sts_kernels.route(make_mask())
+    x = torch.randn(*plan.shape, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    square = lambda t: _skip_layer(impl, plan, padded, True, t).square()
+    assert torch.autograd.gradcheck(square, (x,))
+    assert torch.autograd.gradgradcheck(square, (x,))
+
+
+def test_gather_passthrough_without_grad_is_the_plain_gather():
+    plan = sts_kernels.route(torch.tensor([True, False, True]))
+    x = torch.randn(3, 2, 4)
+    rows, x_pass = gather_rows_passthrough(x, plan)
+    assert x_pass is x and torch.equal(rows, x[plan.index])

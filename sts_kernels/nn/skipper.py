@@ -9,8 +9,10 @@ Per wrapped layer (`SkippableLayer`), in training:
      `x + gate * (y - x)` for kept ones in one pass (HF decoder layers return y = x + f(x)).
 The layer therefore sees only kept rows in forward and backward, which is where the savings
 come from. The glue costs <= 6 kernels forward and <= 10 forward+backward per layer, with one
-host read (route's K and Kmax): no `y - x` pass, and in sample mode the gather's gradient is
-a sparse K-row tensor that autograd adds into skip_residual's grad_x (no zero-filled R rows).
+host read (route's K and Kmax): no `y - x` pass, and the gather and skip_residual's input `x`
+are one autograd node (`gather_rows_passthrough`) whose backward adds the rows' gradient into
+skip_residual's freshly allocated grad_x in place (K rows): no zero-filled R rows and no
+second R-row gradient for autograd to add.
 
 Policies:
   schedule    skip probability rising linearly with depth: the j-th of n eligible layers skips
@@ -50,6 +52,8 @@ from torch import Tensor, nn
 
 from .._types import RoutePlan
 from ..ops import gather_rows, route, skip_residual
+from ..ops.routing import gather_rows_passthrough
+from ..ops.skip_residual import backend_for
 
 MODES = ("sample", "token")
 POLICIES = ("schedule", "router", "importance")
@@ -137,6 +141,15 @@ def _join_graph(hidden: Tensor, layer: nn.Module, gate: Tensor) -> Tensor:
     return _JoinGraph.apply(hidden, *tensors)
 
 
+def _gather(x: Tensor, plan: RoutePlan, padded: bool) -> tuple[Tensor, Tensor]:
+    """(rows, x_pass) for `skip_residual(x_pass, ...)`: one autograd node with an in-place
+    backward where skip_residual's backward allocates grad_x (cpp / triton), else the plain
+    gather and `x` itself (the reference backward may hand back grad_out as grad_x)."""
+    if backend_for(x.device) == "reference":
+        return gather_rows(x, plan, padded), x
+    return gather_rows_passthrough(x, plan, padded)
+
+
 class SkippableLayer(nn.Module):
     """Drop-in replacement for `layer` (same call signature and return type) that runs only
     the rows its skipper keeps in training, and exactly `layer` in eval."""
@@ -180,16 +193,18 @@ class SkippableLayer(nn.Module):
             return skipper.output_setter(None, _join_graph(hidden_states, self.layer, gate))
 
         if plan.num_active == plan.num_rows:  # dense: no gather, but the gate still applies
-            rows, call_args, call_kwargs = hidden_states, args, kwargs
-        elif skipper.mode == "sample":
-            # sparse gradient: autograd adds the K rows into skip_residual's grad_x, no
-            # zero-filled [R, T, D] tensor in between
-            rows = gather_rows(hidden_states, plan, sparse_grad=True)  # [K, T, D]
-            call_args, call_kwargs = skipper.arg_slicer(args, kwargs, plan)
+            rows, x_pass, call_args, call_kwargs = hidden_states, hidden_states, args, kwargs
         else:
-            rows = gather_rows(hidden_states, plan, padded=True)  # [B, Kmax, D]
-            builder = skipper.token_arg_builder or self.pass_positions
-            call_args, call_kwargs = builder(args, kwargs, plan)
+            # x_pass (= x) feeds only skip_residual, whose backward allocates grad_x: the
+            # gather's backward adds the rows' gradient into it in place (one autograd node,
+            # no zero-filled [R, ...] tensor and no R-row add)
+            padded = skipper.mode == "token"
+            rows, x_pass = _gather(hidden_states, plan, padded)  # [K, T, D] / [B, Kmax, D]
+            if padded:
+                builder = skipper.token_arg_builder or self.pass_positions
+                call_args, call_kwargs = builder(args, kwargs, plan)
+            else:
+                call_args, call_kwargs = skipper.arg_slicer(args, kwargs, plan)
         out = self.layer(rows, *call_args, **call_kwargs)
         y = skipper.output_getter(out)
         if plan.num_active == plan.num_rows:  # packed layout of all rows
@@ -197,7 +212,7 @@ class SkippableLayer(nn.Module):
 
         # x + gate * (y - x) on the kept rows in one pass: no separate delta = y - rows
         measure = skipper.policy == "importance"
-        combined = skip_residual(hidden_states, y, plan, gate, stats=measure, from_output=True)
+        combined = skip_residual(x_pass, y, plan, gate, stats=measure, from_output=True)
         if measure:
             combined, cos = combined
             skipper.observe_change(self.idx, 1.0 - cos.mean())

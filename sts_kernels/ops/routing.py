@@ -6,6 +6,10 @@ and CUDA), "triton" (row gather/scatter kernels as the custom ops `sts::gather_r
 copy whole rows as raw words, so they work for every dtype; row id -1 means "a zero row"
 (gather) or "no row" (scatter), which is how the padded layout marks the slots past a
 sample's count. Each is the other's backward.
+
+`gather_rows_passthrough` (the skipper's gather) returns the rows and `x` from one autograd
+node, whose backward adds the rows' gradient in place into the gradient `x` gets through the
+passthrough (see `_GatherPassthrough` for when that is safe).
 """
 
 from __future__ import annotations
@@ -241,6 +245,75 @@ class _SparseGradGather(torch.autograd.Function):
             ids, grad, ctx.shape, is_coalesced=True, check_invariants=False
         )
         return sparse, None, None, None
+
+
+def _add_rows_(dst: Tensor, ids: Tensor, src: Tensor, padded: bool) -> Tensor:
+    """dst[ids[k]] += src[k] in place, touching only those rows. Ids are unique except the
+    padded layout's -1, whose src rows are zeros: index_put_ wraps it to the last row
+    (index_add_ would reject it; it is also what deterministic mode allows on a GPU)."""
+    if padded or (dst.device.type != "cpu" and torch.are_deterministic_algorithms_enabled()):
+        return dst.index_put_((ids,), src, accumulate=True)
+    return dst.index_add_(0, ids, src)
+
+
+class _GatherPassthrough(torch.autograd.Function):
+    """`(gather(x, ids), x)` as one autograd node, so its backward gets both gradients at once
+    and returns grad_x = grad(x_pass) with the routed rows' gradient added in place: K rows
+    (packed) or the valid slots of B * Kmax (padded), and no zero-filled or sparse gather
+    gradient that autograd then adds to grad(x_pass) out of place (R rows read and written).
+
+    Why the in-place add is safe: the caller feeds `x_pass` to nothing but an op whose backward
+    allocates its input gradient (the skipper: `skip_residual(from_output=True)` on the cpp /
+    triton backends), so grad(x_pass) is a fresh tensor that no one else holds. Under
+    create_graph (double backward) the add is out of place and differentiable, so second
+    derivatives stay exact; without a grad(x_pass) it starts from zeros."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ids: Tensor, lead: int, slots: tuple[int, ...], gather: str):
+        # x [*plan.shape, *feat]; ids [K] or [B * Kmax] flat row ids (-1: a padding slot)
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.lead, ctx.padded = x.shape, lead, len(slots) == 2
+        ctx.set_materialize_grads(False)
+        flat = x.reshape(math.prod(x.shape[:lead]), *x.shape[lead:])  # [R, *feat]
+        rows = getattr(torch.ops.sts, gather)(flat, ids)  # [K or B * Kmax, *feat]
+        return rows.view(*slots, *x.shape[lead:]), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor | None, grad_x: Tensor | None):
+        (ids,) = ctx.saved_tensors
+        if grad_rows is None:
+            return grad_x, None, None, None, None
+        feat = ctx.shape[ctx.lead :]
+        src = grad_rows.reshape(ids.numel(), *feat)  # [K or B * Kmax, *feat]
+        if ctx.padded:  # padding slots (-1) add zeros (a fill, not a product: no NaN * 0)
+            src = src.masked_fill((ids < 0).view(-1, *(1,) * len(feat)), 0)
+        num_rows = math.prod(ctx.shape[: ctx.lead])
+        if grad_x is None or torch.is_grad_enabled() or not grad_x.is_contiguous():
+            # no fresh dense gradient to add into, or double backward: out of place
+            base = grad_rows.new_zeros(ctx.shape) if grad_x is None else grad_x
+            grad_x = base.reshape(num_rows, *feat).index_put((ids,), src, accumulate=True)
+            grad_x = grad_x.view(ctx.shape)
+        else:
+            _add_rows_(grad_x.view(num_rows, *feat), ids, src, ctx.padded)
+        return grad_x, None, None, None, None
+
+
+def gather_rows_passthrough(x: Tensor, plan: RoutePlan, padded: bool = False):
+    """`(gather_rows(x, plan, padded), x_pass)`: `x_pass` equals `x`, and the two come from one
+    autograd node whose backward adds the rows' gradient into grad(x_pass) in place.
+
+    Only for a caller whose `x_pass` feeds a single op that allocates its input gradient
+    (`skip_residual(..., from_output=True)` on the cpp / triton backends): that gradient is
+    then modified in place. Under torch.compile, on the reference backend and without grad it
+    is `(gather_rows(x, plan, padded), x)`."""
+    _checks.gather_rows(x, plan, padded)
+    impl = select("gather_rows", x.device, ("cpp", "triton"))
+    plain = not (x.requires_grad and torch.is_grad_enabled()) or impl == "reference"
+    if plain or torch.compiler.is_compiling():
+        return gather_rows(x, plan, padded), x
+    ids = plan.padded_index.reshape(-1) if padded else plan.index  # [B * Kmax] or [K]
+    slots = tuple(plan.padded_index.shape) if padded else (plan.num_active,)
+    return _GatherPassthrough.apply(x, ids, len(plan.shape), slots, _GATHER[impl])
 
 
 def gather_rows(
