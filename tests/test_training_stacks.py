@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hf import IMG, llava_batch, make_llava
+from hf_models import IMG, llava_batch, make_llava
 
 from sts_kernels.integrations.hf import StsTotals, apply_sts, sts_handle
 
