@@ -151,6 +151,16 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.nbytes
 
 
+def _read_args(schema, args: tuple, kwargs: dict | None) -> list:
+    """The arguments an op reads: all of them, except that skip_residual's backward reads the
+    layer input `x` and the `update` only to form the gate's gradient (its kernels load them
+    under NEED_GRAD_GATE / when grad_gate is asked for)."""
+    named = dict(zip((a.name for a in schema.arguments), args)) | (kwargs or {})
+    if named.get("need_grad_gate") is False:
+        return [v for name, v in named.items() if name not in ("x", "update")]
+    return list(named.values())
+
+
 class BytesMoved(TorchDispatchMode):
     """Sums the bytes every kernel-launching op reads and writes (views and allocations
     move nothing)."""
@@ -168,7 +178,7 @@ class BytesMoved(TorchDispatchMode):
         if aliases or schema.name.split("::")[1].startswith(("empty", "detach", "lift")):
             return out
         outputs = sum(_nbytes(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = [t for t in tree_leaves(_read_args(schema, args, kwargs)) if torch.is_tensor(t)]
         if any(name in str(func) for name in _ROW_ADDS):  # self[ids] += src: 3x src, ids
             added = inputs[1:]
             self.nbytes += sum(_nbytes(t) * (1 if t.dtype == torch.int64 else 3) for t in added)
