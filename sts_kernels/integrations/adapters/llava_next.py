@@ -23,6 +23,8 @@ class LlavaNextAdapter(Adapter):
     classes = ("LlavaNextForConditionalGeneration",)
     modes = ("pool",)
     mode_reason = "image_newline ends every row of the crop grid; merged tokens have no rows"
+    # the forward's keyword arguments that `get_image_features` takes too
+    feature_options = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def compress(self, model, compressor, kw):
         return kw, {"image": self._compress_images(model, compressor, kw)}
@@ -52,12 +54,9 @@ class LlavaNextAdapter(Adapter):
         return feed_features(model, kw, "image", features, compressed, model.config.image_token_id)
 
     def _image_features(self, model, kw):
+        options = {name: kw.get(name) for name in self.feature_options}
         return model.model.get_image_features(
-            kw["pixel_values"],
-            kw["image_sizes"],
-            vision_feature_layer=kw.get("vision_feature_layer"),
-            vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-            return_dict=True,
+            kw["pixel_values"], kw["image_sizes"], **options, return_dict=True
         )
 
     def _crop_grid(self, model, image_size) -> tuple[int, int]:

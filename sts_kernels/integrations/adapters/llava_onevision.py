@@ -17,17 +17,10 @@ class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
     name = "LLaVA-OneVision"
     classes = ("LlavaOnevisionForConditionalGeneration",)
     video_newline = True
-
-    def _image_features(self, model, kw):
-        return model.model.get_image_features(
-            kw["pixel_values"],
-            kw["image_sizes"],
-            vision_feature_layer=kw.get("vision_feature_layer"),
-            vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-            vision_aspect_ratio=kw.get("vision_aspect_ratio"),
-            batch_num_images=kw.get("batch_num_images"),
-            return_dict=True,
-        )
+    feature_options = LlavaNextVideoAdapter.feature_options + (
+        "vision_aspect_ratio",
+        "batch_num_images",
+    )
 
     def _crop_grid(self, model, image_size):
         hc, wc = super()._crop_grid(model, image_size)
