@@ -153,14 +153,22 @@ def route_plan(plan: RoutePlan) -> None:
         _route_plan_values(plan)
 
 
+def plan_index_range(plan: RoutePlan) -> None:
+    """plan.index holds row ids in [0, R) (reads device memory)."""
+    index = plan.index
+    if index.numel() == 0:
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= plan.num_rows:
+        raise ValueError(
+            f"plan.index must hold row ids in [0, {plan.num_rows}), got values in [{lo}, {hi}]"
+        )
+
+
 def _route_plan_values(plan: RoutePlan) -> None:
     """The value checks of `route_plan` (each reads device memory)."""
     index, k = plan.index, plan.num_active
-    if k and not (int(index.min()) >= 0 and int(index.max()) < plan.num_rows):
-        raise ValueError(
-            f"plan.index must hold row ids in [0, {plan.num_rows}), got values in "
-            f"[{int(index.min())}, {int(index.max())}]"
-        )
+    plan_index_range(plan)
     if k > 1 and not bool((index[1:] > index[:-1]).all()):
         raise ValueError("plan.index must be strictly ascending")
     per_sample = plan.num_rows // max(plan.shape[0], 1)
