@@ -32,7 +32,6 @@ _FREE = {
     aten.new_empty_strided.default,
     aten.detach.default,
     aten.lift_fresh.default,
-    aten._to_copy.default,  # counted below only when it moves data
     aten.set_.source_Storage_storage_offset,
 }
 _SYNC = {
