@@ -141,6 +141,7 @@ def ideal_layer_bytes(rows: int, active: int, row_bytes: int, backward: bool) ->
 
 _GATHERS = ("index_select", "index.Tensor", "gather_rows")  # read only the rows they write
 _ROW_ADDS = ("index_add_", "index_put_")  # in place: read and write only the rows they add
+_ADD_ROWS = "add_rows"  # sts::add_rows(_triton): also skips the ids outside dst, rows unread
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -179,7 +180,11 @@ class BytesMoved(TorchDispatchMode):
             return out
         outputs = sum(_nbytes(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         inputs = [t for t in tree_leaves(_read_args(schema, args, kwargs)) if torch.is_tensor(t)]
-        if any(name in str(func) for name in _ROW_ADDS):  # self[ids] += src: 3x src, ids
+        if _ADD_ROWS in str(func):  # dst[ids] += src on the ids in range: 3x those rows, ids
+            dst, ids, src = inputs
+            valid = int(((ids >= 0) & (ids < dst.shape[0])).sum())
+            self.nbytes += 3 * valid * _nbytes(src) // max(len(src), 1) + _nbytes(ids)
+        elif any(name in str(func) for name in _ROW_ADDS):  # self[ids] += src: 3x src, ids
             added = inputs[1:]
             self.nbytes += sum(_nbytes(t) * (1 if t.dtype == torch.int64 else 3) for t in added)
         elif any(name in str(func) for name in _GATHERS):

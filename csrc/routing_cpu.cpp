@@ -1,5 +1,7 @@
 // CPU kernels of the routing ops, parallel with OpenMP through at::parallel_for.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -121,10 +123,39 @@ at::Tensor scatter_rows_cpu(const at::Tensor& src, const at::Tensor& rows, int64
   return scatter_rows_with(copy_rows_cpu, src, rows, num_rows);
 }
 
+// dst[ids[k]] += src[k] for every id in [0, R); other ids (-1: a padding slot) are skipped,
+// their source rows never read. Valid ids are unique (a plan's rows), so rows go to tasks
+// without locks; the sum is formed in fp32 (fp64 for fp64) and rounded once.
+void add_rows_cpu(at::Tensor& dst, const at::Tensor& ids, const at::Tensor& src) {
+  check_add_rows(dst, ids, src);
+  const auto packed = src.contiguous();
+  const int64_t num_rows = dst.size(0);
+  const int64_t cols = dst.numel() / std::max<int64_t>(num_rows, 1);
+  const int64_t* rows = ids.contiguous().data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, kCopyGrainBytes / std::max<int64_t>(row_bytes(dst), 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "sts::add_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* to = dst.data_ptr<scalar_t>();
+    const scalar_t* from = packed.data_ptr<scalar_t>();
+    at::parallel_for(0, ids.numel(), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t row = rows[k];
+        if (row < 0 || row >= num_rows) continue;
+        scalar_t* out = to + row * cols;
+        const scalar_t* add = from + k * cols;
+        for (int64_t c = 0; c < cols; ++c) {
+          out[c] = static_cast<scalar_t>(static_cast<acc_t>(out[c]) + static_cast<acc_t>(add[c]));
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 }  // namespace sts
 
 TORCH_LIBRARY_IMPL(sts, CPU, m) {
+  m.impl("add_rows", &sts::add_rows_cpu);
   m.impl("route", &sts::route_cpu);
   m.impl("gather_rows", &sts::gather_rows_cpu);
   m.impl("scatter_rows", &sts::scatter_rows_cpu);

@@ -35,6 +35,21 @@ void check_rows(const char* op, const at::Tensor& data, const at::Tensor& rows) 
 
 }  // namespace
 
+void check_add_rows(const at::Tensor& dst, const at::Tensor& ids, const at::Tensor& src) {
+  check_rows("sts::add_rows", src, ids);
+  TORCH_CHECK(dst.dim() >= 1 && dst.is_contiguous(), "sts::add_rows: dst must be a contiguous "
+              "tensor of at least 1 dim (it is updated in place), got shape ", dst.sizes());
+  TORCH_CHECK(at::isFloatingType(dst.scalar_type()), "sts::add_rows: dst must be floating "
+              "point, got ", dst.scalar_type());
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type() && src.device() == dst.device(),
+              "sts::add_rows: src (", src.scalar_type(), " on ", src.device(),
+              ") must match dst (", dst.scalar_type(), " on ", dst.device(), ")");
+  TORCH_CHECK(src.size(0) == ids.size(0), "sts::add_rows: src has ", src.size(0),
+              " rows but ids has ", ids.size(0), " entries");
+  TORCH_CHECK(src.sizes().slice(1) == dst.sizes().slice(1), "sts::add_rows: src rows ",
+              src.sizes().slice(1), " differ from dst rows ", dst.sizes().slice(1));
+}
+
 at::Tensor gather_rows_with(CopyRowsFn copy_rows, const at::Tensor& x, const at::Tensor& rows) {
   check_rows("sts::gather_rows", x, rows);
   const auto src = x.contiguous();
@@ -107,6 +122,9 @@ TORCH_LIBRARY(sts, m) {
       "Tensor padded_index)");
   m.def("gather_rows(Tensor x, Tensor rows) -> Tensor");
   m.def("scatter_rows(Tensor src, Tensor rows, SymInt num_rows) -> Tensor");
+  // dst[ids[k]] += src[k] in place for ids in [0, R), other ids (-1) skipped: the gather's
+  // backward adding the routed rows' gradient into a fresh grad_x (CPU only: Triton on GPUs)
+  m.def("add_rows(Tensor(a!) dst, Tensor ids, Tensor src) -> ()");
   // skip_residual on canonical rows: x [R, F], the update (delta, or with from_output the
   // layer's output y) [K, F] or [B, Kmax, F] (CPU only: Triton serves GPUs). Returns (out, cos)
   // and (grad_x, grad_update, grad_gate); grad_x is empty in the residual form (= grad_out).

@@ -18,6 +18,11 @@ using CopyRowsFn = void (*)(const at::Tensor& src, at::Tensor& dst, const at::Te
 // Validates `mask` for `sts::route`: bool, [B] or [B, T].
 void check_mask(const at::Tensor& mask);
 
+// Validates the arguments of `sts::add_rows(dst, ids, src)` (`dst[ids[k]] += src[k]`): dst
+// contiguous [R, ...] of a floating dtype, ids 1-D int64 with one entry per row of src,
+// src [len(ids), ...] like dst's rows, everything on one device.
+void check_add_rows(const at::Tensor& dst, const at::Tensor& ids, const at::Tensor& src);
+
 // `sts::gather_rows` / `sts::scatter_rows` around a device's row copy: checks, contiguous
 // inputs, output allocation.
 at::Tensor gather_rows_with(CopyRowsFn copy_rows, const at::Tensor& x, const at::Tensor& rows);

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import assert_close
 
 import sts_kernels
 from sts_kernels import _backend, reference
 from sts_kernels._types import RoutePlan
-from sts_kernels.ops.routing import gather_rows_passthrough
+from sts_kernels.ops.routing import add_rows_, gather_rows_passthrough
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Triton runs on DEVICE: CUDA on a GPU machine, else CPU under the interpreter
@@ -270,6 +271,7 @@ def test_opcheck_cpp_ops():
     torch.library.opcheck(torch.ops.sts.route.default, (mask,))
     torch.library.opcheck(torch.ops.sts.gather_rows.default, (x, rows))
     torch.library.opcheck(torch.ops.sts.scatter_rows.default, (src, rows, 15))
+    torch.library.opcheck(torch.ops.sts.add_rows.default, (x.detach(), rows, src.detach()))
 
 
 @NEEDS_TRITON
@@ -279,6 +281,7 @@ def test_opcheck_triton_ops():
     src = torch.randn(4, 4, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.sts.gather_rows_triton.default, (x, rows))
     torch.library.opcheck(torch.ops.sts.scatter_rows_triton.default, (src, rows, 8))
+    torch.library.opcheck(torch.ops.sts.add_rows_triton.default, (x.detach(), rows, src.detach()))
 
 
 def test_compile_fullgraph_gather_and_backward():
@@ -344,6 +347,81 @@ def test_cpp_ops_reject_bad_rows():
         torch.ops.sts.gather_rows(x, torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="mask must be bool"):
         torch.ops.sts.route(torch.ones(3))
+
+
+# ---- add_rows: dst[ids[k]] += src[k], the passthrough gather's backward --------------------
+
+# -1 (a padding slot), then ids past either end: skipped, their src rows never read
+ADD_IDS = [7, -1, 0, 12, 3, -5, 10, 5, 2**40]
+ADD_SKIPPED = [1, 3, 5, 8]
+
+
+def _add_rows_case(dtype: torch.dtype, feat: tuple[int, ...]):
+    """(dst [12, *feat], ids [8], src [8, *feat] with NaN in the skipped ids' rows)."""
+    dst = torch.randn(12, *feat, device=DEVICE).to(dtype)
+    src = torch.randn(len(ADD_IDS), *feat, device=DEVICE).to(dtype)
+    src[ADD_SKIPPED] = float("nan")
+    return dst, torch.tensor(ADD_IDS, device=DEVICE), src
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+@pytest.mark.parametrize("feat", [(3, 5), (1500,)], ids=["3x5", "wide"])
+def test_add_rows(impl, dtype, feat):
+    """Against index_add in fp32 (fp64 for fp64) over the valid ids; rows no valid id names
+    keep their bits (neither -1 nor an out-of-range id writes anything, not even the last
+    row, where index_put_ would wrap -1), and the skipped src rows' NaN is never read."""
+    need(impl)
+    dst, ids, src = _add_rows_case(dtype, feat)
+    before, src_before = dst.clone(), src.clone()
+    add_rows_(dst, ids, src, impl)
+    valid = (ids >= 0) & (ids < dst.shape[0])
+    acc = torch.promote_types(dtype, torch.float32)
+    expected = before.to(acc).index_add(0, ids[valid], src[valid].to(acc))
+    lowp = before.index_add(0, ids[valid], src[valid])
+    assert_close(dst, expected, reference_lowp=lowp, name="dst")
+    untouched = torch.ones(dst.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[ids[valid]] = False
+    assert untouched[-1] and torch.equal(dst[untouched], before[untouched])
+    assert dst.isfinite().all()
+    assert torch.equal(src.isnan(), src_before.isnan()) and torch.equal(
+        src.nan_to_num(), src_before.nan_to_num()
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_add_rows_empty(impl):
+    need(impl)
+    dst = torch.randn(4, 3, device=DEVICE)
+    before = dst.clone()
+    add_rows_(dst, torch.empty(0, dtype=torch.int64, device=DEVICE), dst[:0], impl)
+    add_rows_(dst[:0], torch.tensor([0, -1], device=DEVICE), torch.randn(2, 3, device=DEVICE), impl)
+    assert torch.equal(dst, before)
+
+
+@pytest.mark.parametrize(
+    "impl,error",
+    [pytest.param("cpp", RuntimeError), pytest.param("triton", ValueError, marks=NEEDS_TRITON)],
+)
+def test_add_rows_rejects_bad_arguments(impl, error):
+    """The raw ops check what keeps them inside dst and src, before writing anything."""
+    need(impl, torch.device("cpu"))
+    op = getattr(torch.ops.sts, {"cpp": "add_rows", "triton": "add_rows_triton"}[impl])
+    dst, ids, src = torch.randn(6, 4), torch.tensor([0, 2]), torch.randn(2, 4)
+    bad = {
+        "rows must be a 1-D int64": (dst, ids.int(), src),
+        "contiguous": (torch.randn(4, 6).t(), ids, src),
+        "src has 3 rows|src must be": (dst, ids, torch.randn(3, 4)),
+        "differ from dst|src must be": (dst, ids, torch.randn(2, 5)),
+        "must match dst": (dst, ids, src.double()),
+    }
+    for message, args in bad.items():
+        kept = args[0].clone()
+        with pytest.raises(error, match=message):
+            op(*args)
+        assert torch.equal(args[0], kept)
+    with pytest.raises((TypeError, RuntimeError), match="floating point"):
+        op(torch.zeros(6, 4, dtype=torch.int64), ids, torch.zeros(2, 4, dtype=torch.int64))
 
 
 # ---- gather with passthrough (the skipper's gather: one node, in-place backward add) -------

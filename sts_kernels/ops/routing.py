@@ -9,7 +9,9 @@ sample's count. Each is the other's backward.
 
 `gather_rows_passthrough` (the skipper's gather) returns the rows and `x` from one autograd
 node, whose backward adds the rows' gradient in place into the gradient `x` gets through the
-passthrough (see `_GatherPassthrough` for when that is safe).
+passthrough (see `_GatherPassthrough` for when that is safe) with `add_rows_`: the custom ops
+`sts::add_rows` (C++, CPU) and `sts::add_rows_triton`, `dst[ids[k]] += src[k]` touching only
+the rows of valid ids (the padded layout's -1 slots are neither read nor written).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .. import _checks, reference
 from .._backend import extension, select
 from .._triton import tl, triton
 from .._types import RoutePlan
-from ._common import register_adjoint_autograd, tile_shape
+from ._common import acc_dtype, register_adjoint_autograd, tile_shape
 
 # Words per row block: wide enough for 16-byte vector accesses of a long row, while leaving
 # a 4K-word GPU tile >= 4 rows tall.
@@ -80,6 +82,45 @@ def _copy_rows_kernel(
         )
 
 
+@triton.jit
+def _add_rows_kernel(
+    DST_ptr,  # [num_rows, num_cols], updated in place
+    SRC_ptr,  # [num_ids, num_cols]
+    IDS_ptr,  # [num_ids] int64 destination row of every source row
+    num_ids,
+    num_rows,
+    num_cols,
+    stride_dst_row,
+    stride_src_row,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    """Row add through a list of row ids:
+
+    dst[ids[k], :] += src[k, :]    for every k with 0 <= ids[k] < num_rows
+
+    Other ids (-1 marks a padding slot; anything else out of range is a malformed plan) are
+    skipped: their source row is never read and no row is written. The valid ids are unique
+    (a plan's rows), so every destination row has one writer: a load-add-store without
+    atomics, deterministic and fine for bf16 (which has no atomic_add).
+    """
+    pid_ids = tl.program_id(0).to(tl.int64)
+    pid_cols = tl.program_id(1).to(tl.int64)
+    # this program's block of ids and whether each names a row of dst
+    k = pid_ids * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row = tl.load(IDS_ptr + k, mask=k < num_ids, other=-1)
+    valid = (row >= 0) & (row < num_rows)
+    # this program's block of columns, on the valid rows only
+    cols = pid_cols * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = valid[:, None] & (cols < num_cols)[None, :]
+    # the sum in the accumulator type, rounded once to dst's dtype
+    src = tl.load(SRC_ptr + k[:, None] * stride_src_row + cols[None, :], mask=mask)
+    dst_ptrs = DST_ptr + row[:, None] * stride_dst_row + cols[None, :]
+    total = tl.load(dst_ptrs, mask=mask).to(ACC_DTYPE) + src.to(ACC_DTYPE)
+    tl.store(dst_ptrs, total.to(DST_ptr.dtype.element_ty), mask=mask)
+
+
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
@@ -119,6 +160,29 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
         src_words.stride(0),
         dst_words.stride(0),
         SCATTER=scatter,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        num_warps=num_warps,
+    )
+
+
+def _launch_add_rows(dst: Tensor, ids: Tensor, src: Tensor) -> None:
+    """`dst[ids[k]] += src[k]` for the contiguous `dst` `[R, ...]` and `src` `[len(ids), ...]`."""
+    num_cols = math.prod(dst.shape[1:])
+    if ids.numel() == 0 or num_cols == 0 or dst.shape[0] == 0:
+        return
+    block_rows, block_cols, num_warps = tile_shape(ids.numel(), num_cols, _MAX_BLOCK_COLS)
+    grid = (triton.cdiv(ids.numel(), block_rows), triton.cdiv(num_cols, block_cols))
+    _add_rows_kernel[grid](
+        dst,
+        src,
+        ids,
+        ids.numel(),
+        dst.shape[0],
+        num_cols,
+        num_cols,
+        num_cols,
+        ACC_DTYPE=acc_dtype(dst.dtype),
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
         num_warps=num_warps,
@@ -170,6 +234,42 @@ def _scatter_rows_triton(src: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     out = packed.new_zeros((num_rows, *packed.shape[1:]))
     _launch_copy_rows(packed, out, rows.contiguous(), scatter=True)
     return out
+
+
+def _check_add_rows(dst: Tensor, ids: Tensor, src: Tensor) -> None:
+    """The checks of the C++ `sts::add_rows`, for its Triton twin: everything the kernel
+    relies on to stay inside dst and src (out-of-range ids are safe: it skips them)."""
+    op = "sts::add_rows_triton"
+    _check_rows(op, src, ids)
+    if dst.dim() < 1 or not dst.is_contiguous():
+        raise ValueError(
+            f"{op}: dst must be a contiguous tensor of at least 1 dim (it is updated in place), "
+            f"got shape {tuple(dst.shape)}, strides {dst.stride()}"
+        )
+    if not dst.is_floating_point():
+        raise TypeError(f"{op}: dst must be floating point, got {dst.dtype}")
+    if src.dtype != dst.dtype or src.device != dst.device:
+        raise ValueError(
+            f"{op}: src ({src.dtype} on {src.device}) must match dst ({dst.dtype} on {dst.device})"
+        )
+    if src.shape[0] != ids.shape[0] or src.shape[1:] != dst.shape[1:]:
+        raise ValueError(
+            f"{op}: src must be [len(ids), *dst.shape[1:]] = "
+            f"{[ids.shape[0], *dst.shape[1:]]}, got {list(src.shape)}"
+        )
+
+
+@torch.library.custom_op("sts::add_rows_triton", mutates_args=("dst",))
+def _add_rows_triton(dst: Tensor, ids: Tensor, src: Tensor) -> None:
+    """Triton twin of `sts::add_rows`: `dst[ids[k]] += src[k]` in place, ids outside
+    [0, len(dst)) skipped (their src rows unread). Valid ids must be unique."""
+    _check_add_rows(dst, ids, src)
+    _launch_add_rows(dst, ids.contiguous(), src.contiguous())
+
+
+@_add_rows_triton.register_fake
+def _add_rows_fake(dst: Tensor, ids: Tensor, src: Tensor) -> None:
+    return None
 
 
 def _register(gather: str, scatter: str) -> None:
@@ -247,20 +347,28 @@ class _SparseGradGather(torch.autograd.Function):
         return sparse, None, None, None
 
 
-def _add_rows_(dst: Tensor, ids: Tensor, src: Tensor, padded: bool) -> Tensor:
-    """dst[ids[k]] += src[k] in place, touching only those rows. Ids are unique except the
-    padded layout's -1, whose src rows are zeros: index_put_ wraps it to the last row
-    (index_add_ would reject it; it is also what deterministic mode allows on a GPU)."""
-    if padded or (dst.device.type != "cpu" and torch.are_deterministic_algorithms_enabled()):
-        return dst.index_put_((ids,), src, accumulate=True)
-    return dst.index_add_(0, ids, src)
+def add_rows_(dst: Tensor, ids: Tensor, src: Tensor, impl: str) -> Tensor:
+    """`dst[ids[k]] += src[k]` in place for the ids in [0, len(dst)); other ids (the padded
+    layout's -1) are skipped, their src rows unread. Valid ids must be unique (a plan's).
+    `impl`: "triton" (`sts::add_rows_triton`) or "cpp" (`sts::add_rows` on the CPU; on a GPU
+    without Triton a masked fill and `index_put_`, which read the skipped rows too)."""
+    if impl == "triton":
+        torch.ops.sts.add_rows_triton(dst, ids, src)
+    elif dst.device.type == "cpu":
+        torch.ops.sts.add_rows(dst, ids, src)
+    else:
+        skipped = (ids < 0) | (ids >= dst.shape[0])  # [N]
+        src = src.masked_fill(skipped.view(-1, *(1,) * (src.dim() - 1)), 0)
+        dst.index_put_((ids.masked_fill(skipped, 0),), src, accumulate=True)
+    return dst
 
 
 class _GatherPassthrough(torch.autograd.Function):
     """`(gather(x, ids), x)` as one autograd node, so its backward gets both gradients at once
-    and returns grad_x = grad(x_pass) with the routed rows' gradient added in place: K rows
-    (packed) or the valid slots of B * Kmax (padded), and no zero-filled or sparse gather
-    gradient that autograd then adds to grad(x_pass) out of place (R rows read and written).
+    and returns grad_x = grad(x_pass) with the routed rows' gradient added in place
+    (`add_rows_`: K rows read twice and written once, padding slots never read), and no
+    zero-filled or sparse gather gradient that autograd then adds to grad(x_pass) out of place
+    (R rows read and written).
 
     Why the in-place add is safe: the caller feeds `x_pass` to nothing but an op whose backward
     allocates its input gradient (the skipper: `skip_residual(from_output=True)` on the cpp /
@@ -269,13 +377,13 @@ class _GatherPassthrough(torch.autograd.Function):
     derivatives stay exact; without a grad(x_pass) it starts from zeros."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, ids: Tensor, lead: int, slots: tuple[int, ...], gather: str):
+    def forward(ctx, x: Tensor, ids: Tensor, lead: int, slots: tuple[int, ...], impl: str):
         # x [*plan.shape, *feat]; ids [K] or [B * Kmax] flat row ids (-1: a padding slot)
         ctx.save_for_backward(ids)
-        ctx.shape, ctx.lead, ctx.padded = x.shape, lead, len(slots) == 2
+        ctx.shape, ctx.lead, ctx.padded, ctx.impl = x.shape, lead, len(slots) == 2, impl
         ctx.set_materialize_grads(False)
         flat = x.reshape(math.prod(x.shape[:lead]), *x.shape[lead:])  # [R, *feat]
-        rows = getattr(torch.ops.sts, gather)(flat, ids)  # [K or B * Kmax, *feat]
+        rows = getattr(torch.ops.sts, _GATHER[impl])(flat, ids)  # [K or B * Kmax, *feat]
         return rows.view(*slots, *x.shape[lead:]), x.view_as(x)
 
     @staticmethod
@@ -285,16 +393,17 @@ class _GatherPassthrough(torch.autograd.Function):
             return grad_x, None, None, None, None
         feat = ctx.shape[ctx.lead :]
         src = grad_rows.reshape(ids.numel(), *feat)  # [K or B * Kmax, *feat]
-        if ctx.padded:  # padding slots (-1) add zeros (a fill, not a product: no NaN * 0)
-            src = src.masked_fill((ids < 0).view(-1, *(1,) * len(feat)), 0)
         num_rows = math.prod(ctx.shape[: ctx.lead])
         if grad_x is None or torch.is_grad_enabled() or not grad_x.is_contiguous():
-            # no fresh dense gradient to add into, or double backward: out of place
+            # no fresh dense gradient to add into, or double backward: out of place, in
+            # differentiable ops; padding slots (-1) add zeros (a fill, not a product: no NaN * 0)
+            if ctx.padded:
+                src = src.masked_fill((ids < 0).view(-1, *(1,) * len(feat)), 0)
             base = grad_rows.new_zeros(ctx.shape) if grad_x is None else grad_x
             grad_x = base.reshape(num_rows, *feat).index_put((ids,), src, accumulate=True)
             grad_x = grad_x.view(ctx.shape)
         else:
-            _add_rows_(grad_x.view(num_rows, *feat), ids, src, ctx.padded)
+            add_rows_(grad_x.view(num_rows, *feat), ids, src, ctx.impl)
         return grad_x, None, None, None, None
 
 
@@ -313,7 +422,7 @@ def gather_rows_passthrough(x: Tensor, plan: RoutePlan, padded: bool = False):
         return gather_rows(x, plan, padded), x
     ids = plan.padded_index.reshape(-1) if padded else plan.index  # [B * Kmax] or [K]
     slots = tuple(plan.padded_index.shape) if padded else (plan.num_active,)
-    return _GatherPassthrough.apply(x, ids, len(plan.shape), slots, _GATHER[impl])
+    return _GatherPassthrough.apply(x, ids, len(plan.shape), slots, impl)
 
 
 def gather_rows(
