@@ -9,9 +9,11 @@
    Where the op has `from_output`, also its output form ("-y": the layer's output y).
 2. `skip_layer`: the skipper's own work per skipped layer (route, gather_rows, skip_residual and
    the glue between them) around an identity layer, sample and token mode, forward+backward
-   time, and the bytes its ops move against the ideal model `ideal_layer_bytes` (printed as
-   `bytes/ideal`): bytes moved = every output an op writes plus every input it reads in full
-   (an upper bound), except row gathers, which read only the rows they write.
+   time, and the bytes its ops move against the ideal model
+   `sts_kernels.ops.skip_residual.ideal_bytes` (printed as `bytes/ideal`): bytes moved =
+   every output an op writes plus every input it reads in full (an upper bound), except row
+   gathers and adds, which read only the rows they write (`add_rows`, `gather_rows`: only
+   the ids >= 0), and skip_residual, which reads its update at the K active slots.
 3. A Llama-style decoder stack (RMSNorm, causal MHA via sdpa, SwiGLU MLP) under the skipper in
    sample mode at 0/25/50/75 % skipped samples (router policy with capacity 1 - rate: exact
    counts), forward+backward time (and peak memory on a GPU), against the plain stack.
@@ -32,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 from bench.ops import Case, autograd_cases
 from sts_kernels import route, skip_residual
 from sts_kernels.nn import LayerDynamicSkipper
-from sts_kernels.ops.skip_residual import backend_for
+from sts_kernels.ops.skip_residual import backend_for, ideal_bytes
 
 SKIP_RATES = (0.0, 0.25, 0.5, 0.75)
 
@@ -130,16 +132,8 @@ def _op_cases(device, quick, compile_baseline) -> Iterator[Case]:
 # ---- the skipper's work per skipped layer ---------------------------------------------------
 
 
-def ideal_layer_bytes(rows: int, active: int, row_bytes: int, backward: bool) -> int:
-    """Bytes a fused skipper must move per skipped layer (the layer's own work excluded):
-    forward gathers K rows (read + write K) and writes out = x + gate * (y - x_rows) (read R
-    + K, write R); backward reads grad_out (R) and the rows' input gradient (K) and writes
-    grad_x (R) and grad_y (K)."""
-    forward = (2 * active + 2 * rows + active) * row_bytes
-    return forward + (2 * rows + 2 * active) * row_bytes if backward else forward
-
-
-_GATHERS = ("index_select", "index.Tensor", "gather_rows")  # read only the rows they write
+_GATHERS = ("index_select", "index.Tensor")  # read only the rows they write
+_ROW_GATHERS = "gather_rows"  # sts::gather_rows(_triton): -1 ids write a zero row, read none
 _ROW_ADDS = ("index_add_", "index_put_")  # in place: read and write only the rows they add
 _ADD_ROWS = "add_rows"  # sts::add_rows(_triton): also skips the ids outside dst, rows unread
 
@@ -153,12 +147,19 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _read_args(schema, args: tuple, kwargs: dict | None) -> list:
-    """The arguments an op reads: all of them, except that skip_residual's backward reads the
-    layer input `x` and the `update` only to form the gate's gradient (its kernels load them
-    under NEED_GRAD_GATE / when grad_gate is asked for)."""
+    """The arguments an op reads: all of them, except skip_residual's (forward and backward):
+    its kernels read the `update` only at the K active slots (not a padded layout's padding),
+    and the backward reads the layer input `x` and the `update` only to form the gate's
+    gradient (under NEED_GRAD_GATE), then at the K active rows."""
     named = dict(zip((a.name for a in schema.arguments), args)) | (kwargs or {})
+    if "update" not in named:
+        return list(named.values())
     if named.get("need_grad_gate") is False:
         return [v for name, v in named.items() if name not in ("x", "update")]
+    active = named["index"].numel()
+    named["update"] = named["update"].flatten(0, -2)[:active]  # [K, F] of the slots
+    if "grad_out" in named and named.get("x") is not None:
+        named["x"] = named["x"][:active]  # the backward's gate gradient reads K rows of x
     return list(named.values())
 
 
@@ -187,6 +188,10 @@ class BytesMoved(TorchDispatchMode):
         elif any(name in str(func) for name in _ROW_ADDS):  # self[ids] += src: 3x src, ids
             added = inputs[1:]
             self.nbytes += sum(_nbytes(t) * (1 if t.dtype == torch.int64 else 3) for t in added)
+        elif _ROW_GATHERS in str(func):  # out[k] = x[ids[k]]: reads the rows of ids >= 0
+            x, ids = inputs
+            rows_read = int(((ids >= 0) & (ids < x.shape[0])).sum())
+            self.nbytes += outputs + rows_read * outputs // max(len(ids), 1) + _nbytes(ids)
         elif any(name in str(func) for name in _GATHERS):
             self.nbytes += 2 * outputs + sum(_nbytes(t) for t in inputs if t.dtype == torch.int64)
         else:
@@ -220,7 +225,7 @@ def _layer_setup(mode, b, t, d, dtype, device):
         with BytesMoved() as moved:
             call()
         kept = skipper.report.rows_run[0]  # K of this pass (the draws are random)
-        ideal = ideal_layer_bytes(rows, kept, row_bytes, backward)
+        ideal = ideal_bytes(rows, kept, row_bytes, backward)
         info[f"bytes_ratio_{name}"] = moved.nbytes / ideal
     info["note"] = " ".join(f"bytes/ideal {k[12:]} {v:.2f}" for k, v in info.items())
     return fwd_bwd, info

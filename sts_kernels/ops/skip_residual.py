@@ -575,22 +575,29 @@ _FORWARD = {"triton": "skip_residual", "cpp": "skip_residual_rows"}
 def ideal_bytes(
     num_rows: int, num_active: int, row_bytes: int, backward: bool = True, gate_grad: bool = False
 ) -> int:
-    """Least memory traffic (bytes) of the glue around one skipped layer in sample mode:
-    `gather_rows` of the K kept rows and `skip_residual(from_output=True)`, R rows of
-    `row_bytes` each.
+    """Least memory traffic (bytes) of the skipper's glue around one skipped layer, the layer's
+    own work excluded: route K of R rows of `row_bytes` into the layer (`gather_rows`) and
+    combine its output `y` back (`skip_residual(from_output=True)`). The one byte model:
+    `bench.lds` prints bytes moved / this, and tests/test_lds_bytes.py bounds that ratio.
 
-    forward   gather: read K, write K; combine: read R (x) + K (y), write R      = 2R + 3K
-    backward  before the layer's backward: read K (grad_out), write K (grad_y); after it:
-              read R (grad_out) + K (the layer's grad of its input), write R     = 2R + 3K
-              (+ 2K to read x and y for the gate's gradient)
+    forward   gather: read K rows of x, write K rows                          2K
+              combine: read R (x) + K (y), write R (out)                       2R + K
+    backward  before the layer's backward: read the K active rows of
+              grad_out, write K (grad_y = g * grad_out)                        2K
+              after it: read R (grad_out) + K (the layer's gradient of its
+              input), write R (grad_x)                                         2R + K
+              (+ 2K: the x and y rows, read for the gate's gradient)
+    so 2R + 3K rows each way. The backward cannot be one pass: grad_y is the layer backward's
+    input and grad_x needs that backward's result. Plan metadata (mask, ids, offsets: a few
+    bytes per row) is not counted.
 
-    The backward needs two passes: grad_y must exist before the layer's backward runs, and
-    grad_x needs the layer's gradient. What the package moves: the forward is ideal; the
-    backward writes grad_x in the combine's backward pass (R read, R write, K grad_y) and
-    autograd adds the gather's sparse K-row gradient out of place (R read, R write, K read):
-    4R + 2K (+ 2K), e.g. 1.21x the ideal forward+backward at K = R/2 (1.1x at K = R).
-    Token mode (padded layout) moves more in the backward: the gather's gradient is still a
-    zero-filled R-row scatter plus autograd's dense add, 6R + 3K (+ 2K).
+    What the package moves (bench.lds.BytesMoved, no gate gradient). Sample mode: the forward
+    is ideal; the backward writes grad_x and grad_y in one pass over R (read R, write R + K)
+    and adds the layer's gradient into grad_x in place (`add_rows`: read 2K, write K), 2R + 4K:
+    4R + 7K forward+backward, 1.07x at K = R/2. Token mode's padded layout has S = B * Kmax >= K
+    slots, and the padding is written twice, as zeros: by the gather (the layer must see finite
+    rows) and in grad_y (padding must not feed the layer's parameter gradients): 4R + 5K + 2S,
+    ~1.09x at K = R/2 with S ~ 1.06 K (B = 8, T = 512).
     """
     rows = 2 * num_rows + 3 * num_active
     if backward:
