@@ -165,18 +165,42 @@ def test_merge_and_unload_while_patched_keeps_the_patch():
     assert all("forward" not in m.__dict__ for m in merged.modules())
 
 
-def test_router_skipper_trains_when_applied_after_get_peft_model():
-    """PEFT freezes every parameter that exists when it wraps: a router skipper applied before
-    get_peft_model stays frozen; applied after, its routers train next to the adapters (and are
-    not in the adapter checkpoint: save `handle.skipper.state_dict()` separately)."""
-    router = {"policy": "router", "seed": 0}
-    batch = llava_batch(pad_left=False)
-    for order, trains in (("sts_then_peft", False), ("peft_then_sts", True)):
-        wrapped, handle = lora_llava(order, skip=router)
-        train_step(wrapped, batch)
-        params = list(handle.skipper.parameters())
-        assert params and all(p.requires_grad is trains for p in params), order
-        assert all((p.grad is not None and bool(p.grad.any())) is trains for p in params)
+ROUTER = {"policy": "router", "seed": 0}
+
+
+def router_trains(wrapped, handle) -> list[bool]:
+    """After a train step: per parameter of the skipper the patch calls, whether it trains."""
+    train_step(wrapped, llava_batch(pad_left=False))
+    params = list(handle.skipper.parameters())
+    assert params
+    return [p.requires_grad and p.grad is not None and bool(p.grad.any()) for p in params]
+
+
+def test_router_skipper_trains_when_applied_after_get_peft_model(tmp_path):
+    """PEFT freezes every parameter that exists when it wraps: a router skipper applied after
+    get_peft_model trains next to the adapters, one applied before stays frozen."""
+    wrapped, handle = lora_llava("peft_then_sts", skip=ROUTER)
+    assert all(router_trains(wrapped, handle))
+    # the adapter checkpoint holds the adapters only: the routers are saved on their own
+    wrapped.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("lora_" in k for k in saved) and not any("sts_skipper" in k for k in saved)
+
+    wrapped, handle = lora_llava("sts_then_peft", skip=ROUTER)
+    assert not any(router_trains(wrapped, handle))
+
+
+def test_modules_to_save_trains_a_router_copy_the_patch_never_calls():
+    torch.manual_seed(0)
+    model = make_llava()
+    handle = apply_sts(model, skip=ROUTER)
+    wrapped = peft.get_peft_model(model, lora_config(modules_to_save=["sts_skipper"]))
+    copy_params = [p for n, p in wrapped.named_parameters() if "modules_to_save" in n]
+    assert copy_params and all(p.requires_grad for p in copy_params)
+    assert not any(router_trains(wrapped, handle))
+    assert all(p.grad is None for p in copy_params)
 
 
 # ---------------------------------------------------------------------------------------------
