@@ -291,6 +291,18 @@ def test_trl_fused_lm_head_scores_the_shrunk_labels():
     torch.testing.assert_close(fused.loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
 
 
+def assert_sts_log(log: dict) -> None:
+    """One optimizer step of run_sft with VTC and SPARSE skipping, as StsCallback logs it."""
+    assert torch.isfinite(torch.tensor(log["loss"])) and "mean_token_accuracy" in log
+    # 2 micro-batches of 2 images of 4x4 patches pooled 2x2
+    assert (log["sts/visual_tokens_in"], log["sts/visual_tokens_kept"]) == (64, 16)
+    assert log["sts/layer_rows_total"] == 2 * 4 * 2  # micro-batches x layers x rows
+    assert 2 * 2 * 2 <= log["sts/layer_rows_run"] < log["sts/layer_rows_total"]
+    # 10 of 22 tokens left after pooling, times the rows run
+    fraction = 10 / 22 * log["sts/layer_rows_run"] / log["sts/layer_rows_total"]
+    assert log["sts/lm_flop_fraction"] == pytest.approx(fraction, abs=1e-4)
+
+
 def test_sft_trainer_with_callback(tmp_path):
     model = make_llava()
     apply_sts(model, skip=SPARSE)
@@ -298,14 +310,7 @@ def test_sft_trainer_with_callback(tmp_path):
     _, logs = run_sft(tmp_path, model, steps=2)
     assert len(logs) == 2
     for log in logs:
-        assert torch.isfinite(torch.tensor(log["loss"])) and "mean_token_accuracy" in log
-        # per step 2 micro-batches of 2 images of 4x4 patches pooled 2x2
-        assert (log["sts/visual_tokens_in"], log["sts/visual_tokens_kept"]) == (64, 16)
-        assert log["sts/layer_rows_total"] == 2 * 4 * 2  # micro-batches x layers x rows
-        assert 2 * 2 * 2 <= log["sts/layer_rows_run"] < log["sts/layer_rows_total"]
-        # 10 of 22 tokens left after pooling, times the rows run
-        fraction = 10 / 22 * log["sts/layer_rows_run"] / log["sts/layer_rows_total"]
-        assert log["sts/lm_flop_fraction"] == pytest.approx(fraction, abs=1e-4)
+        assert_sts_log(log)
     assert not torch.equal(lm_layers(model)[0].mlp.up_proj.weight, before)
 
 
