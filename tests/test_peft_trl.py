@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from hf_models import llava_batch, make_llava
+from hf_models import IMG, llava_batch, make_llava
 from test_training_stacks import _Recorder, _Rows
 
 from sts_kernels.integrations.hf import apply_sts, sts_handle
@@ -208,19 +208,65 @@ def test_modules_to_save_trains_a_router_copy_the_patch_never_calls():
 
 
 def tiny_tokenizer():
-    """A word-level tokenizer over the tiny LLaVA's 1000 ids (TRL needs a processing class and
-    the model has none offline)."""
+    """A word-level tokenizer over the tiny LLaVA's 1000 ids: "t5 <image>" -> [5, IMG] (TRL
+    needs a processing class and the model has none offline)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, 1000)}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, IMG)}
+    words = Tokenizer(WordLevel(vocab | {"<image>": IMG}, unk_token="<pad>"))
+    words.pre_tokenizer = Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")),
+        tokenizer_object=words,
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},  # never split by the pre-tokenizer
     )
+
+
+def tiny_processor():
+    """A LlavaProcessor for the tiny LLaVA: 32 px images, `<image>` -> 16 placeholders."""
+    import transformers
+
+    images = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    return transformers.LlavaProcessor(
+        image_processor=images(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tiny_tokenizer(),
+        patch_size=8,
+        vision_feature_select_strategy="default",  # the model's: CLS dropped
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+
+
+def vision_rows(n: int):
+    """TRL's standard vision format: text with an `<image>` marker and one image a row."""
+    datasets = pytest.importorskip("datasets")
+    image = pytest.importorskip("PIL.Image")
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(n):
+        pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=gen)
+        words = " ".join(f"t{t}" for t in torch.randint(3, 900, (5,), generator=gen).tolist())
+        text = words.replace(" ", " <image> ", 1)  # 1 word, the image, 4 words
+        rows.append({"text": text, "images": [image.fromarray(pixels.numpy())]})
+    return datasets.Dataset.from_list(rows)
+
+
+class MaskPlaceholders:
+    """A collator whose batches have -100 on the image placeholders' labels, as LLaVA training
+    has (TRL 1.16's vision collator keeps them as targets)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        batch["labels"][batch["input_ids"] == IMG] = -100
+        return batch
 
 
 def collate(rows):
@@ -230,16 +276,19 @@ def collate(rows):
     return batch | {"attention_mask": torch.ones_like(batch["input_ids"])}
 
 
-def run_sft(tmp_path, model, steps: int, **trainer_kwargs):
-    """SFTTrainer over pre-tokenized rows of _Rows (one image of 16 placeholders, 22 tokens),
-    2 rows a micro-batch, 2 micro-batches a step, StsCallback first. Returns the trainer and
-    the training logs the reporters saw."""
-    trl = pytest.importorskip("trl")
+def tokenized_rows(n: int):
+    """Pre-tokenized rows of _Rows (one image of 16 placeholders, 22 tokens) as a Dataset."""
     datasets = pytest.importorskip("datasets")
+    rows = [{k: v.tolist() for k, v in r.items()} for r in _Rows(n).items]
+    return datasets.Dataset.from_list(rows).with_format("torch")
+
+
+def run_sft(tmp_path, model, steps: int, **trainer_kwargs):
+    """SFTTrainer, 2 rows a micro-batch, 2 micro-batches a step, StsCallback first; by default
+    over tokenized_rows. Returns the trainer and the training logs the reporters saw."""
+    trl = pytest.importorskip("trl")
     from sts_kernels.integrations.hf import StsCallback
 
-    rows = _Rows(4 * steps).items
-    data = datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
@@ -251,21 +300,19 @@ def run_sft(tmp_path, model, steps: int, **trainer_kwargs):
         gradient_checkpointing=True,  # TRL's default
         max_length=None,
         dataset_kwargs={"skip_prepare_dataset": True},  # already tokenized
-        remove_unused_columns=False,  # keep pixel_values
+        remove_unused_columns=False,  # keep pixel_values (or text and images)
         report_to=[],
         save_strategy="no",
         use_cpu=True,
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer = trl.SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.with_format("torch"),
+    defaults = dict(
+        train_dataset=tokenized_rows(4 * steps),
         processing_class=tiny_tokenizer(),
         data_collator=collate,
-        **trainer_kwargs,
     )
+    trainer = trl.SFTTrainer(model=model, args=args, **(defaults | trainer_kwargs))
     recorder = _Recorder()
     trainer.add_callback(recorder)
     StsCallback.install(trainer)
@@ -335,3 +382,32 @@ def test_sft_trainer_with_peft_config_trains_the_adapters(tmp_path):
     assert torch.equal(lm_layers(model)[0].mlp.up_proj.weight, mlp)
     assert handle.report.visual_tokens_kept < handle.report.visual_tokens_in
     assert sum(handle.report.rows_run) < sum(handle.report.rows_total)
+
+
+def test_sft_trainer_vision_data_path_loss_is_the_token_mean(tmp_path):
+    """TRL's own VLM path (the processor expands `<image>` on the fly), VTC only, one step of
+    all 4 rows: the logged loss is the patched model's own loss on the 4 rows at once, i.e.
+    the Trainer's token count (`num_items_in_batch`, from the caller's labels) counts exactly
+    the labels the shrunk sequences keep. That holds when the placeholders' labels are -100."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    model = make_llava()
+    apply_sts(model, stage="align")
+    reference = copy.deepcopy(model)
+    processor = tiny_processor()
+    data = vision_rows(4)
+    collator = MaskPlaceholders(DataCollatorForVisionLanguageModeling(processor))
+    _, logs = run_sft(
+        tmp_path,
+        model,
+        steps=1,
+        train_dataset=data,
+        processing_class=processor,
+        data_collator=collator,
+    )
+    batch = collator(list(data))
+    assert batch["input_ids"].shape == (4, 5 + 16) and batch["pixel_values"].shape[0] == 4
+    reference.train()
+    expected = reference(**batch).loss.item()
+    assert logs[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert (logs[0]["sts/visual_tokens_in"], logs[0]["sts/visual_tokens_kept"]) == (64, 16)
