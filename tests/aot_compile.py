@@ -55,6 +55,21 @@ def kernel_name(obj: object) -> str | None:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
+def _defined_kernels() -> dict[str, object]:
+    """module.qualname -> kernel object of every Triton kernel defined in a module of
+    sts_kernels (imports them all)."""
+    import sts_kernels
+
+    found: dict[str, object] = {}
+    for info in pkgutil.walk_packages(sts_kernels.__path__, "sts_kernels."):
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            name = kernel_name(value)
+            if name is not None and name.startswith(info.name + "."):
+                found[name] = value
+    return found
+
+
 def discover() -> list[str]:
     """Every Triton kernel defined in a module of sts_kernels (imports them all). A jit function
     that another one calls (a device helper such as `_row_slots`) is compiled into its caller,
@@ -62,18 +77,11 @@ def discover() -> list[str]:
     fails as never compiled."""
     from triton.runtime.jit import KernelInterface
 
-    import sts_kernels
-
     found: dict[str, str] = {}  # module.qualname -> source
-    for info in pkgutil.walk_packages(sts_kernels.__path__, "sts_kernels."):
-        module = importlib.import_module(info.name)
-        for value in vars(module).values():
-            name = kernel_name(value)
-            if name is not None and name.startswith(info.name + "."):
-                fn = value
-                while isinstance(fn, KernelInterface):
-                    fn = fn.fn
-                found[name] = inspect.getsource(fn)
+    for name, fn in _defined_kernels().items():
+        while isinstance(fn, KernelInterface):
+            fn = fn.fn
+        found[name] = inspect.getsource(fn)
     called = {
         name
         for name in found
@@ -81,6 +89,21 @@ def discover() -> list[str]:
         if other != name and f"{name.rsplit('.', 1)[1]}(" in source
     }
     return sorted(set(found) - called)
+
+
+def autotune_configs() -> dict[str, list[str]]:
+    """kernel -> its `@triton.autotune` configs, each as "NAME=value ... num_warps=W" (the
+    words of a compiled binary's `_specialisation`)."""
+    from triton.runtime.autotuner import Autotuner
+
+    return {
+        name: [
+            " ".join([*(f"{k}={v}" for k, v in c.kwargs.items()), f"num_warps={c.num_warps}"])
+            for c in kernel.configs
+        ]
+        for name, kernel in _defined_kernels().items()
+        if isinstance(kernel, Autotuner)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,12 +129,17 @@ def _backward(out: torch.Tensor, *inputs: torch.Tensor) -> None:
     torch.autograd.grad(out, inputs, grad)
 
 
+def _mask(mask_shape: tuple[int, ...]) -> torch.Tensor:
+    mask = torch.zeros(mask_shape, dtype=torch.bool)
+    mask.view(-1)[::2] = True  # half the rows run the layer
+    return mask
+
+
 def _plan(mask_shape: tuple[int, ...]):
     import sts_kernels
 
-    mask = torch.zeros(mask_shape, dtype=torch.bool)
-    mask.view(-1)[::2] = True  # half the rows run the layer
-    plan = sts_kernels.route(mask)
+    mask = _mask(mask_shape)
+    plan = sts_kernels.reference.route(mask)  # a compile-only Triton route would give K = 0
     _keep(mask, plan.index, plan.counts, plan.offsets)
     return plan
 
@@ -137,6 +165,15 @@ def workloads(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
         x = _inputs(8, 4096, 4096, dtype=dtype)
         _backward(sts.gather_rows(x, plan, padded=padded), x)
 
+    def glue(mask_shape: tuple[int, ...], padded: bool) -> None:
+        # the skipper's gather + combine: the gather's backward adds rows in place (add_rows)
+        from sts_kernels.ops.routing import gather_rows_passthrough
+
+        plan = _plan(mask_shape)
+        x = _inputs(8, 4096, 4096, dtype=dtype)
+        rows, x_pass = gather_rows_passthrough(x, plan, padded)
+        _backward(sts.skip_residual(x_pass, rows, plan, from_output=True), x)
+
     def skip(mask_shape: tuple[int, ...], padded: bool, gate: bool, stats: bool, **kw) -> None:
         plan = _plan(mask_shape)
         x = _inputs(8, 4096, 4096, dtype=dtype)
@@ -156,6 +193,10 @@ def workloads(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     yield "token_pool B4 N9216 D1024", lambda: pool(4, 96, 1024)
     yield "bipartite_merge+unmerge B4 N9216 D1024", lambda: merge(4, 9216, 1024)
     # LDS: decoder rows B*T = 8*4096 = 32k, D = 4096; sample mode ([B] plan), token mode ([B, T])
+    yield "route sample", lambda: sts.route(_mask((8,)))
+    yield "route token", lambda: sts.route(_mask((8, 4096)))
+    yield "skipper glue sample", lambda: glue((8,), padded=False)
+    yield "skipper glue token padded", lambda: glue((8, 4096), padded=True)
     yield "gather_rows sample", lambda: rows((8,), padded=False)
     yield "gather_rows token padded", lambda: rows((8, 4096), padded=True)
     yield "skip_residual sample gate stats", lambda: skip((8,), False, True, True)
@@ -246,6 +287,10 @@ def compile_all(arch: int) -> dict:
     triton.knobs.nvidia.dump_ptxas_log = True
     # CPU tensors reach the Triton path only when the backend believes Triton runs there
     sts_kernels._backend.triton_runs_on = lambda device: True
+    # the matcher's bmm (aten, not Triton) would compute for seconds on the CPU: its values
+    # never matter, only its output's shape and dtype
+    merge = importlib.import_module("sts_kernels.ops.bipartite_merge")
+    merge._dots = lambda a, b: a.new_empty(a.shape[0], a.shape[1], b.shape[1], dtype=torch.float32)
 
     stats: dict[str, dict] = {}  # compiled-kernel hash -> stats of that binary
     cases: dict[tuple[str, str], dict] = {}  # (kernel, dtype) -> {"workloads", "binaries"}
@@ -311,7 +356,13 @@ def compile_all(arch: int) -> dict:
         _row(name, dtype, arch, [stats[h] for h in case["binaries"]], case["workloads"])
         for (name, dtype), case in sorted(cases.items())
     ]
-    return {"arch": f"sm_{arch}", "kernels": discover(), "rows": rows, "errors": errors}
+    return {
+        "arch": f"sm_{arch}",
+        "kernels": discover(),
+        "configs": autotune_configs(),
+        "rows": rows,
+        "errors": errors,
+    }
 
 
 def _row(kernel: str, dtype: str, arch: int, binaries: list[dict], workloads: list[str]) -> dict:
@@ -378,6 +429,7 @@ def run_targets(archs=ARCHS, timeout: float = 600, cache_dir: str | None = None)
         "triton": importlib.metadata.version("triton"),
         "torch": torch.__version__,
         "kernels": results[archs[0]]["kernels"],
+        "configs": results[archs[0]]["configs"],
         "rows": [r for a in archs for r in results[a]["rows"]],
         "errors": [e | {"arch": f"sm_{a}"} for a in archs for e in results[a]["errors"]],
     }

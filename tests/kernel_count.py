@@ -36,6 +36,7 @@ _FREE = {
 }
 _SYNC = {
     aten._local_scalar_dense.default,
+    aten.item.default,  # what `.item()` inside a package op (re-entered mode) shows as
     aten.nonzero.default,
     aten.is_nonzero.default,
     aten.equal.default,

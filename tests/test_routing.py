@@ -67,43 +67,62 @@ def assert_same_plan(plan: RoutePlan, expected: RoutePlan) -> None:
 # route
 
 
+def _route(impl: str, mask: torch.Tensor) -> RoutePlan:
+    need(impl)
+    with sts_kernels.use_backend(impl):
+        return sts_kernels.route(mask)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(MASKS))
-def test_route_matches_reference(case):
-    need("cpp")
+def test_route_matches_reference(impl, case):
     mask = MASKS[case]().to(DEVICE)
-    with sts_kernels.use_backend("cpp"):
-        plan = sts_kernels.route(mask)
+    plan = _route(impl, mask)
     assert_same_plan(plan, reference.route(mask))
+    assert torch.equal(plan.row_to_k, reference.route(mask).row_to_k)
+    assert plan.padded_index.is_contiguous()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_route_random_shapes(impl, density):
+    """Every output (row_to_k and the padded layout included) on masks of many shapes."""
+    for shape in [(1,), (1, 1), (6,), (1, 7), (7, 1), (3, 17), (16, 128), (5, 1000)]:
+        mask = torch.rand(shape, device=DEVICE) < density
+        plan, expected = _route(impl, mask), reference.route(mask)
+        assert_same_plan(plan, expected)
+        assert torch.equal(plan.row_to_k, expected.row_to_k), shape
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(3, 40_000), (70_000,), (1, 50_001)])
-def test_route_many_blocks(shape):
-    """Masks over several of the CPU compaction's 16k-row blocks."""
-    need("cpp")
+def test_route_many_blocks(impl, shape):
+    """Masks over several blocks: the CPU compaction's 16k rows, the Triton sweep's 64k under
+    the interpreter (4k on a GPU): the running count crosses block boundaries."""
     mask = torch.rand(shape, device=DEVICE) < 0.3
-    with sts_kernels.use_backend("cpp"):
-        plan = sts_kernels.route(mask)
-    expected = reference.route(mask)
-    for name in ("index", "counts", "offsets"):
-        assert torch.equal(getattr(plan, name), getattr(expected, name)), name
+    plan, expected = _route(impl, mask), reference.route(mask)
+    assert_same_plan(plan, expected)
+    assert torch.equal(plan.row_to_k, expected.row_to_k)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(0,), (2, 0)])
-def test_route_empty_mask(shape):
-    need("cpp")
-    with sts_kernels.use_backend("cpp"):
-        plan = sts_kernels.route(torch.zeros(shape, dtype=torch.bool, device=DEVICE))
-    assert plan.index.shape == (0,)
+def test_route_empty_mask(impl, shape):
+    plan = _route(impl, torch.zeros(shape, dtype=torch.bool, device=DEVICE))
+    assert plan.index.shape == (0,) and plan.padded_index.shape == (shape[0], 0)
     assert torch.equal(plan.counts, torch.zeros(shape[0], dtype=torch.int64, device=DEVICE))
     assert torch.equal(plan.offsets, torch.zeros(shape[0] + 1, dtype=torch.int64, device=DEVICE))
 
 
-def test_route_non_contiguous_mask():
-    need("cpp")
-    mask = torch.rand(7, 4, device=DEVICE) < 0.5
-    with sts_kernels.use_backend("cpp"):
-        plan = sts_kernels.route(mask.t())
-    assert_same_plan(plan, reference.route(mask.t().contiguous()))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("view", ["transposed", "strided"])
+def test_route_non_contiguous_mask(impl, view):
+    base = torch.rand(7, 8, device=DEVICE) < 0.5
+    mask = base.t() if view == "transposed" else base[1::2, ::3]
+    assert not mask.is_contiguous()
+    plan, expected = _route(impl, mask), reference.route(mask.contiguous())
+    assert_same_plan(plan, expected)
+    assert torch.equal(plan.row_to_k, expected.row_to_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +366,16 @@ def test_cpp_ops_reject_bad_rows():
         torch.ops.sts.gather_rows(x, torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="mask must be bool"):
         torch.ops.sts.route(torch.ones(3))
+
+
+@NEEDS_TRITON
+def test_triton_route_rejects_bad_mask():
+    for mask in (
+        torch.ones(3, device=DEVICE),
+        torch.ones(2, 3, 4, dtype=torch.bool, device=DEVICE),
+    ):
+        with pytest.raises(ValueError, match="mask must be a bool"):
+            torch.ops.sts.route_triton(mask)
 
 
 # ---- add_rows: dst[ids[k]] += src[k], the passthrough gather's backward --------------------

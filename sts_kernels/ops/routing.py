@@ -1,11 +1,11 @@
 """route / gather_rows: sparse routing of the rows that run a layer.
 
 Backends: "cpp" (the extension ops `sts::route`, `sts::gather_rows`, `sts::scatter_rows`, CPU
-and CUDA), "triton" (row gather/scatter kernels as the custom ops `sts::gather_rows_triton`,
-`sts::scatter_rows_triton`; route then uses the reference) and "reference". Gather and scatter
-copy whole rows as raw words, so they work for every dtype; row id -1 means "a zero row"
-(gather) or "no row" (scatter), which is how the padded layout marks the slots past a
-sample's count. Each is the other's backward.
+and CUDA), "triton" (the custom ops `sts::route_triton`, one launch and one host read of
+(K, Kmax), and the row kernels `sts::gather_rows_triton`, `sts::scatter_rows_triton`; the
+default on GPUs) and "reference". Gather and scatter copy whole rows as raw words, so they
+work for every dtype; row id -1 means "a zero row" (gather) or "no row" (scatter), which is
+how the padded layout marks the slots past a sample's count. Each is the other's backward.
 
 `gather_rows_passthrough` (the skipper's gather) returns the rows and `x` from one autograd
 node, whose backward adds the rows' gradient in place into the gradient `x` gets through the
@@ -121,6 +121,78 @@ def _add_rows_kernel(
     tl.store(dst_ptrs, total.to(DST_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _route_kernel(
+    MASK_ptr,  # [B, T] uint8, the bool mask's bytes
+    INDEX_ptr,  # [R] int64: the K active flat row ids in its first K entries
+    COUNTS_ptr,  # [B] int64
+    OFFSETS_ptr,  # [B + 1] int64
+    ROW_TO_K_ptr,  # [R] int64
+    PADDED_ptr,  # [B * T] int64: the [B, Kmax] padded ids in its first B * Kmax entries
+    SIZES_ptr,  # [1] int64: K * (T + 1) + Kmax
+    num_samples,
+    per_sample,
+    stride_mask_b,
+    stride_mask_t,
+    BLOCK: tl.constexpr,
+):
+    """Stream compaction of a `[B, T]` mask (T = 1 for a `[B]` one) over its R = B * T rows:
+
+    k(i)          = #{j < i : mask[j]}        row_to_k[i] = k(i) if mask[i] else -1
+    index[k(i)]   = i (mask[i])               offsets[b] = k(b * T), offsets[B] = K
+    counts[b]     = offsets[b + 1] - offsets[b]
+    padded[b, j]  = index[offsets[b] + j] for j < counts[b], else -1     (Kmax = max counts)
+
+    One program, so the whole route is one launch: three sweeps in blocks of BLOCK, over the
+    rows (the running count carried across blocks, tl.cumsum within one), the samples (counts
+    and Kmax) and the B * Kmax padded slots (whose layout needs Kmax). Each sweep reads what
+    the previous one stored, hence the barriers. The host reads `sizes` = K * (T + 1) + Kmax
+    (Kmax <= T) in one 8-byte copy to trim the outputs.
+    """
+    num_rows = num_samples * per_sample
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    # rows: k of every row (exclusive running count), index, row_to_k and each sample's offset
+    active = tl.zeros([], dtype=tl.int64)
+    for start in range(0, num_rows, BLOCK):
+        rows = start + lanes  # [BLOCK]
+        in_range = rows < num_rows
+        sample = rows // per_sample
+        t = rows - sample * per_sample
+        flag = tl.load(
+            MASK_ptr + sample * stride_mask_b + t * stride_mask_t, mask=in_range, other=0
+        )
+        flag = flag != 0
+        inclusive = active + tl.cumsum(flag.to(tl.int32), axis=0).to(tl.int64)
+        k = inclusive - flag.to(tl.int64)
+        tl.store(ROW_TO_K_ptr + rows, tl.where(flag, k, -1), mask=in_range)
+        tl.store(INDEX_ptr + k, rows, mask=flag)
+        tl.store(OFFSETS_ptr + sample, k, mask=in_range & (t == 0))
+        active = tl.max(inclusive, axis=0)  # non-decreasing: the last row's count
+    tl.store(OFFSETS_ptr + num_samples, active)
+    tl.debug_barrier()
+    # samples: counts and the widest one, Kmax
+    max_count = tl.zeros([], dtype=tl.int64)
+    for start in range(0, num_samples, BLOCK):
+        samples = start + lanes  # [BLOCK]
+        in_range = samples < num_samples
+        first = tl.load(OFFSETS_ptr + samples, mask=in_range, other=0)
+        count = tl.load(OFFSETS_ptr + samples + 1, mask=in_range, other=0) - first
+        tl.store(COUNTS_ptr + samples, count, mask=in_range)
+        max_count = tl.maximum(max_count, tl.max(count, axis=0))
+    tl.store(SIZES_ptr, active * (per_sample + 1) + max_count)
+    tl.debug_barrier()
+    # padded slots (b, j): sample b's j-th active row, -1 past its count
+    for start in range(0, num_samples * max_count, BLOCK):
+        slots = start + lanes  # [BLOCK]
+        in_range = slots < num_samples * max_count
+        sample = slots // max_count
+        j = slots - sample * max_count
+        first = tl.load(OFFSETS_ptr + sample, mask=in_range, other=0)
+        valid = in_range & (j < tl.load(COUNTS_ptr + sample, mask=in_range, other=0))
+        row = tl.load(INDEX_ptr + first + j, mask=valid, other=-1)
+        tl.store(PADDED_ptr + slots, row, mask=in_range)
+
+
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
@@ -132,6 +204,13 @@ def _word_dtype(row_bytes: int, *tensors: Tensor) -> torch.dtype:
         for w in _WORDS
         if row_bytes % w.itemsize == 0 and all(t.data_ptr() % w.itemsize == 0 for t in tensors)
     )
+
+
+def _row_tiles(num_ids: int, num_cols: int) -> tuple[tuple[int, int], dict]:
+    """Grid (id blocks, column blocks) and tile meta-parameters of a row kernel."""
+    block_rows, block_cols, num_warps = tile_shape(num_ids, num_cols, _MAX_BLOCK_COLS)
+    grid = (triton.cdiv(num_ids, block_rows), triton.cdiv(num_cols, block_cols))
+    return grid, dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
 
 
 def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> None:
@@ -148,8 +227,7 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
         for t in (src, dst)
     )
     num_cols = src_words.shape[1]
-    block_rows, block_cols, num_warps = tile_shape(rows.numel(), num_cols, _MAX_BLOCK_COLS)
-    grid = (triton.cdiv(rows.numel(), block_rows), triton.cdiv(num_cols, block_cols))
+    grid, tiles = _row_tiles(rows.numel(), num_cols)
     _copy_rows_kernel[grid](
         src_words,
         dst_words,
@@ -160,9 +238,7 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
         src_words.stride(0),
         dst_words.stride(0),
         SCATTER=scatter,
-        BLOCK_ROWS=block_rows,
-        BLOCK_COLS=block_cols,
-        num_warps=num_warps,
+        **tiles,
     )
 
 
@@ -171,8 +247,7 @@ def _launch_add_rows(dst: Tensor, ids: Tensor, src: Tensor) -> None:
     num_cols = math.prod(dst.shape[1:])
     if ids.numel() == 0 or num_cols == 0 or dst.shape[0] == 0:
         return
-    block_rows, block_cols, num_warps = tile_shape(ids.numel(), num_cols, _MAX_BLOCK_COLS)
-    grid = (triton.cdiv(ids.numel(), block_rows), triton.cdiv(num_cols, block_cols))
+    grid, tiles = _row_tiles(ids.numel(), num_cols)
     _add_rows_kernel[grid](
         dst,
         src,
@@ -183,9 +258,24 @@ def _launch_add_rows(dst: Tensor, ids: Tensor, src: Tensor) -> None:
         num_cols,
         num_cols,
         ACC_DTYPE=acc_dtype(dst.dtype),
-        BLOCK_ROWS=block_rows,
-        BLOCK_COLS=block_cols,
-        num_warps=num_warps,
+        **tiles,
+    )
+
+
+def _launch_route(mask: Tensor, outputs: tuple[Tensor, ...]) -> None:
+    """The route kernel over the `[B, T]` bool `mask` into (index, counts, offsets, row_to_k,
+    padded, sizes), allocated at their upper bounds."""
+    _, block, _ = tile_shape(1, max(mask.numel(), mask.shape[0]))
+    _route_kernel[(1,)](
+        mask.view(torch.uint8),
+        *outputs,
+        mask.shape[0],
+        mask.shape[1],
+        mask.stride(0),
+        mask.stride(1),
+        BLOCK=block,
+        # 8 rows per thread: 16 (a 4K block on 8 warps) took all 255 registers on sm_90
+        num_warps=min(max(block // 256, 1), 16),
     )
 
 
@@ -272,6 +362,48 @@ def _add_rows_fake(dst: Tensor, ids: Tensor, src: Tensor) -> None:
     return None
 
 
+def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fake kernel of `sts::route` and `sts::route_triton`: K and Kmax come from the data."""
+    ctx = torch.library.get_ctx()
+    active, max_count = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    b = mask.shape[0]
+    return (
+        mask.new_empty((active,), dtype=torch.int64),
+        mask.new_empty((b,), dtype=torch.int64),
+        mask.new_empty((b + 1,), dtype=torch.int64),
+        mask.new_empty((mask.numel(),), dtype=torch.int64),
+        mask.new_empty((b, max_count), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("sts::route_triton", mutates_args=())
+def _route_triton(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Triton twin of `sts::route`: (index [K], counts [B], offsets [B + 1], row_to_k [R],
+    padded_index [B, Kmax]) in one launch and one host read of (K, Kmax)."""
+    if mask.dtype != torch.bool or mask.dim() not in (1, 2):
+        raise ValueError(
+            f"sts::route_triton: mask must be a bool [B] or [B, T] tensor, got {mask.dtype} "
+            f"of shape {tuple(mask.shape)}"
+        )
+    grid = mask.view(mask.shape[0], 1) if mask.dim() == 1 else mask  # [B, T]
+    (b, per_sample), rows = grid.shape, grid.numel()
+    if rows * (per_sample + 1) >= 2**63:  # sizes = K * (T + 1) + Kmax must fit an int64
+        raise ValueError(f"sts::route_triton: mask of shape {tuple(mask.shape)} is too large")
+    new = lambda *shape: torch.empty(shape, dtype=torch.int64, device=mask.device)
+    if rows == 0:  # no rows: nothing to compact
+        return new(0), new(b).zero_(), new(b + 1).zero_(), new(0), new(b, 0)
+    # index and padded at their upper bounds (R and B * T), trimmed after the one host read
+    index, counts, offsets, row_to_k, padded, sizes = (
+        new(rows), new(b), new(b + 1), new(rows), new(rows), new(1),
+    )  # fmt: skip
+    _launch_route(grid, (index, counts, offsets, row_to_k, padded, sizes))
+    active, max_count = divmod(int(sizes.item()), per_sample + 1)
+    return index[:active], counts, offsets, row_to_k, padded[: b * max_count].view(b, max_count)
+
+
+torch.library.register_fake("sts::route_triton")(_route_fake)
+
+
 def _register(gather: str, scatter: str) -> None:
     """Fake (meta) kernels and autograd for a gather/scatter pair over dim 0."""
 
@@ -290,18 +422,7 @@ _register("sts::gather_rows_triton", "sts::scatter_rows_triton")
 if extension() is not None:  # importing the extension defined the C++ ops
     _register("sts::gather_rows", "sts::scatter_rows")
 
-    @torch.library.register_fake("sts::route")
-    def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        ctx = torch.library.get_ctx()
-        active, max_count = ctx.new_dynamic_size(), ctx.new_dynamic_size()  # from the data
-        b = mask.shape[0]
-        return (
-            mask.new_empty((active,), dtype=torch.int64),
-            mask.new_empty((b,), dtype=torch.int64),
-            mask.new_empty((b + 1,), dtype=torch.int64),
-            mask.new_empty((mask.numel(),), dtype=torch.int64),
-            mask.new_empty((b, max_count), dtype=torch.int64),
-        )
+    torch.library.register_fake("sts::route")(_route_fake)
 
 
 _GATHER = {"cpp": "gather_rows", "triton": "gather_rows_triton"}
@@ -311,11 +432,15 @@ _GATHER = {"cpp": "gather_rows", "triton": "gather_rows_triton"}
 
 
 def route(mask: Tensor) -> RoutePlan:
-    """Compact a bool mask (`[B]` samples or `[B, T]` tokens) into a `RoutePlan`."""
+    """Compact a bool mask (`[B]` samples or `[B, T]` tokens) into a `RoutePlan`: on a GPU
+    the Triton route (one launch, one host read of K and Kmax) or, without Triton, the CUDA
+    extension's; on the CPU the C++ op (no host read)."""
     _checks.mask(mask)
-    if select("route", mask.device, ("cpp",)) == "reference":
+    impl = select("route", mask.device, ("triton", "cpp"))
+    if impl == "reference":
         return reference.route(mask)
-    index, counts, offsets, row_to_k, padded_index = torch.ops.sts.route(mask)
+    op = torch.ops.sts.route_triton if impl == "triton" else torch.ops.sts.route
+    index, counts, offsets, row_to_k, padded_index = op(mask)
     return RoutePlan(index, counts, offsets, tuple(mask.shape), row_to_k, padded_index)
 
 
