@@ -1,6 +1,7 @@
 """Routing benchmarks: `route`, `gather_rows` (fwd) and its backward `scatter_rows` (bwd).
 
-Ours ("cpp": the extension; "triton": the Triton kernels, GPU only) against eager PyTorch
+Ours ("cpp": the extension; "triton": the Triton kernels, GPU only; its route is one launch and
+one host read, so it is timed eagerly, not in a CUDA graph) against eager PyTorch
 (`nonzero`/`index_select`/`index_copy_`) and `torch.compile` of the eager gather/scatter.
 GB/s counts the bytes an ideal kernel moves; `pct_copy` relates it to the device's measured
 copy bandwidth. Run through `python -m bench.ops --only routing`.
@@ -50,6 +51,11 @@ _GATHER = {
     "cpp": lambda x, index: torch.ops.sts.gather_rows(x, index),
     "triton": lambda x, index: torch.ops.sts.gather_rows_triton(x, index),
 }
+_ROUTE = {
+    "reference": reference.route,
+    "cpp": lambda mask: torch.ops.sts.route(mask),
+    "triton": lambda mask: torch.ops.sts.route_triton(mask),
+}
 _SCATTER = {
     "cpp": lambda grad, index, rows: torch.ops.sts.scatter_rows(grad, index, rows),
     "triton": lambda grad, index, rows: torch.ops.sts.scatter_rows_triton(grad, index, rows),
@@ -59,8 +65,7 @@ _SCATTER = {
 def _setup(kind: str, impl: str, device, quick):
     mask, index, x, grad = _inputs(device, quick)
     if kind == "route":
-        fn = reference.route if impl == "reference" else torch.ops.sts.route
-        return partial(fn, mask), {}
+        return partial(_ROUTE[impl], mask), {}
     args = (x, index) if kind == "gather" else (grad, index, x.shape[0])
     fn = {
         "gather": {**_GATHER, "eager": eager_gather},
@@ -84,9 +89,10 @@ def cases(device: torch.device, quick: bool, compile_baseline: bool) -> Iterator
     ours = [name for name in ours if name != "triton" or device.type == "cuda"]
     baselines = ["eager"] + (["compile"] if compile_baseline else [])
 
-    # route: read the mask, write K ids (+ B counts and offsets)
-    route_bytes = rows + 8 * (k + 2 * b + 1)
-    for impl in ["reference"] + [n for n in ours if n == "cpp"]:
+    # route: read the mask, write the plan: K ids, row_to_k (R), the padded ids (B * Kmax,
+    # ~K), counts and offsets (the reference builds the last three only when asked)
+    route_bytes = rows + 8 * (2 * k + rows + 2 * b + 1)
+    for impl in ["reference"] + ours:
         setup = partial(_setup, "route", impl, device, quick)
         yield Case("route", f"{b}x{t}", impl, "fwd", setup, route_bytes, graph=True)
     gather_bytes = 2 * k * row_bytes + 8 * k  # read + write K rows, read K ids
