@@ -402,12 +402,11 @@ def _layer_forward(handle: StsHandle, idx: int, *args, **kwargs):
     return _skipper_call(handle, idx, *args, **kwargs)
 
 
-@torch.compiler.disable
 def _skipper_call(handle: StsHandle, idx: int, *args, **kwargs):
-    """The skipper's call for layer `idx`, eager inside a compiled model: its row counts are
-    host values that change every step and its decisions depend on the layer index, so Dynamo
-    would recompile it per layer and per count until its recompile limit (then run it eagerly
-    anyway). One graph break per layer instead, and no recompiles."""
+    """The skipper's call for layer `idx`. Under torch.compile the skipper's decision (random
+    draw, route, host row counts) is its one eager step (`SkippableLayer._plan`); the gather,
+    the layer on its K rows and skip_residual compile into one graph that every layer shares,
+    K a dynamic size: no per-layer or per-count recompiles."""
     layer = handle._layers[idx]
     if not layer.training:  # a layer the user put in eval() inside a training model
         return _unpatched_forward(layer, handle._previous[idx])(*args, **kwargs)
@@ -639,10 +638,16 @@ def token_layer_args(args: tuple, kwargs: dict, plan) -> tuple[tuple, dict]:
     b, kmax = pos.shape
 
     def gather_t(x: Tensor, t_dim: int) -> Tensor:  # gather along the sequence dim
-        x = x.expand(*x.shape[:t_dim], b, *x.shape[t_dim + 1 :]) if x.shape[t_dim] == 1 else x
+        # sizes read from `pos`, not closed over as ints: under torch.compile this may be its
+        # own frame, and an int in a closure would be a guard (a recompile per Kmax)
+        x = (
+            x.expand(*x.shape[:t_dim], pos.shape[0], *x.shape[t_dim + 1 :])
+            if x.shape[t_dim] == 1
+            else x
+        )
         shape = [1] * x.dim()
-        shape[t_dim], shape[t_dim + 1] = b, kmax
-        index = pos.view(shape).expand(*x.shape[: t_dim + 1], kmax, *x.shape[t_dim + 2 :])
+        shape[t_dim], shape[t_dim + 1] = pos.shape
+        index = pos.view(shape).expand(*x.shape[: t_dim + 1], pos.shape[1], *x.shape[t_dim + 2 :])
         return x.gather(t_dim + 1, index)
 
     cos, sin = kwargs["position_embeddings"]  # [1 or B, T, hd]

@@ -178,21 +178,44 @@ class SkippableLayer(nn.Module):
             return token_layer_args(args, kwargs, plan)
         return args, {**kwargs, **{name: plan.positions for name in self._position_kwargs}}
 
+    @torch.compiler.disable
+    def _plan(self, hidden_states: Tensor) -> tuple[RoutePlan | None, Tensor | None]:
+        """This step's decision for the layer: (plan, [K] gate), or (None, None) for a layer
+        that runs densely without a gate; recorded in the skipper's report. Eager under
+        torch.compile: the random draw uses the skipper's own generator, K is a host value
+        that changes every step and the layer index is a per-layer constant; keeping them out
+        of the traced code leaves one compiled graph for every layer (K a dynamic size)."""
+        skipper = self.skipper
+        keep, gate_of_rows = skipper.decide(self.idx, hidden_states)
+        if keep is None:  # an always-dense layer
+            skipper.record(self.idx, None, None, hidden_states)
+            return None, None
+        plan = route(keep)
+        gate = skipper.gate_of_plan(gate_of_rows, plan, hidden_states.dtype)  # [K]
+        skipper.record(self.idx, keep, gate, hidden_states, plan.num_active)
+        # K (and Kmax) change every step: traced as dynamic sizes from the first call on
+        for tensor, dim in ((plan.index, 0), (gate, 0), (plan.padded_map, 1)):
+            if tensor is not None:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return plan, gate
+
+    @torch.compiler.disable
+    def _observe(self, cos: Tensor) -> None:
+        self.skipper.observe_change(self.idx, 1.0 - cos.mean())
+
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         skipper = self.skipper
         if not self.training:
             return self.layer(hidden_states, *args, **kwargs)
-        keep, gate_of_rows = skipper.decide(self.idx, hidden_states)
-        if keep is None:  # an always-dense layer
-            skipper.record(self.idx, None, None, hidden_states)
+        plan, gate = self._plan(hidden_states)
+        if plan is None:
             return self.layer(hidden_states, *args, **kwargs)
-        plan = route(keep)
-        gate = skipper.gate_of_plan(gate_of_rows, plan, hidden_states.dtype)  # [K]
-        skipper.record(self.idx, keep, gate, hidden_states, plan.num_active)
         if plan.num_active == 0:  # nothing runs; the parameters still join the graph (DDP)
             return skipper.output_setter(None, _join_graph(hidden_states, self.layer, gate))
-
-        if plan.num_active == plan.num_rows:  # dense: no gather, but the gate still applies
+        # every row runs: no gather, but the gate still applies (under torch.compile the gather
+        # path serves this case too, so K == R is not one more compiled variant)
+        dense = not torch.compiler.is_compiling() and plan.num_active == plan.num_rows
+        if dense:
             rows, x_pass, call_args, call_kwargs = hidden_states, hidden_states, args, kwargs
         else:
             # x_pass (= x) feeds only skip_residual, whose backward allocates grad_x: the
@@ -207,7 +230,7 @@ class SkippableLayer(nn.Module):
                 call_args, call_kwargs = skipper.arg_slicer(args, kwargs, plan)
         out = self.layer(rows, *call_args, **call_kwargs)
         y = skipper.output_getter(out)
-        if plan.num_active == plan.num_rows:  # packed layout of all rows
+        if dense:  # packed layout of all rows
             y = y.reshape(plan.num_active, *hidden_states.shape[len(plan.shape) :])
 
         # x + gate * (y - x) on the kept rows in one pass: no separate delta = y - rows
@@ -215,7 +238,7 @@ class SkippableLayer(nn.Module):
         combined = skip_residual(x_pass, y, plan, gate, stats=measure, from_output=True)
         if measure:
             combined, cos = combined
-            skipper.observe_change(self.idx, 1.0 - cos.mean())
+            self._observe(cos)
         return skipper.output_setter(out, combined)
 
 
