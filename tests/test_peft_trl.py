@@ -194,6 +194,8 @@ def test_router_skipper_trains_when_applied_after_get_peft_model(tmp_path):
 
 
 def test_modules_to_save_trains_a_router_copy_the_patch_never_calls():
+    """A trap the README warns about: `modules_to_save=["sts_skipper"]` makes a trainable copy
+    of the router skipper, but the patch keeps calling the original (frozen) one."""
     torch.manual_seed(0)
     model = make_llava()
     handle = apply_sts(model, skip=ROUTER)
