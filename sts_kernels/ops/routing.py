@@ -385,8 +385,8 @@ def _route_triton(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
             f"sts::route_triton: mask must be a bool [B] or [B, T] tensor, got {mask.dtype} "
             f"of shape {tuple(mask.shape)}"
         )
-    grid = mask.view(mask.shape[0], 1) if mask.dim() == 1 else mask  # [B, T]
-    (b, per_sample), rows = grid.shape, grid.numel()
+    mask_2d = mask.view(mask.shape[0], 1) if mask.dim() == 1 else mask  # [B, T]
+    (b, per_sample), rows = mask_2d.shape, mask_2d.numel()
     if rows * (per_sample + 1) >= 2**63:  # sizes = K * (T + 1) + Kmax must fit an int64
         raise ValueError(f"sts::route_triton: mask of shape {tuple(mask.shape)} is too large")
     new = lambda *shape: torch.empty(shape, dtype=torch.int64, device=mask.device)
@@ -396,8 +396,8 @@ def _route_triton(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
     index, counts, offsets, row_to_k, padded, sizes = (
         new(rows), new(b), new(b + 1), new(rows), new(rows), new(1),
     )  # fmt: skip
-    _launch_route(grid, (index, counts, offsets, row_to_k, padded, sizes))
-    active, max_count = divmod(int(sizes.item()), per_sample + 1)
+    _launch_route(mask_2d, (index, counts, offsets, row_to_k, padded, sizes))
+    active, max_count = divmod(int(sizes.item()), per_sample + 1)  # the host read (a sync)
     return index[:active], counts, offsets, row_to_k, padded[: b * max_count].view(b, max_count)
 
 
