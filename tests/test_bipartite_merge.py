@@ -1,5 +1,6 @@
 """bipartite_merge / unmerge: Triton kernels (interpreter on CPU) against the reference,
-tie rules, ops, compile and input checks."""
+tie rules, ops, compile and input checks. The matching tests run both matchers (`matcher`:
+the bmm + row max path and the tiled kernel), whatever the shape would pick."""
 
 import importlib
 
@@ -8,11 +9,22 @@ import torch
 
 import sts_kernels
 from sts_kernels import reference
+from sts_kernels._triton import triton
 from sts_kernels.ops import _common as ops_common
 from tests.tolerances import DTYPES, LOW_PRECISION, assert_close
 
 merge_module = importlib.import_module("sts_kernels.ops.bipartite_merge")
 bipartite_merge, unmerge = sts_kernels.bipartite_merge, sts_kernels.unmerge
+
+
+@pytest.fixture(name="matcher", params=["bmm", "tiled"])
+def force_matcher(request, monkeypatch):
+    """Force one matcher for every shape (dtype rules still apply: fp64 stays tiled)."""
+    if request.param == "bmm":
+        monkeypatch.setattr(merge_module, "_BMM_MIN_C", 0)
+    else:
+        monkeypatch.setattr(merge_module, "_BMM_MAX_N", 0)
+    return request.param
 
 
 def _triton(fn, *args, **kwargs):
@@ -54,14 +66,18 @@ def _sign_tokens(b, n, d, pool, device):
     """Tokens drawn from `pool` distinct +-1 vectors: every cosine is a multiple of 1/d computed
     exactly in any order, so equal scores are bitwise equal and the tie rules decide."""
     vectors = torch.randint(0, 2, (b, pool, d), device=device).float() * 2 - 1
-    pick = torch.randint(0, pool, (b, n), device=device)
-    return vectors.gather(1, pick[..., None].expand(-1, -1, d))
+    return _pick(vectors, torch.randint(0, pool, (b, n), device=device))
+
+
+def _pick(vectors, which):
+    """[B, N, D] tokens: token n of sample b is vectors[b, which[b, n]]."""
+    return vectors.gather(1, which[..., None].expand(-1, -1, vectors.shape[-1]))
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("protected", [0, 1, 2])
-def test_match_kernel(dtype, protected, triton_device):
+def test_match_kernel(dtype, protected, matcher, triton_device):
     metric = torch.randn(3, 37, 40, device=triton_device).to(dtype)
     metric[:, 7] = 0  # a zero vector: eps keeps its scores at 0
     best, dst = torch.ops.sts.bipartite_match(metric, protected)
@@ -71,7 +87,7 @@ def test_match_kernel(dtype, protected, triton_device):
 
 
 @pytest.mark.interpreter
-def test_match_ties_go_to_lowest_destination(triton_device):
+def test_match_ties_go_to_lowest_destination(matcher, triton_device):
     metric = _sign_tokens(2, 40, 16, pool=3, device=triton_device)
     best, dst = torch.ops.sts.bipartite_match(metric, 1)
     best_ref, dst_ref = reference.bipartite_match(metric, 1)
@@ -82,6 +98,74 @@ def test_match_ties_go_to_lowest_destination(triton_device):
     has = same.any(-1)
     assert has.any()
     assert torch.equal(dst[has], same.float().argmax(-1)[has])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_match_equal_directions_tie_exactly(dtype, matcher, triton_device):
+    """Tokens v and 2v of 4 small-integer directions: every dot product is an integer summed
+    exactly in any order and the norms scale by exact powers of 2, so all tokens of a source's
+    direction score bitwise-equally and the lowest of them must win. (Duplicates of general
+    vectors need not tie: a GEMM may sum duplicate columns in different orders; see
+    STS_SPEC.md §1.)"""
+    b, n, d = 2, 44, 72
+    directions = torch.randint(-3, 4, (b, 4, d), device=triton_device).float()
+    which = torch.randint(0, 8, (b, n), device=triton_device)  # direction which % 4, scale 1 or 2
+    metric = _pick(torch.cat([directions, 2 * directions], 1), which).to(dtype)
+    direction = which % 4
+    for protected in (0, 1):
+        _, dst = torch.ops.sts.bipartite_match(metric, protected)
+        start = protected + protected % 2
+        src_dir = direction[:, start::2]
+        dst_dir = direction[:, start + 1 - 2 * (protected % 2) :: 2]
+        same = src_dir[:, :, None] == dst_dir[:, None]  # [B, |A|, |Bd|]
+        has = same.any(-1)
+        assert has.sum() > 10
+        assert torch.equal(dst[has], same.float().argmax(-1)[has])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matchers_agree(dtype, monkeypatch, triton_device):
+    """The bmm path and the tiled kernel compute the same scores up to the order the dot
+    products are summed: the same matching on random tokens, bitwise-equal scores where every
+    partial sum is exact (+-1 tokens)."""
+    random = torch.randn(2, 50, 96, device=triton_device).to(dtype)
+    signs = _sign_tokens(2, 50, 96, pool=5, device=triton_device).to(dtype)
+    results = {}
+    for path in ("bmm", "tiled"):
+        monkeypatch.setattr(merge_module, "_BMM_MAX_N", 1 << 20 if path == "bmm" else 0)
+        assert merge_module.match_path(50, 96, dtype, random.device) == path
+        results[path] = [torch.ops.sts.bipartite_match(m, 1) for m in (random, signs)]
+    (best_b, dst_b), (sbest_b, sdst_b) = results["bmm"]
+    (best_t, dst_t), (sbest_t, sdst_t) = results["tiled"]
+    torch.testing.assert_close(best_b, best_t, atol=1e-6, rtol=1e-6)
+    assert torch.equal(dst_b, dst_t)
+    assert torch.equal(sbest_b, sbest_t) and torch.equal(sdst_b, sdst_t)
+
+
+def test_match_path_choice():
+    cpu = torch.device("cpu")
+    path = lambda n, c, dtype=torch.float32: merge_module.match_path(n, c, dtype, cpu)
+    assert path(576, 1024) == "bmm" and path(merge_module._BMM_MAX_N, 64) == "bmm"
+    assert path(merge_module._BMM_MAX_N + 1, 1024) == "tiled"  # the score matrix grows as N^2
+    assert path(576, merge_module._BMM_MIN_C - 1) == "tiled"  # score traffic would dominate
+    assert path(576, 1024, torch.float64) == "tiled"  # fp64 metrics are scored in fp32
+    assert path(576, 1024, torch.bfloat16) == "bmm"
+    assert path(576, 1024, torch.float16) == "bmm"
+    # fp32 never silently becomes TF32, fp16 never accumulates in fp16
+    matmul = torch.backends.cuda.matmul
+    previous = torch.get_float32_matmul_precision(), matmul.allow_fp16_accumulation
+    try:
+        matmul.allow_fp16_accumulation = True
+        assert path(576, 1024, torch.float16) == "tiled"
+        torch.set_float32_matmul_precision("high")
+        assert path(576, 1024) == "tiled"
+        assert merge_module.match_path(576, 1024, torch.float32, torch.device("cuda")) == "tiled"
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        matmul.allow_fp16_accumulation = previous[1]
+    assert merge_module.match_path(576, 1024, torch.float32, torch.device("cuda")) == "bmm"
 
 
 # (B, N, D, r, protected): r = 0, 1, max, above max; odd/even N; protected 0/1/2
@@ -98,7 +182,7 @@ MERGE_CASES = [
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("b", "n", "d", "r", "protected"), MERGE_CASES)
-def test_merge_matches_reference(dtype, b, n, d, r, protected, triton_device):
+def test_merge_matches_reference(dtype, b, n, d, r, protected, matcher, triton_device):
     x = torch.randn(b, n, d, device=triton_device).to(dtype)
     out = _check_merge_against_reference(x, r=r, protected=protected)
     r_eff = min(r, (n - protected) // 2)
@@ -110,7 +194,7 @@ def test_merge_matches_reference(dtype, b, n, d, r, protected, triton_device):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("protected", [0, 1])
-def test_merge_ties_and_duplicates(protected, triton_device):
+def test_merge_ties_and_duplicates(protected, matcher, triton_device):
     metric = _sign_tokens(3, 30, 16, pool=3, device=triton_device)  # many exact duplicates
     x = torch.randn_like(metric)  # values independent of the matching, to see where they went
     for r in (1, 5, 14):
@@ -312,11 +396,14 @@ def test_bad_unmerge_input(y, index, exc, words):
 
 
 @pytest.mark.interpreter
-def test_many_programs(triton_device, monkeypatch):
-    """16-element tiles: the segment reduction and the gather run as many programs along
-    tokens and features, partial tiles at both ends."""
+def test_many_programs(matcher, triton_device, monkeypatch):
+    """16-element tiles: the segment reduction, the gather and the matching run as many
+    programs along tokens and features, partial tiles at both ends."""
     monkeypatch.setattr(ops_common, "_INTERPRETER_TILE", 16)
     monkeypatch.setattr(ops_common, "_GPU_TILE", 16)
+    # the tiled matcher: several destination tiles and feature chunks per program
+    tiles = dict(BLOCK_A=16, BLOCK_B=16, BLOCK_C=16)
+    monkeypatch.setattr(merge_module._match_kernel, "configs", [triton.Config(tiles)])
     # the counting kernels (selection, index, counting sort) in 16-element programs and chunks
     monkeypatch.setattr(merge_module, "_COUNT_BLOCK", 16)
     monkeypatch.setattr(merge_module, "_COUNT_BLOCK_K", 16)
@@ -328,7 +415,7 @@ def test_many_programs(triton_device, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("protected", [0, 1])
-def test_gpu_large(dtype, protected):
+def test_gpu_large(dtype, protected, matcher):
     b, n, d = 4, 576, 1024
     x = torch.randn(b, n, d, device="cuda").to(dtype)
     # seeded random tokens: score gaps (~1e-4) dwarf fp32 rounding (~1e-7), so the matching

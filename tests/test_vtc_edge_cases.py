@@ -9,6 +9,7 @@ import torch
 
 import sts_kernels
 from sts_kernels import _backend, reference
+from tests.test_bipartite_merge import force_matcher  # noqa: F401 (fixture "matcher")
 
 merge_module = importlib.import_module("sts_kernels.ops.bipartite_merge")
 
@@ -77,9 +78,9 @@ def test_unmerge_out_of_range_index_on_gpu():
 @pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_metric_rows_score_zero_on_every_backend(bad, triton_device):
+def test_non_finite_metric_rows_score_zero_on_every_backend(bad, matcher, triton_device):
     """One rule everywhere: a row with a NaN/Inf scores 0 against every token (like a zero
-    row), so the merge is the same deterministic one on every backend."""
+    row), so the merge is the same deterministic one on every backend and either matcher."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 20, 8, generator=g).to(triton_device)
     metric = x.clone()

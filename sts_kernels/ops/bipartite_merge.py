@@ -1,9 +1,21 @@
 """bipartite_merge / unmerge: ToMe bipartite soft matching with size-weighted averages.
 
-The Triton path is five kernels forward, one backward, and no host synchronisation
+The Triton path is six or seven kernels forward, one backward, and no host synchronisation
 (STS_SPEC.md §1):
-  1. `sts::bipartite_match`: one fused kernel normalises, dots and keeps a running max/argmax
-     over tiles of destinations, so the [|A|, |Bd|] score matrix never exists;
+  1. `sts::bipartite_match`: `_sqnorm_kernel` reads the metric once for every token's fp32
+     squared norm; then, by `match_path` (N and C):
+     - "bmm" (N <= 2048): one `torch.bmm` of the raw source and destination tokens gives
+       every dot product in fp32 (tensor cores with fp32 accumulation for fp16/bf16, IEEE
+       fp32 for fp32: never TF32), and `_rowmax_kernel` scales them into cosines and keeps
+       each row's leftmost maximum;
+     - "tiled" (large N, small C, TF32 allowed, fp64): `_match_kernel` (autotuned) dots tiles
+       of sources against tiles of destinations and keeps a running max/argmax, so the
+       [|A|, |Bd|] score matrix never exists.
+     Both score s = fp32(<m_a, m_j>) / (max(|m_a|, eps) * max(|m_j|, eps)) with the same norms
+     and the same rounding (`_best_of_tile`); they differ only in the order a GEMM sums the
+     dot products, which the contract leaves open. The tokens are not normalised before the
+     GEMM: normalised fp16/bf16 tokens would carry 11/8-bit cosines, the raw ones give fp32
+     dot products of exact products.
   2. `sts::merge_index`: the `r` best sources by a stable descending rank (`_select_kernel`),
      then the output position of every token (`_index_kernel`);
   3. `sts::merge_wavg`: a stable counting sort of the tokens by output row (`_csr_kernel`),
@@ -22,19 +34,121 @@ from torch import Tensor
 
 from .. import _checks, reference
 from .._backend import select, triton_interpreter
-from .._triton import tl, triton
+from .._triton import autotune, tl, triton
 from .._types import MergeResult
 from ._common import acc_dtype, check_values, register_adjoint_autograd, tile_shape
 
 
 @triton.jit
+def _sqnorm_kernel(
+    M_ptr,  # [B, N, C] any strides: the metric
+    SQ_ptr,  # [B, N] fp32 out
+    N,
+    C,
+    stride_mb,
+    stride_mn,
+    stride_mc,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """sq[b, n] = sum_c M[b, n, c]^2 in fp32: every token's squared norm, the metric read once
+    for both matchers."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    rows = M_ptr + b * stride_mb + n[:, None] * stride_mn  # [BLOCK_N, 1]
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # sum of squares over feature chunks
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(
+            rows + c[None, :] * stride_mc, mask=n_mask[:, None] & (c < C)[None, :], other=0.0
+        )
+        x = x.to(tl.float32)
+        sq += tl.sum(x * x, axis=1)
+    tl.store(SQ_ptr + b * N + n, sq, mask=n_mask)
+
+
+@triton.jit
+def _norm(sq, EPS: tl.constexpr):
+    """(max(sqrt(sq), EPS), sq finite) of squared norms: F.normalize's divisor, and whether the
+    row scores at all (false for NaN too)."""
+    return tl.maximum(tl.sqrt_rn(sq), EPS), sq < float("inf")
+
+
+@triton.jit
+def _source_tile(SQ_ptr, NA, N, SRC0, EPS: tl.constexpr, BLOCK_A: tl.constexpr):
+    """Program (pid_a, b)'s sources a (a mask), their norms (`_norm`), and an empty running
+    best: -inf, destination 0."""
+    b = tl.program_id(1).to(tl.int64)
+    a = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = a < NA
+    a_norm, a_ok = _norm(tl.load(SQ_ptr + b * N + SRC0 + 2 * a, mask=a_mask, other=0.0), EPS)
+    best = tl.full((BLOCK_A,), float("-inf"), dtype=tl.float32)
+    return b, a, a_mask, a_norm, a_ok, best, tl.zeros((BLOCK_A,), dtype=tl.int64)
+
+
+@triton.jit
+def _store_best(BEST_ptr, DST_ptr, b, NA, a, a_mask, best, arg):
+    """best[b, a], dst[b, a] = the running best and its destination."""
+    tl.store(BEST_ptr + b * NA + a, best, mask=a_mask)
+    tl.store(DST_ptr + b * NA + a, arg, mask=a_mask)
+
+
+@triton.jit
+def _best_of_tile(dot, a_norm, a_ok, SQ_DST_ptr, j0, j, j_mask, best, arg, EPS: tl.constexpr):
+    """Fold a [BLOCK_A, BLOCK_B] tile of raw dot products with destinations j = j0 + [0,
+    BLOCK_B) (squared norms at SQ_DST_ptr + 2j) into the running (best, arg): s = dot /
+    (|m_a| |m_j|), 0 for a non-finite row; the tile's leftmost maximum replaces the running
+    best only when strictly better."""
+    b_norm, b_ok = _norm(tl.load(SQ_DST_ptr + 2 * j, mask=j_mask, other=0.0), EPS)
+    score = tl.div_rn(dot, a_norm[:, None] * b_norm[None, :])
+    score = tl.where(a_ok[:, None] & b_ok[None, :], score, 0.0)
+    score = tl.where(j_mask[None, :], score, float("-inf"))
+    tile_best, tile_arg = tl.max(
+        score, axis=1, return_indices=True, return_indices_tie_break_left=True
+    )
+    better = tile_best > best
+    return tl.where(better, tile_best, best), tl.where(better, j0 + tile_arg.to(tl.int64), arg)
+
+
+# `_match_kernel`'s tiles by dot: tensor cores (fp16/bf16 on a GPU) or the IEEE fp32 FMA dot,
+# whose operands and accumulator all live in registers: only smaller tiles compile without
+# spills there (sm_80/sm_90, tests/test_aot_compile.py compiles every config). tl.dot needs
+# every tile side >= 16.
+_MATCH_CONFIGS = {
+    True: [
+        dict(BLOCK_A=64, BLOCK_B=64, BLOCK_C=32, num_warps=4),
+        dict(BLOCK_A=64, BLOCK_B=64, BLOCK_C=64, num_warps=8),
+        dict(BLOCK_A=64, BLOCK_B=128, BLOCK_C=32, num_warps=8),
+        dict(BLOCK_A=128, BLOCK_B=64, BLOCK_C=32, num_warps=8),
+    ],
+    False: [
+        dict(BLOCK_A=32, BLOCK_B=64, BLOCK_C=64, num_warps=8),
+        dict(BLOCK_A=32, BLOCK_B=32, BLOCK_C=64, num_warps=4),
+        dict(BLOCK_A=16, BLOCK_B=64, BLOCK_C=64, num_warps=4),
+        dict(BLOCK_A=32, BLOCK_B=64, BLOCK_C=32, num_warps=8),
+    ],
+}
+
+
+@autotune(
+    key=["NA", "NB", "C"],
+    configs=_MATCH_CONFIGS[True] + _MATCH_CONFIGS[False],
+    interpreted=dict(BLOCK_A=64, BLOCK_B=128, BLOCK_C=128, num_warps=4),
+    keep=lambda config, LOWP_DOT, **_: config in _MATCH_CONFIGS[LOWP_DOT],
+)
+@triton.jit
 def _match_kernel(
     M_ptr,  # [B, N, C] any strides: the metric
-    BEST_ptr,  # [B, NA] fp32
-    DST_ptr,  # [B, NA] int64
+    SQ_ptr,  # [B, N] fp32: squared norms (`_sqnorm_kernel`)
+    BEST_ptr,  # [B, NA] fp32 out
+    DST_ptr,  # [B, NA] int64 out
     NA,  # unprotected sources (even positions from SRC0)
     NB,  # unprotected destinations (odd positions from DST0)
     C,
+    N,
     SRC0,
     DST0,
     stride_mb,
@@ -52,60 +166,61 @@ def _match_kernel(
     m_j = M[b, DST0 + 2j]: the cosine of F.normalize(eps=EPS), in fp32, and s[a, j] = 0 when
     |m_a|^2 or |m_j|^2 is not finite (NaN/Inf rows score like zero rows). Square root and
     division round to nearest (sqrt_rn/div_rn, not the GPU's approximations), so bitwise-equal
-    rows give bitwise-equal scores; the row max comes with its leftmost index and a tile
-    replaces the running best only when strictly better, so ties go to the lowest destination.
+    rows give bitwise-equal scores; ties go to the lowest destination (`_best_of_tile`). The
+    [NA, NB] scores never exist: dot products are accumulated tile by tile of destinations.
     """
-    pid_a = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    a_mask = a < NA
+    b, a, a_mask, a_norm, a_ok, best, arg = _source_tile(SQ_ptr, NA, N, SRC0, EPS, BLOCK_A)
     a_rows = M_ptr + b * stride_mb + (SRC0 + 2 * a)[:, None] * stride_mn  # [BLOCK_A, 1]
-    # squared norms of this tile's sources
-    a_sq = tl.zeros((BLOCK_A,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        xa = tl.load(
-            a_rows + c[None, :] * stride_mc, mask=a_mask[:, None] & (c < C)[None, :], other=0.0
-        )
-        xa = xa.to(tl.float32)
-        a_sq += tl.sum(xa * xa, axis=1)
-    a_ok = a_sq < float("inf")  # false for NaN too
-    a_norm = tl.maximum(tl.sqrt_rn(a_sq), EPS)
-    best = tl.full((BLOCK_A,), float("-inf"), dtype=tl.float32)
-    arg = tl.zeros((BLOCK_A,), dtype=tl.int64)
     for j0 in range(0, NB, BLOCK_B):
         j = j0 + tl.arange(0, BLOCK_B)
         j_mask = j < NB
         b_rows = M_ptr + b * stride_mb + (DST0 + 2 * j)[:, None] * stride_mn  # [BLOCK_B, 1]
-        # raw dot products and destination norms, accumulated over feature chunks
+        # raw dot products, accumulated over feature chunks
         dot = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-        b_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_mask = (c < C)[None, :]
             xa = tl.load(a_rows + c[None, :] * stride_mc, mask=a_mask[:, None] & c_mask, other=0.0)
             xb = tl.load(b_rows + c[None, :] * stride_mc, mask=j_mask[:, None] & c_mask, other=0.0)
-            xb32 = xb.to(tl.float32)
-            b_sq += tl.sum(xb32 * xb32, axis=1)
             if LOWP_DOT:
                 # fp16/bf16 products are exact in fp32: tensor cores, fp32 accumulation
                 dot += tl.dot(xa, tl.trans(xb), out_dtype=tl.float32)
             else:
-                dot += tl.dot(xa.to(tl.float32), tl.trans(xb32), input_precision="ieee")
-        b_ok = b_sq < float("inf")
-        b_norm = tl.maximum(tl.sqrt_rn(b_sq), EPS)
-        score = tl.div_rn(dot, a_norm[:, None] * b_norm[None, :])
-        score = tl.where(a_ok[:, None] & b_ok[None, :], score, 0.0)
-        score = tl.where(j_mask[None, :], score, float("-inf"))
-        # best of the tile with its leftmost index, merged into the running best
-        tile_best, tile_arg = tl.max(
-            score, axis=1, return_indices=True, return_indices_tie_break_left=True
-        )
-        better = tile_best > best
-        best = tl.where(better, tile_best, best)
-        arg = tl.where(better, j0 + tile_arg.to(tl.int64), arg)
-    tl.store(BEST_ptr + b * NA + a, best, mask=a_mask)
-    tl.store(DST_ptr + b * NA + a, arg, mask=a_mask)
+                dot += tl.dot(
+                    xa.to(tl.float32), tl.trans(xb.to(tl.float32)), input_precision="ieee"
+                )
+        sq_dst = SQ_ptr + b * N + DST0
+        best, arg = _best_of_tile(dot, a_norm, a_ok, sq_dst, j0, j, j_mask, best, arg, EPS)
+    _store_best(BEST_ptr, DST_ptr, b, NA, a, a_mask, best, arg)
+
+
+@triton.jit
+def _rowmax_kernel(
+    DOT_ptr,  # [B, NA, NB] fp32 contiguous: raw dot products (a bmm's output)
+    SQ_ptr,  # [B, N] fp32: squared norms (`_sqnorm_kernel`)
+    BEST_ptr,  # [B, NA] fp32 out
+    DST_ptr,  # [B, NA] int64 out
+    NA,
+    NB,
+    N,
+    SRC0,
+    DST0,
+    EPS: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """best[a], dst[a] exactly as `_match_kernel` defines them, from precomputed dot products
+    dot[b, a, j] = <m_a, m_j>: the same scores up to the order the dot products were summed."""
+    b, a, a_mask, a_norm, a_ok, best, arg = _source_tile(SQ_ptr, NA, N, SRC0, EPS, BLOCK_A)
+    # one pass over the score rows, a chunk of destinations at a time
+    for j0 in range(0, NB, BLOCK_B):
+        j = j0 + tl.arange(0, BLOCK_B)
+        j_mask = j < NB
+        dot_ptrs = DOT_ptr + (b * NA + a[:, None]) * NB + j[None, :]
+        dot = tl.load(dot_ptrs, mask=a_mask[:, None] & j_mask[None, :], other=0.0)
+        sq_dst = SQ_ptr + b * N + DST0
+        best, arg = _best_of_tile(dot, a_norm, a_ok, sq_dst, j0, j, j_mask, best, arg, EPS)
+    _store_best(BEST_ptr, DST_ptr, b, NA, a, a_mask, best, arg)
 
 
 @triton.jit
@@ -329,6 +444,8 @@ def _gather_rows_kernel(
 
 # D is tiled across programs; capping it at 512 leaves a 4K-element GPU tile >= 8 rows tall
 _MAX_BLOCK_D = 512
+# the matching's row passes (norms, score rows) loop over 128-wide chunks: 32-row GPU tiles
+_MAX_BLOCK_C = 128
 # counting kernels: elements per program and per compared chunk (the interpreter wants few,
 # big programs; a GPU a [64, 64] compare tile over 8 warps: 16 lanes a thread, no spills)
 _COUNT_BLOCK, _COUNT_BLOCK_K = (1024, 1024) if triton_interpreter() else (64, 64)
@@ -416,6 +533,61 @@ def _gather_rows(y: Tensor, index: Tensor, weight: Tensor | None, den: Tensor | 
 # ---- sts::bipartite_match --------------------------------------------------------------
 
 
+# The bmm matcher's bounds: chosen, not measured (no GPU here; bench/vtc.py reports which
+# matcher ran). N <= 2048: its fp32 score matrix is at most 1024 x 1024 x 4 B = 4 MiB a sample
+# (0.33 MB at LLaVA-1.5's N = 576, where a batch of 32 fits in an H100's 50 MB L2, so writing
+# and re-reading it mostly stays on chip); beyond, it grows as N^2 and the tiled kernel, which
+# never stores it, takes over. C >= 64: each score costs 2C FLOP in the GEMM and 8 B of
+# traffic (written, read back); below C = 64 that traffic dominates, and the tiled kernel
+# has none.
+_BMM_MAX_N = 2048
+_BMM_MIN_C = 64
+
+
+def match_path(n: int, c: int, dtype: torch.dtype, device: torch.device) -> str:
+    """ "bmm" or "tiled": the matcher `sts::bipartite_match` runs for a [B, n, c] metric.
+
+    The bmm path only where its GEMM computes the dot products the tiled kernel would: fp32
+    when fp32 matmuls are IEEE (not TF32: `torch.backends.cuda.matmul.allow_tf32`, or a CPU
+    precision below "highest"); fp16 unless cuBLAS may accumulate in fp16
+    (`allow_fp16_accumulation`); bf16. fp64 metrics are scored in fp32 by the tiled kernel."""
+    if n > _BMM_MAX_N or c < _BMM_MIN_C:
+        return "tiled"
+    if dtype == torch.float32:
+        if device.type == "cuda":
+            exact = not torch.backends.cuda.matmul.allow_tf32
+        else:
+            exact = torch.get_float32_matmul_precision() == "highest"
+    elif dtype == torch.float16:
+        exact = not getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False)
+    else:
+        exact = dtype == torch.bfloat16
+    return "bmm" if exact else "tiled"
+
+
+def _dots(a: Tensor, b: Tensor) -> Tensor:
+    """[B, NA, C] x [B, NB, C] -> [B, NA, NB] fp32 dot products: an IEEE fp32 GEMM for fp32,
+    tensor cores with fp32 accumulation and output for fp16/bf16 (whose products are exact
+    in fp32)."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b.transpose(1, 2))
+    if a.device.type == "cuda":
+        return torch.bmm(a, b.transpose(1, 2), out_dtype=torch.float32)
+    # no fp16/bf16 -> fp32 bmm off CUDA (the interpreter's CPU tensors): the same exact products
+    return torch.bmm(a.float(), b.float().transpose(1, 2))
+
+
+def _sqnorms(metric: Tensor) -> Tensor:
+    """Launch `_sqnorm_kernel`: [B, N, C] -> [B, N] fp32 squared norms."""
+    b, n, c = metric.shape
+    sq = torch.empty(b, n, dtype=torch.float32, device=metric.device)
+    block_n, block_c, num_warps = tile_shape(n, c, _MAX_BLOCK_C)
+    _sqnorm_kernel[(triton.cdiv(n, block_n), b)](
+        metric, sq, n, c, *metric.stride(), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps
+    )
+    return sq
+
+
 @torch.library.custom_op("sts::bipartite_match", mutates_args=())
 def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]:
     b, n, c = metric.shape
@@ -424,17 +596,20 @@ def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]
     dst = torch.empty(b, na, dtype=torch.int64, device=metric.device)
     if b * na == 0:
         return best, dst
-    interp = triton_interpreter()
-    lowp_dot = not interp and metric.dtype in (torch.float16, torch.bfloat16)
-    # tl.dot needs every tile side >= 16 on a GPU; the FMA (fp32) path keeps 32x64 tiles and
-    # 8 warps so its operands and accumulator fit in registers without spilling
-    block_a = max(16, min(triton.next_power_of_2(na), 64 if lowp_dot or interp else 32))
-    block_b = max(16, min(triton.next_power_of_2(nb), 128 if interp else 64))
-    block_c = max(16, min(triton.next_power_of_2(c), 128 if interp else 64))
-    _match_kernel[(triton.cdiv(na, block_a), b)](
-        metric, best, dst, na, nb, c, src0, dst0, *metric.stride(),
-        EPS=1e-12, LOWP_DOT=lowp_dot, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c,
-        num_warps=4 if lowp_dot else 8,
+    sq = _sqnorms(metric)
+    if match_path(n, c, metric.dtype, metric.device) == "bmm":
+        dots = _dots(metric[:, src0::2], metric[:, dst0::2])  # [B, NA, NB] fp32
+        block_a, block_b, num_warps = tile_shape(na, nb, _MAX_BLOCK_C)
+        _rowmax_kernel[(triton.cdiv(na, block_a), b)](
+            dots, sq, best, dst, na, nb, n, src0, dst0,
+            EPS=1e-12, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=num_warps,
+        )  # fmt: skip
+        return best, dst
+    # tensor cores for fp16/bf16 on a GPU; fp32 (and the interpreter) take the IEEE FMA dot
+    lowp_dot = not triton_interpreter() and metric.dtype in (torch.float16, torch.bfloat16)
+    _match_kernel[lambda meta: (triton.cdiv(na, meta["BLOCK_A"]), b)](
+        metric, sq, best, dst, na, nb, c, n, src0, dst0, *metric.stride(),
+        EPS=1e-12, LOWP_DOT=lowp_dot,
     )  # fmt: skip
     return best, dst
 
