@@ -357,9 +357,13 @@ def _add_rows_triton(dst: Tensor, ids: Tensor, src: Tensor) -> None:
     _launch_add_rows(dst, ids.contiguous(), src.contiguous())
 
 
-@_add_rows_triton.register_fake
 def _add_rows_fake(dst: Tensor, ids: Tensor, src: Tensor) -> None:
+    """Fake kernel of `sts::add_rows` and `sts::add_rows_triton` (in place: no outputs). They
+    have no autograd: they run inside a backward, on gradients."""
     return None
+
+
+torch.library.register_fake("sts::add_rows_triton")(_add_rows_fake)
 
 
 def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -423,6 +427,7 @@ if extension() is not None:  # importing the extension defined the C++ ops
     _register("sts::gather_rows", "sts::scatter_rows")
 
     torch.library.register_fake("sts::route")(_route_fake)
+    torch.library.register_fake("sts::add_rows")(_add_rows_fake)
 
 
 _GATHER = {"cpp": "gather_rows", "triton": "gather_rows_triton"}
