@@ -35,12 +35,13 @@ def lora_config(**extra):
 
 def lora_llava(order: str, **apply_kwargs):
     """A PEFT LoRA model over a patched tiny LLaVA, patched and wrapped in `order`. Returns
-    (peft model, handle). `apply_sts` takes the inner model: the wrapper is not a supported
-    class."""
+    (peft model, handle). `apply_sts` takes the PEFT wrapper itself (it patches the model the
+    wrapper holds)."""
     torch.manual_seed(0)  # LoRA init
     if order == "peft_then_sts":
         wrapped = peft.get_peft_model(make_llava(), lora_config())
-        handle = apply_sts(wrapped.get_base_model(), **apply_kwargs)
+        handle = apply_sts(wrapped, **apply_kwargs)
+        assert sts_handle(wrapped) is handle and sts_handle(wrapped.get_base_model()) is handle
     else:
         model = make_llava()
         handle = apply_sts(model, **apply_kwargs)
@@ -375,6 +376,8 @@ def test_sft_trainer_with_peft_config_trains_the_adapters(tmp_path):
         tmp_path, model, steps=2, peft_config=lora_config(init_lora_weights=True)
     )
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
+    for log in logs:  # StsCallback finds the handle through the PEFT wrapper the Trainer holds
+        assert_sts_log(log)
     wrapped = trainer.model
     assert wrapped.get_base_model() is model
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]

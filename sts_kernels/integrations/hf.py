@@ -240,6 +240,7 @@ def apply_sts(
     `LayerDynamicSkipper` (the latter built on `model.model.language_model.layers`).
     Build DDP/FSDP wrappers after this call.
     """
+    model = _peft_base(model) or model  # a PEFT wrapper: patch the HF model it holds
     adapter = adapter_for(model)
     if stage not in _STAGES:
         raise ValueError(f"stage must be None, 'align' or 'instruct', got {stage!r}")
@@ -294,12 +295,19 @@ def apply_sts(
 
 
 def sts_handle(model: nn.Module) -> StsHandle | None:
-    """The live patch of `model` (or of the module a DDP / torch.compile wrapper holds), or
-    None: how to reach the handle of a deepcopied or unpickled model."""
-    for candidate in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+    """The live patch of `model` (or of the module a DDP / torch.compile / PEFT wrapper holds),
+    or None: how to reach the handle of a deepcopied or unpickled model."""
+    wrapped = (getattr(model, "module", None), getattr(model, "_orig_mod", None))
+    for candidate in (model, *wrapped, _peft_base(model)):
         if isinstance(candidate, nn.Module) and _HANDLE_ATTR in candidate.__dict__:
             return candidate.__dict__[_HANDLE_ATTR]
     return None
+
+
+def _peft_base(model: nn.Module) -> nn.Module | None:
+    """The model a `peft.PeftModel` wraps (its `get_base_model()`), else None."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else None
 
 
 # ---------------------------------------------------------------------------------------------
