@@ -20,6 +20,7 @@ from torch import Tensor
 import sts_kernels
 from bench.ops import Case, autograd_cases
 from sts_kernels import _backend, reference
+from sts_kernels.ops.bipartite_merge import match_path
 
 # (B, H, W, D, window): LLaVA-1.5 24x24 grids up to 96x96 high-resolution tiles
 POOL_GPU = [
@@ -124,6 +125,9 @@ def _merge_cases(device, cases, compile_baseline) -> Iterator[Case]:
         row_bytes = b * d * _dtype(device).itemsize
         # fwd: matching reads x, merge reads x and writes N-r rows; bwd: reads N-r, writes N
         fwd, bwd = row_bytes * (3 * n - r), row_bytes * (2 * n - r)
+        # which matcher the "sts" rows ran: the bmm path or the tiled kernel (its threshold
+        # is a choice made without a GPU: these rows are what can confirm or move it)
+        matcher = match_path(n, d, _dtype(device), device)
         shape = f"B{b} N{n} D{d} r{r}"
         impls = _impls(
             device,
@@ -134,13 +138,14 @@ def _merge_cases(device, cases, compile_baseline) -> Iterator[Case]:
         )
         yield from autograd_cases(
             "bipartite_merge",
-            shape,
+            f"{shape} {matcher}",
             {k: partial(_merged, fn, r) for k, fn in impls.items()},
             partial(_randn, b, n, d, device=device),
             {"fwd": fwd, "fwd+bwd": fwd + bwd},
             graph=True,
         )
-        # the matching alone: reads the metric once ([|A|, |Bd|] scores never stored)
+        # the matching alone: reads the metric once (the tiled kernel never stores the
+        # [|A|, |Bd|] scores; the bmm path writes and reads them once more: not counted)
         match_impls = _impls(
             device,
             compile_baseline,
@@ -150,7 +155,7 @@ def _merge_cases(device, cases, compile_baseline) -> Iterator[Case]:
         )
         yield from autograd_cases(
             "bipartite_match",
-            f"B{b} N{n} C{d}",
+            f"B{b} N{n} C{d} {matcher}",
             match_impls,
             partial(_randn, b, n, d, device=device, grad=False),
             {"fwd": row_bytes * n},
