@@ -245,6 +245,17 @@ def raw_cases():
                 (f"scatter_rows{impl}/num_rows_{name}", lambda s=scatter, n=n: s(x[:3], rows, n))
             )
         out.append((f"gather_rows{impl}/x_0d", lambda g=gather: g(torch.tensor(1.0), rows)))
+        add = getattr(ops, "add_rows" + impl)
+        for name, r in bad_rows.items():
+            out.append((f"add_rows{impl}/ids_{name}", lambda a=add, r=r: a(x.clone(), r, x[:2])))
+        for name, (dst, src) in {
+            "src_rows_mismatch": (x.clone(), x[:3]),
+            "src_width": (x.clone(), _x(2, 5)),
+            "dst_int": (torch.zeros(6, 4, dtype=torch.int64), x[:2]),
+            "dst_strided": (_x(6, 8)[:, ::2], x[:2]),
+            "src_dtype": (x.clone(), x[:2].double()),
+        }.items():
+            out.append((f"add_rows{impl}/{name}", lambda a=add, d=dst, s=src: a(d, rows[:2], s)))
     plan = sts.route(torch.tensor([True, False, True, True, False, True]))
     for name, (index, row_to_k, offsets) in {
         "index_huge": (torch.tensor([0, 2, 3, 2**40]), plan.row_to_k, plan.offsets),
@@ -260,6 +271,13 @@ def raw_cases():
                 ),
             )
         )
+    for name, mask in {
+        "float": torch.ones(4),
+        "3d": torch.ones(2, 2, 2, dtype=torch.bool),
+        "0d": torch.tensor(True),
+        "meta": torch.ones(3, dtype=torch.bool, device="meta"),
+    }.items():
+        out.append((f"route_triton/{name}", lambda m=mask: ops.route_triton(m)))
     y, idx = _x(1, 3, 4), torch.tensor([[0, 1, 2, 9, -4]])
     out.append(("unmerge/index_out", lambda: ops.unmerge(y, idx)))
     out.append(("merge_wavg/index_out", lambda: ops.merge_wavg(_x(1, 5, 4), None, idx, 3)))
