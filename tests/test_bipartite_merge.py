@@ -144,7 +144,7 @@ def test_matchers_agree(dtype, monkeypatch, triton_device):
     assert torch.equal(sbest_b, sbest_t) and torch.equal(sdst_b, sdst_t)
 
 
-def test_match_path_choice():
+def test_match_path_choice(monkeypatch):
     cpu = torch.device("cpu")
     path = lambda n, c, dtype=torch.float32: merge_module.match_path(n, c, dtype, cpu)
     assert path(576, 1024) == "bmm" and path(merge_module._BMM_MAX_N, 64) == "bmm"
@@ -166,6 +166,11 @@ def test_match_path_choice():
         torch.set_float32_matmul_precision(previous[0])
         matmul.allow_fp16_accumulation = previous[1]
     assert merge_module.match_path(576, 1024, torch.float32, torch.device("cuda")) == "bmm"
+    # a torch whose CUDA bmm cannot write fp32 from fp16/bf16 (< 2.8): those go tiled there
+    assert merge_module.match_path(576, 1024, torch.bfloat16, torch.device("cuda")) == "bmm"
+    monkeypatch.setattr(torch.ops.aten.bmm, "overloads", lambda: ["default", "out"])
+    assert merge_module.match_path(576, 1024, torch.bfloat16, torch.device("cuda")) == "tiled"
+    assert path(576, 1024, torch.bfloat16) == "bmm"  # the CPU multiplies fp32 copies
 
 
 # (B, N, D, r, protected): r = 0, 1, max, above max; odd/even N; protected 0/1/2

@@ -549,8 +549,10 @@ def match_path(n: int, c: int, dtype: torch.dtype, device: torch.device) -> str:
 
     The bmm path only where its GEMM computes the dot products the tiled kernel would: fp32
     when fp32 matmuls are IEEE (not TF32: `torch.backends.cuda.matmul.allow_tf32`, or a CPU
-    precision below "highest"); fp16 unless cuBLAS may accumulate in fp16
-    (`allow_fp16_accumulation`); bf16. fp64 metrics are scored in fp32 by the tiled kernel."""
+    precision below "highest"); fp16/bf16 where the GEMM can write fp32 (a CUDA torch.bmm
+    with `out_dtype`, torch >= 2.8; elsewhere from fp32 copies), fp16 unless cuBLAS may
+    accumulate in fp16 (`allow_fp16_accumulation`). fp64 metrics are scored in fp32 by the
+    tiled kernel."""
     if n > _BMM_MAX_N or c < _BMM_MIN_C:
         return "tiled"
     if dtype == torch.float32:
@@ -558,10 +560,12 @@ def match_path(n: int, c: int, dtype: torch.dtype, device: torch.device) -> str:
             exact = not torch.backends.cuda.matmul.allow_tf32
         else:
             exact = torch.get_float32_matmul_precision() == "highest"
-    elif dtype == torch.float16:
-        exact = not getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False)
+    elif dtype in (torch.float16, torch.bfloat16):
+        exact = "dtype" in torch.ops.aten.bmm.overloads() or device.type != "cuda"
+        if dtype == torch.float16:
+            exact &= not getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False)
     else:
-        exact = dtype == torch.bfloat16
+        exact = False
     return "bmm" if exact else "tiled"
 
 
