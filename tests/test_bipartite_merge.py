@@ -133,6 +133,7 @@ def test_matchers_agree(dtype, monkeypatch, triton_device):
     random = torch.randn(2, 50, 96, device=triton_device).to(dtype)
     signs = _sign_tokens(2, 50, 96, pool=5, device=triton_device).to(dtype)
     results = {}
+    monkeypatch.setattr(merge_module, "_BMM_MIN_C", 0)
     for path in ("bmm", "tiled"):
         monkeypatch.setattr(merge_module, "_BMM_MAX_N", 1 << 20 if path == "bmm" else 0)
         assert merge_module.match_path(50, 96, dtype, random.device) == path
@@ -147,7 +148,9 @@ def test_matchers_agree(dtype, monkeypatch, triton_device):
 def test_match_path_choice(monkeypatch):
     cpu = torch.device("cpu")
     path = lambda n, c, dtype=torch.float32: merge_module.match_path(n, c, dtype, cpu)
-    assert path(576, 1024) == "bmm" and path(merge_module._BMM_MAX_N, 64) == "bmm"
+    # LLaVA-1.5's 576 tokens (CLIP and LLM widths) take the bmm path, 96x96 grids the tiled one
+    assert path(576, 1024) == "bmm" and path(576, 4096) == "bmm" and path(9216, 1024) == "tiled"
+    assert path(merge_module._BMM_MAX_N, merge_module._BMM_MIN_C) == "bmm"
     assert path(merge_module._BMM_MAX_N + 1, 1024) == "tiled"  # the score matrix grows as N^2
     assert path(576, merge_module._BMM_MIN_C - 1) == "tiled"  # score traffic would dominate
     assert path(576, 1024, torch.float64) == "tiled"  # fp64 metrics are scored in fp32

@@ -4,10 +4,10 @@ The Triton path is six or seven kernels forward, one backward, and no host synch
 (STS_SPEC.md §1):
   1. `sts::bipartite_match`: `_sqnorm_kernel` reads the metric once for every token's fp32
      squared norm; then, by `match_path` (N and C):
-     - "bmm" (N <= 2048): one `torch.bmm` of the raw source and destination tokens gives
-       every dot product in fp32 (tensor cores with fp32 accumulation for fp16/bf16, IEEE
-       fp32 for fp32: never TF32), and `_rowmax_kernel` scales them into cosines and keeps
-       each row's leftmost maximum;
+     - "bmm" (N <= 1024, C >= 256): one `torch.bmm` of the raw source and destination
+       tokens gives every dot product in fp32 (tensor cores with fp32 accumulation for
+       fp16/bf16, IEEE fp32 for fp32: never TF32), and `_rowmax_kernel` scales them into
+       cosines and keeps each row's leftmost maximum;
      - "tiled" (large N, small C, TF32 allowed, fp64): `_match_kernel` (autotuned) dots tiles
        of sources against tiles of destinations and keeps a running max/argmax, so the
        [|A|, |Bd|] score matrix never exists.
@@ -533,15 +533,15 @@ def _gather_rows(y: Tensor, index: Tensor, weight: Tensor | None, den: Tensor | 
 # ---- sts::bipartite_match --------------------------------------------------------------
 
 
-# The bmm matcher's bounds: chosen, not measured (no GPU here; bench/vtc.py reports which
-# matcher ran). N <= 2048: its fp32 score matrix is at most 1024 x 1024 x 4 B = 4 MiB a sample
-# (0.33 MB at LLaVA-1.5's N = 576, where a batch of 32 fits in an H100's 50 MB L2, so writing
-# and re-reading it mostly stays on chip); beyond, it grows as N^2 and the tiled kernel, which
-# never stores it, takes over. C >= 64: each score costs 2C FLOP in the GEMM and 8 B of
-# traffic (written, read back); below C = 64 that traffic dominates, and the tiled kernel
-# has none.
-_BMM_MAX_N = 2048
-_BMM_MIN_C = 64
+# The bmm matcher's bounds: a cost model, not a measurement (no GPU here; bench/vtc.py labels
+# its rows with the matcher that ran, to confirm or move them). Against the tiled kernel the
+# bmm path trades a faster GEMM (cuBLAS) for writing and re-reading its fp32 scores, 8 B per
+# score against the score's 2C FLOP. That pays while the scores stay on chip: N <= 1024
+# keeps them at <= 1 MiB a sample (0.33 MB at LLaVA-1.5's N = 576), a batch of 32 within an
+# H100's 50 MB L2 (beyond, they grow as N^2 and the tiled kernel never stores them); and
+# while the GEMM outweighs their traffic: C >= 256, 64 FLOP per score byte.
+_BMM_MAX_N = 1024
+_BMM_MIN_C = 256
 
 
 def match_path(n: int, c: int, dtype: torch.dtype, device: torch.device) -> str:
