@@ -417,3 +417,32 @@ def test_sft_trainer_vision_data_path_loss_is_the_token_mean(tmp_path):
     expected = reference(**batch).loss.item()
     assert logs[0]["loss"] == pytest.approx(expected, rel=1e-5)
     assert (logs[0]["sts/visual_tokens_in"], logs[0]["sts/visual_tokens_kept"]) == (64, 16)
+
+
+def test_placeholder_targets_dropped_by_vtc_are_flagged(tmp_path):
+    """Placeholders kept as loss targets (TRL 1.16's vision collator as it is): VTC drops
+    targets that a count of the caller's labels (num_items_in_batch) includes, which scales
+    the loss down silently (a logged 2.76 instead of 6.91 on this model). TRL normalises
+    outside the model: a warning; a model handed num_items_in_batch itself: a ValueError."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    model = make_llava()
+    apply_sts(model, stage="align")
+    processor = tiny_processor()
+    collator = DataCollatorForVisionLanguageModeling(processor)
+    match = "placeholder tokens whose labels are loss targets"
+    with pytest.warns(UserWarning, match=match):
+        run_sft(
+            tmp_path,
+            model,
+            steps=1,
+            train_dataset=vision_rows(4),
+            processing_class=processor,
+            data_collator=collator,
+        )
+    batch = collator(list(vision_rows(4)))
+    counted = (batch["labels"] != -100).sum()
+    with pytest.raises(ValueError, match=match):
+        model(**batch, num_items_in_batch=counted)
+    masked = MaskPlaceholders(collator)(list(vision_rows(4)))
+    model(**masked, num_items_in_batch=(masked["labels"] != -100).sum())  # nothing dropped

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -469,12 +470,14 @@ def _pre_hook(handle: StsHandle, adapter, module, args, kwargs):
         if ids is None:
             raise ValueError("apply_sts: VTC needs input_ids (got inputs_embeds)")
         _follow(compressor, module.training, ids.device)
+        labels = kw.get("labels")
         _COLUMN_MAPS.append([])  # shrink_placeholders appends one map per call
         try:
             kw, counts = adapter.compress(model, compressor, kw)
             report.columns = _compose_columns(_COLUMN_MAPS[-1])
         finally:
             _COLUMN_MAPS.pop()
+        _check_target_count(labels, kw.get("labels"), kw.get("num_items_in_batch"))
         for modality, (n_in, n_kept) in counts.items():  # "image" / "video"
             setattr(report, f"{modality}_tokens_in", n_in)
             setattr(report, f"{modality}_tokens_kept", n_kept)
@@ -490,6 +493,27 @@ def _pre_hook(handle: StsHandle, adapter, module, args, kwargs):
         if name != "mm_encoder_outputs"  # the compressed features and their graph
     }
     return (), kw
+
+
+def _check_target_count(before: Tensor | None, after: Tensor | None, num_items) -> None:
+    """Placeholders VTC drops should not be loss targets (-100, as LLaVA's recipe has it): a
+    loss normalised by a count of the caller's labels (`num_items_in_batch`: the Trainer, TRL)
+    would be silently scaled by kept / counted. Raises when the model itself is handed such a
+    count, warns otherwise (TRL normalises outside the model). One host read."""
+    if before is None or after is None:
+        return
+    lost = int((before != -100).sum() - (after != -100).sum())
+    if not lost:
+        return
+    message = (
+        f"apply_sts: VTC dropped {lost} visual placeholder tokens whose labels are loss targets "
+        "(not -100); a loss normalised by the caller's target count (num_items_in_batch) is "
+        "scaled down by the dropped share. Set the labels of image/video placeholder tokens to "
+        "-100 in your collator."
+    )
+    if num_items is not None:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=2)
 
 
 def _compose_columns(maps: list[Tensor]) -> Tensor | None:
