@@ -331,38 +331,23 @@ class GraphRecorder:
         return gm
 
 
-def compiled_losses(layers: int, skip: dict, steps: int = 3):
-    """(losses, GraphRecorder, recompiles per frame) of `steps` compiled training steps."""
+def sts_losses(layers: int, skip: dict, recorder: GraphRecorder | None = None) -> list[float]:
+    """Losses of 3 training steps of a patched `deep_llava(layers)`, compiled with `recorder`
+    as the backend when one is given (from a fresh Dynamo state), else eager."""
     import torch._dynamo as dynamo
-    from torch._dynamo.utils import guard_failures
 
     dynamo.reset()
     model = deep_llava(layers)
     apply_sts(model, skip={"seed": 0, **skip})
     model.train()
-    recorder = GraphRecorder()
-    call = torch.compile(model, backend=recorder)
+    call = model if recorder is None else torch.compile(model, backend=recorder)
     batch = llava_batch(pad_left=False)
     losses = []
-    for _ in range(steps):
+    for _ in range(3):
         loss = call(**batch).loss
         loss.backward()
         losses.append(loss.item())
-    recompiles = {code.co_name: len(f) for code, f in guard_failures.items()}
-    return losses, recorder, recompiles
-
-
-def eager_losses(layers: int, skip: dict, steps: int = 3) -> list[float]:
-    model = deep_llava(layers)
-    apply_sts(model, skip={"seed": 0, **skip})
-    model.train()
-    batch = llava_batch(pad_left=False)
-    out = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        out.append(loss.item())
-    return out
+    return losses
 
 
 @pytest.mark.slow
@@ -374,10 +359,12 @@ def test_torch_compile_compiles_the_layers_without_per_layer_recompiles(mode):
     size); no frame recompiles anywhere near Dynamo's limit and the graph count does not
     grow with depth (10 layers: more than the recompile limit of 8)."""
     import torch._dynamo as dynamo
+    from torch._dynamo.utils import guard_failures
 
-    skip = {"mode": mode}
-    losses, recorder, recompiles = compiled_losses(10, skip)
-    torch.testing.assert_close(losses, eager_losses(10, skip))
+    skip, recorder = {"mode": mode}, GraphRecorder()
+    losses = sts_losses(10, skip, recorder)
+    recompiles = {code.co_name: len(f) for code, f in guard_failures.items()}
+    torch.testing.assert_close(losses, sts_losses(10, skip))
     assert max(recompiles.values(), default=0) < dynamo.config.recompile_limit - 1, recompiles
     # the layer ran inside a compiled graph: a graph holding skip_residual also holds the
     # decoder layer's projections (q, k, v, o, gate, up, down)
@@ -385,7 +372,9 @@ def test_torch_compile_compiles_the_layers_without_per_layer_recompiles(mode):
     assert layer_graphs, "skip_residual never ran inside a compiled graph"
     assert all(sum("linear" in name for name in t) >= 7 for t in layer_graphs), layer_graphs
     if mode == "sample":  # depth-independent: 6 layers compile to as many graphs as 10
-        assert len(compiled_losses(6, skip)[1].graphs) == len(recorder.graphs)
+        shallow = GraphRecorder()
+        sts_losses(6, skip, shallow)
+        assert len(shallow.graphs) == len(recorder.graphs)
     # The price of the eager decision: any graph break inside a decoder layer makes Dynamo
     # (without nested graph breaks) split HF's wrapper frames around it; measured with
     # transformers 5.24 / torch 2.13: unpatched 7 graphs, unpatched with one no-op disabled
