@@ -176,6 +176,27 @@ def test_match_path_choice(monkeypatch):
     assert path(576, 1024, torch.bfloat16) == "bmm"  # the CPU multiplies fp32 copies
 
 
+def test_match_path_reads_the_fp32_precision_api():
+    """TF32 asked for through torch's per-backend `fp32_precision` (after which reading the
+    legacy `allow_tf32` raises): fp32 takes the tiled path, no error."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has only the legacy flags")
+    knobs = (torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    previous = [k.fp32_precision for k in knobs]
+    path = lambda device: merge_module.match_path(576, 1024, torch.float32, torch.device(device))
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert path("cuda") == "tiled" and path("cpu") == "bmm"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        assert path("cuda") == "tiled" and path("cpu") == "tiled"
+        for knob in knobs:
+            knob.fp32_precision = "ieee"
+        assert path("cuda") == "bmm" and path("cpu") == "bmm"
+    finally:
+        for knob, value in zip(knobs, previous):
+            knob.fp32_precision = value
+
+
 # (B, N, D, r, protected): r = 0, 1, max, above max; odd/even N; protected 0/1/2
 MERGE_CASES = [
     (2, 35, 24, 0, 0),

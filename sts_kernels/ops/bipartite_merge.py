@@ -1,7 +1,8 @@
 """bipartite_merge / unmerge: ToMe bipartite soft matching with size-weighted averages.
 
 The Triton path is six or seven kernels forward, one backward, and no host synchronisation
-(STS_SPEC.md §1):
+(STS_SPEC.md §1) once the tiled matcher is tuned: its first launch per (dtype, C, size class
+of N) benchmarks its configs (host syncs; do it before capturing a CUDA graph):
   1. `sts::bipartite_match`: `_sqnorm_kernel` reads the metric once for every token's fp32
      squared norm; then, by `match_path` (N and C):
      - "bmm" (N <= 1024, C >= 256): one `torch.bmm` of the raw source and destination
@@ -61,7 +62,7 @@ def _sqnorm_kernel(
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # sum of squares over feature chunks
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
+        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)  # int64: c * stride may pass 2^31
         x = tl.load(
             rows + c[None, :] * stride_mc, mask=n_mask[:, None] & (c < C)[None, :], other=0.0
         )
@@ -134,7 +135,7 @@ _MATCH_CONFIGS = {
 
 
 @autotune(
-    key=["NA", "NB", "C"],
+    key=["N_CLASS", "C"],
     configs=_MATCH_CONFIGS[True] + _MATCH_CONFIGS[False],
     interpreted=dict(BLOCK_A=64, BLOCK_B=128, BLOCK_C=128, num_warps=4),
     keep=lambda config, LOWP_DOT, **_: config in _MATCH_CONFIGS[LOWP_DOT],
@@ -154,6 +155,7 @@ def _match_kernel(
     stride_mb,
     stride_mn,
     stride_mc,
+    N_CLASS,  # next power of two of N: the autotune key (not one tuning per N)
     EPS: tl.constexpr,
     LOWP_DOT: tl.constexpr,
     BLOCK_A: tl.constexpr,
@@ -556,10 +558,7 @@ def match_path(n: int, c: int, dtype: torch.dtype, device: torch.device) -> str:
     if n > _BMM_MAX_N or c < _BMM_MIN_C:
         return "tiled"
     if dtype == torch.float32:
-        if device.type == "cuda":
-            exact = not torch.backends.cuda.matmul.allow_tf32
-        else:
-            exact = torch.get_float32_matmul_precision() == "highest"
+        exact = _fp32_matmul_is_ieee(device)
     elif dtype in (torch.float16, torch.bfloat16):
         exact = "dtype" in torch.ops.aten.bmm.overloads() or device.type != "cuda"
         if dtype == torch.float16:
@@ -567,6 +566,23 @@ def match_path(n: int, c: int, dtype: torch.dtype, device: torch.device) -> str:
     else:
         exact = False
     return "bmm" if exact else "tiled"
+
+
+def _fp32_matmul_is_ieee(device: torch.device) -> bool:
+    """Whether an fp32 matmul on `device` is IEEE fp32 (not TF32 / bf16). torch >= 2.9 keeps
+    the setting per backend in `fp32_precision` (once it is set that way, reading the legacy
+    `allow_tf32` / `get_float32_matmul_precision()` raises); older torch has only the legacy
+    flags. A state that cannot be read counts as not IEEE: the tiled kernel is exact anyway."""
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+    try:
+        precision = getattr(backend, "fp32_precision", None)
+        if precision is not None:
+            return precision in ("ieee", "none")
+        if device.type == "cuda":
+            return not torch.backends.cuda.matmul.allow_tf32
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:
+        return False
 
 
 def _dots(a: Tensor, b: Tensor) -> Tensor:
@@ -600,6 +616,12 @@ def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]
     dst = torch.empty(b, na, dtype=torch.int64, device=metric.device)
     if b * na == 0:
         return best, dst
+    if n * c >= 2**31:
+        raise ValueError(f"sts::bipartite_match: a sample of {n} x {c} is past 2^31 elements")
+    if (n - 1) * metric.stride(1) + (c - 1) * metric.stride(2) >= 2**31:
+        # `_match_kernel` offsets within a sample in int32 (int64 tiles spill on sm_80): a
+        # layout whose rows lie further apart (e.g. a permuted [N, B, C]) is packed first
+        metric = metric.contiguous()
     sq = _sqnorms(metric)
     if match_path(n, c, metric.dtype, metric.device) == "bmm":
         dots = _dots(metric[:, src0::2], metric[:, dst0::2])  # [B, NA, NB] fp32
@@ -613,7 +635,7 @@ def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]
     lowp_dot = not triton_interpreter() and metric.dtype in (torch.float16, torch.bfloat16)
     _match_kernel[lambda meta: (triton.cdiv(na, meta["BLOCK_A"]), b)](
         metric, sq, best, dst, na, nb, c, n, src0, dst0, *metric.stride(),
-        EPS=1e-12, LOWP_DOT=lowp_dot,
+        triton.next_power_of_2(n), EPS=1e-12, LOWP_DOT=lowp_dot,
     )  # fmt: skip
     return best, dst
 
