@@ -376,6 +376,10 @@ def test_triton_route_rejects_bad_mask():
     ):
         with pytest.raises(ValueError, match="mask must be a bool"):
             torch.ops.sts.route_triton(mask)
+    # past the kernel's int32 row count (an expanded view: no memory behind it)
+    huge = torch.ones(1, 1, dtype=torch.bool, device=DEVICE).expand(2**16, 2**15)
+    with pytest.raises(ValueError, match="at most"):
+        torch.ops.sts.route_triton(huge)
 
 
 # ---- add_rows: dst[ids[k]] += src[k], the passthrough gather's backward --------------------

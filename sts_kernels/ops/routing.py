@@ -391,8 +391,12 @@ def _route_triton(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
         )
     mask_2d = mask.view(mask.shape[0], 1) if mask.dim() == 1 else mask  # [B, T]
     (b, per_sample), rows = mask_2d.shape, mask_2d.numel()
-    if rows * (per_sample + 1) >= 2**63:  # sizes = K * (T + 1) + Kmax must fit an int64
-        raise ValueError(f"sts::route_triton: mask of shape {tuple(mask.shape)} is too large")
+    # the kernel counts rows in int32 (sizes = K * (T + 1) + Kmax is int64)
+    if rows >= 2**31 - 4096:
+        raise ValueError(
+            f"sts::route_triton: mask of shape {tuple(mask.shape)} has {rows} rows, at most "
+            f"{2**31 - 4097} are supported"
+        )
     new = lambda *shape: torch.empty(shape, dtype=torch.int64, device=mask.device)
     if rows == 0:  # no rows: nothing to compact
         return new(0), new(b).zero_(), new(b + 1).zero_(), new(0), new(b, 0)
