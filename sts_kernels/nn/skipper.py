@@ -36,13 +36,15 @@ checkpointing that re-runs a layer's forward would redraw them (keep checkpointi
 wrapped layers). A layer skipped for every row is not called: it returns
 `output_setter(None, hidden_states)` (the bare hidden states by default), joined to the graph
 of the layer's parameters (and router) so each gets an exact zero gradient: DDP needs no
-`find_unused_parameters=True`. Under FSDP2 the `SkippableLayer` (called on every rank) must
-be the sharded unit, not the layer it wraps. Gates are in the activations' dtype (fp32 at
-least).
+`find_unused_parameters=True`. Under DeepSpeed ZeRO-3 (parameters tagged `ds_id`) such a
+layer runs on one sample with a zero output gradient instead, so that ZeRO-3 gathers its
+parameters on every rank. Under FSDP2 the `SkippableLayer` (called on every rank) must be the
+sharded unit, not the layer it wraps. Gates are in the activations' dtype (fp32 at least).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,27 +116,38 @@ def _position_kwargs(layer: nn.Module) -> tuple[str, ...]:
 
 
 class _JoinGraph(torch.autograd.Function):
-    """`hidden` unchanged (a view, no copy), with `params` as inputs whose gradient is zero:
+    """`hidden` unchanged (a view, no copy), with `tensors` as inputs whose gradient is zero:
     a layer skipped for every row still gives each parameter a (zero) gradient, so DDP with
     `find_unused_parameters=False` sees every parameter used on every rank."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, *params: Tensor) -> Tensor:
-        ctx.param_specs = [(p.shape, p.dtype, p.device) for p in params]  # no data kept
+    def forward(ctx, hidden: Tensor, *tensors: Tensor) -> Tensor:
+        ctx.specs = [(t.shape, t.dtype, t.device) for t in tensors]  # no data kept
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        zeros = (
-            torch.zeros(shape, dtype=dtype, device=dev) for shape, dtype, dev in ctx.param_specs
-        )
+        zeros = (torch.zeros(shape, dtype=dtype, device=dev) for shape, dtype, dev in ctx.specs)
         return grad, *zeros
 
 
-def _join_graph(hidden: Tensor, layer: nn.Module, gate: Tensor) -> Tensor:
+def _join_graph(
+    hidden: Tensor, layer: nn.Module, gate: Tensor, run_one: Callable[[], Tensor]
+) -> Tensor:
     """`hidden` joined to the graph of the layer's parameters and of the (empty) gate, so a
-    router's parameters get their (zero) gradient too."""
-    tensors = [p for p in layer.parameters() if p.requires_grad]
+    router's parameters get their (zero) gradient too.
+
+    DeepSpeed ZeRO-3 partitions parameters (it tags them `ds_id`) and gathers a module's only
+    when the module is called, a collective that every rank must make in the same order; the
+    partitioned ones have shape [0], so zeros of their shape are refused as gradients. There
+    `run_one()` calls the layer on one sample (ZeRO-3's hooks gather and release its parameters
+    as on the other ranks) and that output joins instead, with a zero gradient: the layer's own
+    backward, with ZeRO-3's hooks gathering again, gives full-shape exact zero gradients. One
+    sample, not zero: Hugging Face attention cannot reshape an empty batch (`view(..., -1, d)`)."""
+    params = list(layer.parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    tensors = [run_one()] if partitioned else params  # the call even without grad
+    tensors = [t for t in tensors if t.requires_grad]
     tensors += [gate] if gate.requires_grad else []
     if not tensors or not torch.is_grad_enabled():
         return hidden
@@ -199,6 +212,19 @@ class SkippableLayer(nn.Module):
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
         return plan, gate
 
+    def _run_one_sample(self, hidden_states: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """The layer's output on the batch's first sample alone (in token mode too), its
+        per-sample arguments cut by the skipper's `arg_slicer`; detached from `hidden_states`
+        (its gradient there would be zero)."""
+        first = torch.zeros(hidden_states.shape[0], dtype=torch.bool, device=hidden_states.device)
+        first[0] = True
+        call_args, call_kwargs = self.skipper.arg_slicer(args, kwargs, route(first))
+        rows = hidden_states[:1].detach()  # [1, T, D]
+        # an input that needs a gradient, as a kept row's does: ZeRO-3 releases the layer's
+        # parameters once the backward reaches the layer's inputs
+        rows.requires_grad_(hidden_states.requires_grad)
+        return self.skipper.output_getter(self.layer(rows, *call_args, **call_kwargs))
+
     @torch.compiler.disable
     def _observe(self, cos: Tensor) -> None:
         self.skipper.observe_change(self.idx, 1.0 - cos.mean())
@@ -211,7 +237,9 @@ class SkippableLayer(nn.Module):
         if plan is None:
             return self.layer(hidden_states, *args, **kwargs)
         if plan.num_active == 0:  # nothing runs; the parameters still join the graph (DDP)
-            return skipper.output_setter(None, _join_graph(hidden_states, self.layer, gate))
+            run_one = functools.partial(self._run_one_sample, hidden_states, args, kwargs)
+            joined = _join_graph(hidden_states, self.layer, gate, run_one)
+            return skipper.output_setter(None, joined)
         # every row runs: no gather, but the gate still applies (under torch.compile the gather
         # path serves this case too, so K == R is not one more compiled variant)
         dense = not torch.compiler.is_compiling() and plan.num_active == plan.num_rows
