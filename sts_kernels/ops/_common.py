@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+from torch import Tensor
 
 from .._backend import triton_interpreter
 from .._triton import tl, triton
@@ -14,6 +16,25 @@ from .._triton import tl, triton
 # it gets 16x larger tiles and fewer programs.
 _GPU_TILE = 1 << 12
 _INTERPRETER_TILE = 1 << 16
+
+
+def on_input_device(op):
+    """The body of a custom op that launches Triton kernels, run with the CUDA device of its
+    first tensor argument current: Triton launches on the current device and its stream, not
+    on the tensors' (a model split over GPUs in one process would otherwise launch on the
+    wrong one). Decorate the function under `@torch.library.custom_op` (whose schema comes
+    from the annotations, read as strings in this module: hence `Tensor` imported here)."""
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is None or first.device.type != "cuda":
+            return op(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return op(*args, **kwargs)
+
+    run.on_input_device = True
+    return run
 
 
 def check_values(t: torch.Tensor) -> bool:

@@ -37,7 +37,7 @@ from .. import _checks, reference
 from .._backend import select, triton_interpreter
 from .._triton import autotune, tl, triton
 from .._types import MergeResult
-from ._common import acc_dtype, check_values, register_adjoint_autograd, tile_shape
+from ._common import acc_dtype, check_values, on_input_device, register_adjoint_autograd, tile_shape
 
 
 @triton.jit
@@ -609,6 +609,7 @@ def _sqnorms(metric: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("sts::bipartite_match", mutates_args=())
+@on_input_device
 def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]:
     b, n, c = metric.shape
     src0, dst0, na, nb = _split(n, protected)
@@ -654,6 +655,7 @@ def _(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("sts::merge_index", mutates_args=())
+@on_input_device
 def _merge_index_op(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -> Tensor:
     b, na = best.shape
     src0, dst0, _, _ = _split(n, protected)
@@ -683,6 +685,7 @@ def _(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -> Tensor:
 
 
 @torch.library.custom_op("sts::merge_wavg", mutates_args=())
+@on_input_device
 def _merge_wavg_op(
     x: Tensor, weight: Tensor | None, index: Tensor, n_out: int
 ) -> tuple[Tensor, Tensor]:
@@ -697,6 +700,7 @@ def _(x: Tensor, weight: Tensor | None, index: Tensor, n_out: int) -> tuple[Tens
 
 
 @torch.library.custom_op("sts::merge_wavg_backward", mutates_args=())
+@on_input_device
 def _merge_wavg_backward_op(
     grad: Tensor, weight: Tensor | None, index: Tensor, den: Tensor
 ) -> Tensor:
@@ -745,6 +749,7 @@ _merge_wavg_backward_op.register_autograd(
 
 
 @torch.library.custom_op("sts::unmerge", mutates_args=())
+@on_input_device
 def _unmerge_op(y: Tensor, index: Tensor) -> Tensor:
     return _gather_rows(y, index, None, None)
 
@@ -755,6 +760,7 @@ def _(y: Tensor, index: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("sts::unmerge_backward", mutates_args=())
+@on_input_device
 def _unmerge_backward_op(grad: Tensor, index: Tensor, n_out: int) -> Tensor:
     return _segment_reduce(grad, index, n_out, None, mean=False)[0]
 

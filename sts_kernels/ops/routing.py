@@ -25,7 +25,7 @@ from .. import _checks, reference
 from .._backend import extension, select
 from .._triton import tl, triton
 from .._types import RoutePlan
-from ._common import acc_dtype, register_adjoint_autograd, tile_shape
+from ._common import acc_dtype, on_input_device, register_adjoint_autograd, tile_shape
 
 # Words per row block: wide enough for 16-byte vector accesses of a long row, while leaving
 # a 4K-word GPU tile >= 4 rows tall.
@@ -298,6 +298,7 @@ def _check_rows(op: str, data: Tensor, rows: Tensor) -> None:
 
 
 @torch.library.custom_op("sts::gather_rows_triton", mutates_args=())
+@on_input_device
 def _gather_rows_triton(x: Tensor, rows: Tensor) -> Tensor:
     """Triton twin of `sts::gather_rows`: `out[k] = x[rows[k]]`, a zero row for -1."""
     _check_rows("sts::gather_rows_triton", x, rows)
@@ -310,6 +311,7 @@ def _gather_rows_triton(x: Tensor, rows: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("sts::scatter_rows_triton", mutates_args=())
+@on_input_device
 def _scatter_rows_triton(src: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """Triton twin of `sts::scatter_rows`: zeros with `out[rows[k]] = src[k]`, -1 skipped."""
     _check_rows("sts::scatter_rows_triton", src, rows)
@@ -350,6 +352,7 @@ def _check_add_rows(dst: Tensor, ids: Tensor, src: Tensor) -> None:
 
 
 @torch.library.custom_op("sts::add_rows_triton", mutates_args=("dst",))
+@on_input_device
 def _add_rows_triton(dst: Tensor, ids: Tensor, src: Tensor) -> None:
     """Triton twin of `sts::add_rows`: `dst[ids[k]] += src[k]` in place, ids outside
     [0, len(dst)) skipped (their src rows unread). Valid ids must be unique."""
@@ -381,6 +384,7 @@ def _route_fake(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 
 
 @torch.library.custom_op("sts::route_triton", mutates_args=())
+@on_input_device
 def _route_triton(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of `sts::route`: (index [K], counts [B], offsets [B + 1], row_to_k [R],
     padded_index [B, Kmax]) in one launch and one host read of (K, Kmax)."""

@@ -35,7 +35,7 @@ from .. import _checks, reference
 from .._backend import extension, select
 from .._triton import tl, triton
 from .._types import RoutePlan
-from ._common import acc_dtype, tile_shape
+from ._common import acc_dtype, on_input_device, tile_shape
 
 
 @triton.jit
@@ -326,6 +326,7 @@ def _slots(update: Tensor) -> tuple[bool, int, int]:
 
 
 @torch.library.custom_op("sts::skip_residual", mutates_args=())
+@on_input_device
 def _skip_residual_op(
     x: Tensor,
     update: Tensor,
@@ -376,6 +377,7 @@ def _skip_residual_op(
 
 
 @torch.library.custom_op("sts::skip_residual_backward", mutates_args=())
+@on_input_device
 def _skip_residual_backward_op(
     grad_out: Tensor,
     x: Tensor | None,

@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _checks, reference
 from .._backend import select
 from .._triton import tl, triton
-from ._common import acc_dtype, tile_shape
+from ._common import acc_dtype, on_input_device, tile_shape
 
 
 @triton.jit
@@ -120,6 +120,7 @@ def _check_geometry(h: int, w: int, kh: int, kw: int, n: int, p: int | None = No
 
 
 @torch.library.custom_op("sts::token_pool", mutates_args=())
+@on_input_device
 def _token_pool_op(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     b, n, d = x.shape
     _check_geometry(h, w, kh, kw, n)
@@ -145,6 +146,7 @@ def _(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
 
 
 @torch.library.custom_op("sts::token_pool_backward", mutates_args=())
+@on_input_device
 def _token_pool_backward_op(grad: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     b, _, d = grad.shape
     n = h * w
