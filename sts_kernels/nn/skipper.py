@@ -20,7 +20,8 @@ Policies:
   router      a `Linear(D, 1)` per eligible layer scores the mean-pooled sample (sample mode) or
               each token (token mode); the top round(capacity * rows) run. Straight-through
               gate s - s.detach() + 1, s = sigmoid(score): forward value 1, so a kept row runs
-              exactly as in the dense eval, while the loss still trains the router through
+              as in the dense eval (up to an ulp: x + 1 * (y - x) against y), while the
+              loss still trains the router through
               sigmoid' (Mixture-of-Depths scales the update by the router weight instead, which
               would make training differ from STS's dense inference).
   importance  skip probabilities from a bias-corrected EMA of each layer's measured change
