@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ._types import RoutePlan
 
@@ -40,7 +41,10 @@ def same_device(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
 
 
 def shape(name: str, t: Tensor, expected: Sequence[int]) -> None:
-    if tuple(t.shape) != tuple(expected):
+    # sizes traced as unbacked (a RoutePlan's K under torch.compile) compare unknown: no guard
+    if len(t.shape) != len(expected) or any(
+        guard_or_false(n != e) for n, e in zip(t.shape, expected)
+    ):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
@@ -138,7 +142,7 @@ def route_plan(plan: RoutePlan) -> None:
         if expected is not None:
             shape(f"plan.{name}", t, expected)
         same_device("plan.index", plan.index, **{f"plan.{name}": t})
-    if plan.num_active > rows:
+    if guard_or_false(plan.num_active > rows):
         raise ValueError(
             f"plan.index must have at most R={rows} entries (plan.shape={plan.shape}), "
             f"got {plan.num_active}"

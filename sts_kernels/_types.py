@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -94,9 +93,11 @@ class RoutePlan:
         """[B, Kmax] bool, True where the padded layout holds a real row."""
         return self.padded_index >= 0
 
-    @functools.cached_property
+    @property
     def positions(self) -> Tensor:
-        """[B, Kmax] int64 original position `t` of each kept token (0 on padding)."""
+        """[B, Kmax] int64 original position `t` of each kept token (0 on padding). Built on
+        each use (one small kernel): a cached_property takes a lock torch.compile cannot
+        trace (Python < 3.12)."""
         per_sample = max(self.num_rows // max(len(self.counts), 1), 1)
         # flat row b * T + t -> t; padding (-1) -> 0
         return self.padded_index.clamp_min(0) % per_sample

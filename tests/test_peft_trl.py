@@ -446,3 +446,34 @@ def test_placeholder_targets_dropped_by_vtc_are_flagged(tmp_path):
         model(**batch, num_items_in_batch=counted)
     masked = MaskPlaceholders(collator)(list(vision_rows(4)))
     model(**masked, num_items_in_batch=(masked["labels"] != -100).sum())  # nothing dropped
+
+
+def test_targets_on_padding_are_not_blamed_on_placeholders():
+    """Labels left on padding columns (a collator that masks only the placeholders) are not
+    placeholder targets VTC dropped: no warning, no error with num_items_in_batch."""
+    import warnings
+
+    model = make_llava()
+    apply_sts(model, stage="align")
+    model.train()
+    batch = llava_batch(pad_left=True)
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    batch["labels"] = torch.where(padding, 3, batch["labels"])  # real labels on padding
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**batch, num_items_in_batch=(batch["labels"] != -100).sum())
+
+
+def test_sts_handle_reaches_through_nested_wrappers():
+    """DDP(PeftModel(model)): `.module` holds the PeftModel, which holds the patched model."""
+    wrapped, handle = lora_llava("peft_then_sts")
+
+    class Outer(torch.nn.Module):  # a DDP-like wrapper: the model at `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert sts_handle(Outer(wrapped)) is handle
+    assert sts_handle(Outer(Outer(wrapped))) is handle
+    assert sts_handle(Outer(make_llava())) is None

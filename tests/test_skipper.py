@@ -402,3 +402,32 @@ def test_token_mode_default_builder_runs_hf_decoder_layers():
             expected[b, t] = x[b, t] + gate[k : k + t.numel(), None] * (y - x[b, t])
             k += t.numel()
     assert_close(out, expected)
+
+
+@pytest.mark.parametrize("mode", ["sample", "token"])
+@pytest.mark.parametrize("policy", ["schedule", "importance"])
+def test_decisions_drawn_ahead_equal_layer_by_layer(mode, policy):
+    """`plan_step` (what the Hugging Face patch calls before each forward, so a compiled
+    decoder has no graph break) draws exactly the decisions the layers would draw one by one:
+    same outputs, gradients, reports and importance EMA over steps, a fully skipped layer
+    (p_max 0.9 on 3 rows) included."""
+    runs = []
+    for ahead in (False, True):
+        skipper = LayerDynamicSkipper(
+            make_layers(6), D, mode=mode, policy=policy, p_max=0.9, target_skip=0.8, seed=1
+        ).train()
+        x = torch.randn(3, 4, D, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        outputs, rows = [], []
+        for _ in range(4):
+            if ahead:
+                skipper.plan_step(tuple(x.shape[: 1 if mode == "sample" else 2]), x.device, x.dtype)
+            out = skipper(x)
+            out.square().sum().backward()
+            outputs.append(out.detach())
+            rows.append(list(skipper.report.rows_run))
+        grads = [p.grad for p in skipper.parameters()]
+        runs.append((outputs, rows, grads, skipper.change_ema.clone(), x.grad))
+    (out_a, rows_a, grads_a, ema_a, xg_a), (out_b, rows_b, grads_b, ema_b, xg_b) = runs
+    assert rows_a == rows_b and any(0 in r for r in rows_a), rows_a
+    for a, b in [*zip(out_a, out_b), *zip(grads_a, grads_b), (ema_a, ema_b), (xg_a, xg_b)]:
+        assert torch.equal(a, b)

@@ -48,10 +48,11 @@ post_layernorm must be frozen, as without the patch). FSDP2: `fully_shard` each 
 (called on every rank; only its inner work is skipped), then the root, default flags. Both
 give a single process's gradients (tests/test_ddp.py, tests/test_fsdp.py, patched LLaVA).
 
-torch.compile: the skipper's call runs eagerly inside the compiled model (its row counts are
-host values that change every step), and so does `shrink_placeholders`: no per-layer
-recompiles, a graph count independent of depth (tests/test_training_stacks.py); the layers'
-own compute is not compiled while they skip.
+torch.compile: the pre-hook draws the skipper's decisions for every layer before the model
+runs (`LayerDynamicSkipper.plan_step`, eager), so the decoder compiles as one graph with each
+layer's K an unbacked size (the router policy, which scores each layer's input, decides layer
+by layer: a graph break per layer); `shrink_placeholders` runs eagerly (its output length
+depends on the data). Tested in tests/test_training_stacks.py.
 
 Pass the skipper as a dict (or None) rather than a ready `LayerDynamicSkipper`: a ready one
 wraps the real layers, so their module hooks (and `output_hidden_states` recorders) also see the
@@ -296,12 +297,19 @@ def apply_sts(
 
 
 def sts_handle(model: nn.Module) -> StsHandle | None:
-    """The live patch of `model` (or of the module a DDP / torch.compile / PEFT wrapper holds),
-    or None: how to reach the handle of a deepcopied or unpickled model."""
-    wrapped = (getattr(model, "module", None), getattr(model, "_orig_mod", None))
-    for candidate in (model, *wrapped, _peft_base(model)):
-        if isinstance(candidate, nn.Module) and _HANDLE_ATTR in candidate.__dict__:
+    """The live patch of `model` (or of the module DDP / torch.compile / PEFT wrappers hold,
+    nested too: DDP(PeftModel)), or None: how to reach the handle of a deepcopied or unpickled
+    model."""
+    pending, seen = [model], set()
+    while pending:
+        candidate = pending.pop(0)
+        if not isinstance(candidate, nn.Module) or id(candidate) in seen:
+            continue
+        seen.add(id(candidate))
+        if _HANDLE_ATTR in candidate.__dict__:
             return candidate.__dict__[_HANDLE_ATTR]
+        wrapped = (getattr(candidate, "module", None), getattr(candidate, "_orig_mod", None))
+        pending += [*wrapped, _peft_base(candidate)]
     return None
 
 
@@ -470,14 +478,14 @@ def _pre_hook(handle: StsHandle, adapter, module, args, kwargs):
         if ids is None:
             raise ValueError("apply_sts: VTC needs input_ids (got inputs_embeds)")
         _follow(compressor, module.training, ids.device)
-        labels = kw.get("labels")
+        labels, mask = kw.get("labels"), kw.get("attention_mask")
         _COLUMN_MAPS.append([])  # shrink_placeholders appends one map per call
         try:
             kw, counts = adapter.compress(model, compressor, kw)
             report.columns = _compose_columns(_COLUMN_MAPS[-1])
         finally:
             _COLUMN_MAPS.pop()
-        _check_target_count(labels, kw.get("labels"), kw.get("num_items_in_batch"))
+        _check_target_count(labels, mask, kw.get("labels"), kw.get("num_items_in_batch"))
         for modality, (n_in, n_kept) in counts.items():  # "image" / "video"
             setattr(report, f"{modality}_tokens_in", n_in)
             setattr(report, f"{modality}_tokens_kept", n_kept)
@@ -486,6 +494,7 @@ def _pre_hook(handle: StsHandle, adapter, module, args, kwargs):
         report.lm_tokens = kw["input_ids"].numel()
     if handle.skipper is not None and module.training:
         kw["use_cache"] = False  # a subset of rows must not write a shared KV cache
+        _plan_step(handle.skipper, kw, model)
     handle.report = report
     handle.last_inputs = {
         name: value.detach() if isinstance(value, Tensor) else value
@@ -495,14 +504,33 @@ def _pre_hook(handle: StsHandle, adapter, module, args, kwargs):
     return (), kw
 
 
-def _check_target_count(before: Tensor | None, after: Tensor | None, num_items) -> None:
+def _plan_step(skipper: nn.Module, kw: dict[str, Any], model: nn.Module) -> None:
+    """The skipper's decisions for every decoder layer of this forward, drawn before it runs
+    (`LayerDynamicSkipper.plan_step`): the LM's hidden states are `[B, T, D]` for the
+    (compressed) `input_ids` or `inputs_embeds` the model now runs on."""
+    tokens = kw.get("input_ids")
+    tokens = kw.get("inputs_embeds") if tokens is None else tokens
+    if tokens is None or tokens.dim() < 2:
+        return
+    rows = tuple(tokens.shape[:1] if skipper.mode == "sample" else tokens.shape[:2])
+    dtype = next(model.parameters()).dtype
+    skipper.plan_step(rows, tokens.device, torch.float64 if dtype == torch.float64 else dtype)
+
+
+def _check_target_count(
+    before: Tensor | None, mask: Tensor | None, after: Tensor | None, num_items
+) -> None:
     """Placeholders VTC drops should not be loss targets (-100, as LLaVA's recipe has it): a
     loss normalised by a count of the caller's labels (`num_items_in_batch`: the Trainer, TRL)
     would be silently scaled by kept / counted. Raises when the model itself is handed such a
-    count, warns otherwise (TRL normalises outside the model). One host read."""
+    count, warns otherwise (TRL normalises outside the model). The shrink drops placeholders
+    and padding (`mask` 0), so targets on padding do not count here. One host read."""
     if before is None or after is None:
         return
-    lost = int((before != -100).sum() - (after != -100).sum())
+    targets = before != -100
+    if mask is not None:
+        targets &= mask.bool()
+    lost = int(targets.sum() - (after != -100).sum())
     if not lost:
         return
     message = (

@@ -2,7 +2,9 @@
 a subset of the rows (whole samples, or single tokens); the other rows pass through unchanged.
 
 Per wrapped layer (`SkippableLayer`), in training:
-  1. the skipper's policy draws a keep mask (`[B]` samples or `[B, T]` tokens) and a gate,
+  1. the skipper's policy draws a keep mask (`[B]` samples or `[B, T]` tokens) and a gate
+     (or they were drawn for every layer before the forward, `plan_step`, which lets
+     torch.compile trace the decoder without a graph break),
   2. `route(mask)` compacts it into a plan; `gather_rows` picks the K kept rows,
   3. the layer runs on `[K, T, D]` (sample mode) or the padded `[B, Kmax, D]` (token mode),
   4. `skip_residual(x, y, plan, gate, from_output=True)` writes `x` for skipped rows and
@@ -52,6 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.decorators import mark_unbacked
 
 from .._types import RoutePlan
 from ..ops import gather_rows, route, skip_residual
@@ -80,6 +83,20 @@ class SkipReport:
         """sum(rows_run) / sum(rows_total): the fraction of the dense layer FLOPs spent."""
         total = sum(self.rows_total)
         return sum(self.rows_run) / total if total else 1.0
+
+
+@dataclass
+class LayerStep:
+    """One layer's decision for one step: what `SkippableLayer` runs."""
+
+    plan: RoutePlan | None  # None: the layer runs densely, without a gate
+    gate: Tensor | None = None  # [K] gate of the plan's rows
+    # no row runs (drawn ahead only): `plan` / `gate` are then one row at gate 0, which a
+    # compiled model runs (exact zero update and gradients) instead of branching on K
+    skip_all: bool = False
+    # drawn ahead: 0-d 1.0, or 0.0 for the one-row stand-in, whose change the importance
+    # policy must not measure (a tensor, so a compiled model does not branch on it)
+    ran: Tensor | None = None
 
 
 def slice_samples(args: tuple, kwargs: dict, plan: RoutePlan) -> ArgsKwargs:
@@ -193,25 +210,29 @@ class SkippableLayer(nn.Module):
         return args, {**kwargs, **{name: plan.positions for name in self._position_kwargs}}
 
     @torch.compiler.disable
-    def _plan(self, hidden_states: Tensor) -> tuple[RoutePlan | None, Tensor | None]:
-        """This step's decision for the layer: (plan, [K] gate), or (None, None) for a layer
-        that runs densely without a gate; recorded in the skipper's report. Eager under
-        torch.compile: the random draw uses the skipper's own generator, K is a host value
-        that changes every step and the layer index is a per-layer constant; keeping them out
-        of the traced code leaves one compiled graph for every layer (K a dynamic size)."""
-        skipper = self.skipper
-        keep, gate_of_rows = skipper.decide(self.idx, hidden_states)
-        if keep is None:  # an always-dense layer
-            skipper.record(self.idx, None, None, hidden_states)
-            return None, None
-        plan = route(keep)
-        gate = skipper.gate_of_plan(gate_of_rows, plan, hidden_states.dtype)  # [K]
-        skipper.record(self.idx, keep, gate, hidden_states, plan.num_active)
-        # K (and Kmax) change every step: traced as dynamic sizes from the first call on
-        for tensor, dim in ((plan.index, 0), (gate, 0), (plan.padded_map, 1)):
-            if tensor is not None:
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        return plan, gate
+    def _plan(self, hidden_states: Tensor) -> LayerStep:
+        """This step's decision for the layer, drawn now (when the skipper was not handed the
+        step's decisions ahead, `LayerDynamicSkipper.plan_step`). Eager under torch.compile
+        (its random draw and host counts): a graph break per layer."""
+        step = self.skipper.layer_step(self.idx, hidden_states)
+        if step.plan is not None:  # K (and Kmax) change every step: dynamic from the start
+            for tensor, dim in ((step.plan.index, 0), (step.gate, 0), (step.plan.padded_map, 1)):
+                if tensor is not None:
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return step
+
+    def _step(self, hidden_states: Tensor) -> LayerStep:
+        """The decision drawn ahead for this step (`plan_step`) when it fits these hidden
+        states, else one drawn now. Traced under torch.compile: the plan's tensors are graph
+        inputs with unbacked sizes (K, Kmax), so no branch here reads K."""
+        steps = self.skipper._steps
+        step = None if steps is None else steps[self.idx]
+        lead = 1 if self.skipper.mode == "sample" else 2
+        if step is None or (
+            step.plan is not None and step.plan.shape != tuple(hidden_states.shape[:lead])
+        ):
+            return self._plan(hidden_states)
+        return step
 
     def _run_one_sample(self, hidden_states: Tensor, args: tuple, kwargs: dict) -> Tensor:
         """The layer's output on the batch's first sample alone (in token mode too), its
@@ -228,22 +249,30 @@ class SkippableLayer(nn.Module):
 
     @torch.compiler.disable
     def _observe(self, cos: Tensor) -> None:
+        """The importance policy's measurement after a decision drawn now: eager, like `_plan`
+        (traced, reading the layer index would make each layer's frame a recompile)."""
         self.skipper.observe_change(self.idx, 1.0 - cos.mean())
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         skipper = self.skipper
         if not self.training:
             return self.layer(hidden_states, *args, **kwargs)
-        plan, gate = self._plan(hidden_states)
+        step = self._step(hidden_states)
+        plan, gate = step.plan, step.gate
         if plan is None:
             return self.layer(hidden_states, *args, **kwargs)
-        if plan.num_active == 0:  # nothing runs; the parameters still join the graph (DDP)
+        compiling = torch.compiler.is_compiling()
+        ahead = step.ran is not None  # drawn ahead: K unbacked under torch.compile
+        if compiling and ahead:  # one size for K: the gate's and the plan's are equal
+            torch._check(gate.shape[0] == plan.num_active)
+        elif step.skip_all or plan.num_active == 0:
+            # nothing runs; the parameters still join the graph (DDP)
             run_one = functools.partial(self._run_one_sample, hidden_states, args, kwargs)
             joined = _join_graph(hidden_states, self.layer, gate, run_one)
             return skipper.output_setter(None, joined)
         # every row runs: no gather, but the gate still applies (under torch.compile the gather
         # path serves this case too, so K == R is not one more compiled variant)
-        dense = not torch.compiler.is_compiling() and plan.num_active == plan.num_rows
+        dense = not compiling and plan.num_active == plan.num_rows
         if dense:
             rows, x_pass, call_args, call_kwargs = hidden_states, hidden_states, args, kwargs
         else:
@@ -267,7 +296,10 @@ class SkippableLayer(nn.Module):
         combined = skip_residual(x_pass, y, plan, gate, stats=measure, from_output=True)
         if measure:
             combined, cos = combined
-            self._observe(cos)
+            if ahead:  # traced: the decoder is one graph, the layer index a constant in it
+                skipper.observe_change(self.idx, 1.0 - cos.mean(), step.ran)
+            else:
+                self._observe(cos)
         return skipper.output_setter(out, combined)
 
 
@@ -327,6 +359,7 @@ class LayerDynamicSkipper(nn.Module):
         self.register_buffer("change_updates", torch.zeros(n))
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pass_probabilities: Tensor | None = None  # importance: this pass's [L] probs
+        self._steps: list[LayerStep | None] | None = None  # drawn ahead (`plan_step`)
         self.report = SkipReport([0] * n, [0] * n, [None] * n, [None] * n)
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -431,6 +464,50 @@ class LayerDynamicSkipper(nn.Module):
         s = torch.sigmoid(scores)
         return keep, s - s.detach() + 1.0
 
+    def layer_step(self, idx: int, hidden_states: Tensor) -> LayerStep:
+        """Layer `idx`'s decision for this step (`decide`, `route`, the gate), recorded in the
+        report."""
+        keep, gate_of_rows = self.decide(idx, hidden_states)
+        if keep is None:  # an always-dense layer
+            self.record(idx, None, None, hidden_states)
+            return LayerStep(None)
+        plan = route(keep)
+        gate = self.gate_of_plan(gate_of_rows, plan, hidden_states.dtype)  # [K]
+        self.record(idx, keep, gate, hidden_states, plan.num_active)
+        return LayerStep(plan, gate)
+
+    @torch.compiler.disable
+    def plan_step(self, rows: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
+        """Draw this step's decisions for every layer before the forward runs them: the same
+        draws, in the same order from the same generator, as the layers would make one by
+        one, for hidden states `[*rows, D]` (`rows`: `(B, T)`). A compiled model then has no
+        graph break inside its decoder: each plan's sizes are unbacked graph inputs, and a
+        layer no row runs is one row at gate 0. The router policy scores each layer's input
+        and so still decides layer by layer. Used by the Hugging Face patch (`apply_sts`)."""
+        if self.policy == "router":
+            self._steps = None
+            return
+        probe = torch.empty((*rows, 0), device=device, dtype=dtype)  # shape and device only
+        steps = [self.layer_step(i, probe) for i in range(len(self.layers))]
+        for step in steps:
+            if step.plan is not None and step.plan.num_active == 0:
+                only_first = torch.zeros(step.plan.shape, dtype=torch.bool, device=device)
+                only_first.view(-1)[0] = True
+                step.plan, step.skip_all = route(only_first), True
+                step.gate = torch.zeros(1, dtype=step.gate.dtype, device=device)
+            if step.plan is not None:
+                step.ran = torch.full((), float(not step.skip_all), device=device)  # no copy
+                # fresh strides: an expanded gate (stride 0) would be a guard, a recompile
+                step.gate = step.gate.new_empty(step.gate.shape).copy_(step.gate)
+                # K and Kmax change every step: never specialised
+                mark_unbacked(step.plan.index, 0)
+                mark_unbacked(step.gate, 0)
+                if step.plan.padded_map is not None:
+                    # Kmax is the layer's sequence length in token mode, which attention code
+                    # compares with 1 (Hugging Face's SDPA path): a dynamic size with guards
+                    torch._dynamo.maybe_mark_dynamic(step.plan.padded_map, 1)
+        self._steps = steps
+
     @staticmethod
     def gate_of_plan(gate: Tensor | float, plan: RoutePlan, dtype: torch.dtype) -> Tensor:
         """[K] gate of the plan's rows in the activations' dtype, fp32 at least (fp64 models
@@ -460,7 +537,13 @@ class LayerDynamicSkipper(nn.Module):
         self.report.gates[idx] = None if gate is None else gate.detach()
 
     @torch.no_grad()
-    def observe_change(self, idx: int, change: Tensor) -> None:
-        """Fold one measurement of layer `idx`'s change `1 - cos(x, out)` into its EMA."""
-        self.change_ema[idx] = self.ema * self.change_ema[idx] + (1 - self.ema) * change
-        self.change_updates[idx] += 1
+    def observe_change(self, idx: int, change: Tensor, weight: Tensor | None = None) -> None:
+        """Fold one measurement of layer `idx`'s change `1 - cos(x, out)` into its EMA; a 0-d
+        `weight` of 0.0 leaves both untouched (a measurement that did not happen)."""
+        folded = self.ema * self.change_ema[idx] + (1 - self.ema) * change
+        if weight is None:
+            self.change_ema[idx] = folded
+            self.change_updates[idx] += 1
+        else:
+            self.change_ema[idx] = torch.where(weight > 0, folded, self.change_ema[idx])
+            self.change_updates[idx] += weight
