@@ -483,7 +483,9 @@ class LayerDynamicSkipper(nn.Module):
         one, for hidden states `[*rows, D]` (`rows`: `(B, T)`). A compiled model then has no
         graph break inside its decoder: each plan's sizes are unbacked graph inputs, and a
         layer no row runs is one row at gate 0. The router policy scores each layer's input
-        and so still decides layer by layer. Used by the Hugging Face patch (`apply_sts`)."""
+        and so still decides layer by layer. Used by the Hugging Face patch (`apply_sts`).
+        The decisions stand until the next call (a gradient-checkpointing recompute of a layer
+        reuses its plan); a layer whose input is not `[*rows, D]` draws its own."""
         if self.policy == "router":
             self._steps = None
             return
