@@ -47,6 +47,24 @@ def test_moe_train_step(mode):
     check_train_step_is_sparser(model, qwen3_batch(False), skip={"mode": mode, "seed": 0})
 
 
+def test_moe_router_logits_with_lds_are_refused():
+    """The load-balancing loss needs every layer's router logits for all tokens; a layer LDS
+    ran on a subset of rows has fewer (the loss crashed inside transformers): a clear error,
+    asked per call or through the config; without LDS they are served."""
+    model = make_qwen3_vl(moe=True)
+    batch = qwen3_batch(False)
+    handle = apply_sts(model, stage="instruct", skip={"seed": 0})
+    model.train()
+    with pytest.raises(ValueError, match="router logits"):
+        model(**batch, output_router_logits=True)
+    model.config.text_config.output_router_logits = True
+    with pytest.raises(ValueError, match="router logits"):
+        model(**batch)
+    handle.remove()
+    apply_sts(model, skip=False)
+    assert model(**batch).aux_loss is not None
+
+
 def test_time_window_is_refused():
     with pytest.raises(ValueError, match="time_window"):
         apply_sts(make_qwen3_vl(), compress={"time_window": 2})

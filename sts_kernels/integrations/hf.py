@@ -494,6 +494,7 @@ def _pre_hook(handle: StsHandle, adapter, module, args, kwargs):
         report.lm_tokens = kw["input_ids"].numel()
     if handle.skipper is not None and module.training:
         kw["use_cache"] = False  # a subset of rows must not write a shared KV cache
+        _check_router_logits(kw, model)
         _plan_step(handle.skipper, kw, model)
     handle.report = report
     handle.last_inputs = {
@@ -502,6 +503,23 @@ def _pre_hook(handle: StsHandle, adapter, module, args, kwargs):
         if name != "mm_encoder_outputs"  # the compressed features and their graph
     }
     return (), kw
+
+
+def _check_router_logits(kw: dict[str, Any], model: nn.Module) -> None:
+    """A mixture-of-experts LM asked for its router logits (for the load-balancing loss)
+    would get, from a layer LDS ran on K of its rows, logits for those rows only, which the
+    loss cannot line up with the other layers' (it fails deep inside, or would weigh layers
+    unevenly): refused with the reason."""
+    requested = kw.get("output_router_logits")
+    if requested is None:
+        config = getattr(model.config, "text_config", model.config)
+        requested = getattr(config, "output_router_logits", False)
+    if requested:
+        raise ValueError(
+            "apply_sts: LDS skips rows of the decoder layers, so a mixture-of-experts model "
+            "cannot return every layer's router logits (output_router_logits=True, for the "
+            "load-balancing loss); turn them off, or train this stage without LDS (skip=False)"
+        )
 
 
 def _plan_step(skipper: nn.Module, kw: dict[str, Any], model: nn.Module) -> None:
