@@ -491,16 +491,18 @@ class LayerDynamicSkipper(nn.Module):
             return
         probe = torch.empty((*rows, 0), device=device, dtype=dtype)  # shape and device only
         steps = [self.layer_step(i, probe) for i in range(len(self.layers))]
-        for step in steps:
+        ran = torch.ones(len(steps), device=device)  # one fill; views of it per layer
+        for i, step in enumerate(steps):
             if step.plan is not None and step.plan.num_active == 0:
                 only_first = torch.zeros(step.plan.shape, dtype=torch.bool, device=device)
                 only_first.view(-1)[0] = True
                 step.plan, step.skip_all = route(only_first), True
                 step.gate = torch.zeros(1, dtype=step.gate.dtype, device=device)
+                ran[i] = 0.0
             if step.plan is not None:
-                step.ran = torch.full((), float(not step.skip_all), device=device)  # no copy
-                # fresh strides: an expanded gate (stride 0) would be a guard, a recompile
-                step.gate = step.gate.new_empty(step.gate.shape).copy_(step.gate)
+                step.ran = ran[i]
+                if step.gate.stride(0) != 1:  # expanded: a stride-0 input would be a guard
+                    step.gate = step.gate.new_empty(step.gate.shape).copy_(step.gate)
                 # K and Kmax change every step: never specialised
                 mark_unbacked(step.plan.index, 0)
                 mark_unbacked(step.gate, 0)
