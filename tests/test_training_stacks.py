@@ -399,3 +399,24 @@ def test_torch_compile_of_the_patched_model(case):
         assert len(shallow.graphs) == len(recorder.graphs)
     else:
         assert len(recorder.graphs) <= unpatched_graphs(10) + 2, len(recorder.graphs)
+
+
+@pytest.mark.parametrize("policy", ["schedule", "router"])
+def test_gradient_checkpointing_reuses_the_decisions(policy):
+    """HF gradient checkpointing re-runs each layer's forward in the backward: the decisions
+    drawn ahead by the patch (schedule; the router's are deterministic) are reused, so loss and
+    every gradient equal the run without checkpointing."""
+
+    def run(checkpointing: bool):
+        model = make_llava()
+        apply_sts(model, skip={"seed": 0, "p_max": 0.7, "policy": policy})
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        loss = model(**llava_batch(pad_left=False)).loss
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters() if p.grad is not None]
+
+    (loss_a, grads_a), (loss_b, grads_b) = run(False), run(True)
+    assert loss_a == loss_b and len(grads_a) == len(grads_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
