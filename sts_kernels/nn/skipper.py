@@ -37,8 +37,9 @@ runs densely and exactly as the unwrapped layer.
 Limitations: random decisions come from the skipper's own generator, so activation
 checkpointing that re-runs a layer's forward would redraw them, unless they were drawn ahead
 (`plan_step`: the Hugging Face patch does, and a recompute then reuses the layer's plan; the
-router policy is deterministic); otherwise keep checkpointing off on the wrapped layers. A layer skipped for every row is not called: it returns
-`output_setter(None, hidden_states)` (the bare hidden states by default), joined to the graph
+router policy is deterministic); otherwise keep checkpointing off on the wrapped layers.
+A layer skipped for every row is not called: it returns `output_setter(None, hidden_states)`
+(the bare hidden states by default), joined to the graph
 of the layer's parameters (and router) so each gets an exact zero gradient: DDP needs no
 `find_unused_parameters=True`. Under DeepSpeed ZeRO-3 (parameters tagged `ds_id`) such a
 layer runs on one sample with a zero output gradient instead, so that ZeRO-3 gathers its
