@@ -431,3 +431,10 @@ def test_decisions_drawn_ahead_equal_layer_by_layer(mode, policy):
     assert rows_a == rows_b and any(0 in r for r in rows_a), rows_a
     for a, b in [*zip(out_a, out_b), *zip(grads_a, grads_b), (ema_a, ema_b), (xg_a, xg_b)]:
         assert torch.equal(a, b)
+
+
+def test_plan_step_on_an_empty_batch():
+    skipper = LayerDynamicSkipper(make_layers(4), D, p_max=0.9, seed=0).train()
+    x = torch.randn(0, 3, D)
+    skipper.plan_step((0,), x.device, x.dtype)
+    assert skipper(x).shape == x.shape

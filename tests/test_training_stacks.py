@@ -403,9 +403,9 @@ def test_torch_compile_of_the_patched_model(case):
 
 @pytest.mark.parametrize("policy", ["schedule", "router"])
 def test_gradient_checkpointing_reuses_the_decisions(policy):
-    """HF gradient checkpointing re-runs each layer's forward in the backward: the decisions
-    drawn ahead by the patch (schedule; the router's are deterministic) are reused, so loss and
-    every gradient equal the run without checkpointing."""
+    """HF gradient checkpointing wraps each decoder layer's own forward, which the skipper
+    calls on the kept rows: its recompute never redraws a decision, so loss and every
+    gradient equal the run without checkpointing."""
 
     def run(checkpointing: bool):
         model = make_llava()
@@ -420,3 +420,24 @@ def test_gradient_checkpointing_reuses_the_decisions(policy):
     (loss_a, grads_a), (loss_b, grads_b) = run(False), run(True)
     assert loss_a == loss_b and len(grads_a) == len(grads_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_decisions_drawn_for_a_forward_end_with_it():
+    """The pre-hook's decisions serve that forward only: afterwards (even when the forward
+    raised) the skipper holds none, and calls of the inner language model, which bypass the
+    pre-hook, draw fresh ones each time."""
+    model = make_llava()
+    handle = apply_sts(model, compress=False, skip={"seed": 0, "p_max": 0.9})
+    model.train()
+    batch = llava_batch(pad_left=False)
+    model(**batch)
+    assert handle.skipper._steps is None
+    with pytest.raises(ValueError):  # raised in the loss, after the decoder ran
+        model(**{**batch, "labels": batch["labels"][:, :-1]})
+    assert handle.skipper._steps is None
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    masks = []
+    for _ in range(4):
+        model.model.language_model(inputs_embeds=embeds)
+        masks.append([m.clone() for m in handle.skipper.report.keep_masks if m is not None])
+    assert any(not all(map(torch.equal, masks[0], later)) for later in masks[1:])

@@ -290,6 +290,8 @@ def apply_sts(
     handle._hooks = [
         model.register_forward_pre_hook(pre, with_kwargs=True),
         model.register_forward_hook(functools.partial(_post_hook, handle)),
+        # even when the forward raises: decisions drawn for it must not serve a later call
+        model.register_forward_hook(functools.partial(_drop_steps, handle), always_call=True),
     ]
     model.generate = functools.partial(_generate, handle)
     model.__dict__[_HANDLE_ATTR] = handle
@@ -531,8 +533,10 @@ def _plan_step(skipper: nn.Module, kw: dict[str, Any], model: nn.Module) -> None
     if tokens is None or tokens.dim() < 2:
         return
     rows = tuple(tokens.shape[:1] if skipper.mode == "sample" else tokens.shape[:2])
-    dtype = next(model.parameters()).dtype
-    skipper.plan_step(rows, tokens.device, torch.float64 if dtype == torch.float64 else dtype)
+    # the gates' dtype follows the decoder's (fp64 layers get fp64 gates, all else fp32)
+    weight = next(skipper.layers[0].layer.parameters(), None) if len(skipper.layers) else None
+    dtype = weight.dtype if weight is not None else torch.float32
+    skipper.plan_step(rows, tokens.device, dtype)
 
 
 def _check_target_count(
@@ -546,16 +550,16 @@ def _check_target_count(
     if before is None or after is None:
         return
     targets = before != -100
-    if mask is not None:
-        targets &= mask.bool()
-    lost = int(targets.sum() - (after != -100).sum())
+    on_padding = (targets & ~mask.bool()).sum() if mask is not None else 0
+    lost = int(targets.sum() - (after != -100).sum())  # one read: padding + placeholders
     if not lost:
         return
+    on_padding = int(on_padding)
     message = (
-        f"apply_sts: VTC dropped {lost} visual placeholder tokens whose labels are loss targets "
-        "(not -100); a loss normalised by the caller's target count (num_items_in_batch) is "
-        "scaled down by the dropped share. Set the labels of image/video placeholder tokens to "
-        "-100 in your collator."
+        f"apply_sts: VTC dropped {lost - on_padding} visual placeholder and {on_padding} "
+        "padding tokens whose labels are loss targets (not -100); a loss normalised by the "
+        "caller's target count (num_items_in_batch) is scaled down by the dropped share. Set "
+        "the labels of image/video placeholder and padding tokens to -100 in your collator."
     )
     if num_items is not None:
         raise ValueError(message)
@@ -570,6 +574,13 @@ def _compose_columns(maps: list[Tensor]) -> Tensor | None:
     for later in maps[1:]:  # later [B, T''] indexes the previous layout
         cols = torch.where(later >= 0, cols.gather(1, later.clamp_min(0)), -1)
     return cols
+
+
+def _drop_steps(handle: StsHandle, module, args, output) -> None:
+    """The decisions drawn for this forward (`_plan_step`) end with it: a later call that does
+    not pass through the model's pre-hook (e.g. of its inner language model) draws its own."""
+    if handle.skipper is not None:
+        handle.skipper._steps = None
 
 
 def _post_hook(handle: StsHandle, module, args, output):

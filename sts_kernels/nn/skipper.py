@@ -35,9 +35,9 @@ With `keep_first_last`, the first and last layer always run densely. In eval() e
 runs densely and exactly as the unwrapped layer.
 
 Limitations: random decisions come from the skipper's own generator, so activation
-checkpointing that re-runs a layer's forward would redraw them, unless they were drawn ahead
-(`plan_step`: the Hugging Face patch does, and a recompute then reuses the layer's plan; the
-router policy is deterministic); otherwise keep checkpointing off on the wrapped layers.
+checkpointing that re-runs a `SkippableLayer`'s forward would redraw them: checkpoint inside
+it (Hugging Face's gradient checkpointing does: it wraps the layer's own forward, which the
+skipper calls on the kept rows), not around it.
 A layer skipped for every row is not called: it returns `output_setter(None, hidden_states)`
 (the bare hidden states by default), joined to the graph
 of the layer's parameters (and router) so each gets an exact zero gradient: DDP needs no
@@ -298,10 +298,12 @@ class SkippableLayer(nn.Module):
         combined = skip_residual(x_pass, y, plan, gate, stats=measure, from_output=True)
         if measure:
             combined, cos = combined
-            if ahead:  # traced: the decoder is one graph, the layer index a constant in it
-                skipper.observe_change(self.idx, 1.0 - cos.mean(), step.ran)
-            else:
-                self._observe(cos)
+            # not again in a checkpointing recompute (inside the backward): one per forward
+            if compiling or torch._C._current_graph_task_id() == -1:
+                if ahead:  # traced: the decoder is one graph, the layer index a constant in it
+                    skipper.observe_change(self.idx, 1.0 - cos.mean(), step.ran)
+                else:
+                    self._observe(cos)
         return skipper.output_setter(out, combined)
 
 
@@ -485,9 +487,9 @@ class LayerDynamicSkipper(nn.Module):
         one, for hidden states `[*rows, D]` (`rows`: `(B, T)`). A compiled model then has no
         graph break inside its decoder: each plan's sizes are unbacked graph inputs, and a
         layer no row runs is one row at gate 0. The router policy scores each layer's input
-        and so still decides layer by layer. Used by the Hugging Face patch (`apply_sts`).
-        The decisions stand until the next call (a gradient-checkpointing recompute of a layer
-        reuses its plan); a layer whose input is not `[*rows, D]` draws its own."""
+        and so still decides layer by layer. Used by the Hugging Face patch (`apply_sts`), which
+        drops them when the forward ends (`_steps = None`); a layer whose input is not
+        `[*rows, D]` draws its own."""
         if self.policy == "router":
             self._steps = None
             return
@@ -495,7 +497,7 @@ class LayerDynamicSkipper(nn.Module):
         steps = [self.layer_step(i, probe) for i in range(len(self.layers))]
         ran = torch.ones(len(steps), device=device)  # one fill; views of it per layer
         for i, step in enumerate(steps):
-            if step.plan is not None and step.plan.num_active == 0:
+            if step.plan is not None and step.plan.num_active == 0 < step.plan.num_rows:
                 only_first = torch.zeros(step.plan.shape, dtype=torch.bool, device=device)
                 only_first.view(-1)[0] = True
                 step.plan, step.skip_all = route(only_first), True
