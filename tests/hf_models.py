@@ -65,7 +65,8 @@ def build_ids(rows: list[list], placeholders: dict[str, list[int]], pad_left: bo
 
 
 def _text_config(**extra) -> dict:
-    return dict(
+    """The tiny LMs' settings; `extra` adds or overrides."""
+    defaults = dict(
         vocab_size=1000,
         hidden_size=128,
         intermediate_size=256,
@@ -76,8 +77,8 @@ def _text_config(**extra) -> dict:
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=PAD,
-        **extra,
     )
+    return {**defaults, **extra}
 
 
 # ---- LLaVA family ---------------------------------------------------------------------------

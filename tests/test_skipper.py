@@ -367,17 +367,10 @@ def test_token_mode_default_builder_runs_hf_decoder_layers():
     """Outside apply_sts, a token-mode skipper around HF decoder layers needs no builder: rotary
     embeddings, position ids and the causal mask are cut to each sample's kept tokens."""
     pytest.importorskip("transformers")
-    from transformers import LlamaConfig
+    from hf_models import llama_config
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    config = LlamaConfig(
-        vocab_size=10,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = llama_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(config, 0)
@@ -420,7 +413,7 @@ def test_decisions_drawn_ahead_equal_layer_by_layer(mode, policy):
         outputs, rows = [], []
         for _ in range(4):
             if ahead:
-                skipper.plan_step(tuple(x.shape[: 1 if mode == "sample" else 2]), x.device, x.dtype)
+                skipper.plan_step(tuple(x.shape[:-1]), x.device, x.dtype)
             out = skipper(x)
             out.square().sum().backward()
             outputs.append(out.detach())
@@ -436,5 +429,5 @@ def test_decisions_drawn_ahead_equal_layer_by_layer(mode, policy):
 def test_plan_step_on_an_empty_batch():
     skipper = LayerDynamicSkipper(make_layers(4), D, p_max=0.9, seed=0).train()
     x = torch.randn(0, 3, D)
-    skipper.plan_step((0,), x.device, x.dtype)
+    skipper.plan_step((0, 3), x.device, x.dtype)
     assert skipper(x).shape == x.shape

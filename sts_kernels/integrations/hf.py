@@ -422,10 +422,8 @@ def _layer_forward(handle: StsHandle, idx: int, *args, **kwargs):
 
 
 def _skipper_call(handle: StsHandle, idx: int, *args, **kwargs):
-    """The skipper's call for layer `idx`. Under torch.compile the skipper's decision (random
-    draw, route, host row counts) is its one eager step (`SkippableLayer._plan`); the gather,
-    the layer on its K rows and skip_residual compile into one graph that every layer shares,
-    K a dynamic size: no per-layer or per-count recompiles."""
+    """The skipper's call for layer `idx`: traced under torch.compile, with the decision the
+    pre-hook drew for this layer (`_plan_step`; the router policy draws it here, eagerly)."""
     layer = handle._layers[idx]
     if not layer.training:  # a layer the user put in eval() inside a training model
         return _unpatched_forward(layer, handle._previous[idx])(*args, **kwargs)
@@ -532,11 +530,10 @@ def _plan_step(skipper: nn.Module, kw: dict[str, Any], model: nn.Module) -> None
     tokens = kw.get("inputs_embeds") if tokens is None else tokens
     if tokens is None or tokens.dim() < 2:
         return
-    rows = tuple(tokens.shape[:1] if skipper.mode == "sample" else tokens.shape[:2])
     # the gates' dtype follows the decoder's (fp64 layers get fp64 gates, all else fp32)
     weight = next(skipper.layers[0].layer.parameters(), None) if len(skipper.layers) else None
     dtype = weight.dtype if weight is not None else torch.float32
-    skipper.plan_step(rows, tokens.device, dtype)
+    skipper.plan_step(tuple(tokens.shape[:2]), tokens.device, dtype)
 
 
 def _check_target_count(

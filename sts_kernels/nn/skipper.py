@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -229,9 +230,8 @@ class SkippableLayer(nn.Module):
         inputs with unbacked sizes (K, Kmax), so no branch here reads K."""
         steps = self.skipper._steps
         step = None if steps is None else steps[self.idx]
-        lead = 1 if self.skipper.mode == "sample" else 2
         if step is None or (
-            step.plan is not None and step.plan.shape != tuple(hidden_states.shape[:lead])
+            step.plan is not None and step.plan.shape != self.skipper.rows_of(hidden_states)
         ):
             return self._plan(hidden_states)
         return step
@@ -427,7 +427,7 @@ class LayerDynamicSkipper(nn.Module):
         tensor in the mask's layout (router)."""
         if idx not in self.eligible:
             return None, None
-        rows = hidden_states.shape[:1] if self.mode == "sample" else hidden_states.shape[:2]
+        rows = self.rows_of(hidden_states)
         if self.mode == "token" and hidden_states.dim() < 3:
             raise ValueError(
                 f"token mode needs hidden_states [B, T, D], got {tuple(hidden_states.shape)}"
@@ -468,6 +468,10 @@ class LayerDynamicSkipper(nn.Module):
         s = torch.sigmoid(scores)
         return keep, s - s.detach() + 1.0
 
+    def rows_of(self, hidden_states: Tensor) -> tuple[int, ...]:
+        """The rows a decision is made for: `(B,)` samples or `(B, T)` tokens."""
+        return tuple(hidden_states.shape[: 1 if self.mode == "sample" else 2])
+
     def layer_step(self, idx: int, hidden_states: Tensor) -> LayerStep:
         """Layer `idx`'s decision for this step (`decide`, `route`, the gate), recorded in the
         report."""
@@ -481,19 +485,19 @@ class LayerDynamicSkipper(nn.Module):
         return LayerStep(plan, gate)
 
     @torch.compiler.disable
-    def plan_step(self, rows: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
+    def plan_step(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
         """Draw this step's decisions for every layer before the forward runs them: the same
         draws, in the same order from the same generator, as the layers would make one by
-        one, for hidden states `[*rows, D]` (`rows`: `(B, T)`). A compiled model then has no
+        one, for hidden states `[*shape, D]` (`shape`: `(B, T)`). A compiled model then has no
         graph break inside its decoder: each plan's sizes are unbacked graph inputs, and a
         layer no row runs is one row at gate 0. The router policy scores each layer's input
         and so still decides layer by layer. Used by the Hugging Face patch (`apply_sts`), which
         drops them when the forward ends (`_steps = None`); a layer whose input is not
-        `[*rows, D]` draws its own."""
+        `[*shape, D]` draws its own."""
         if self.policy == "router":
             self._steps = None
             return
-        probe = torch.empty((*rows, 0), device=device, dtype=dtype)  # shape and device only
+        probe = torch.empty((*shape, 0), device=device, dtype=dtype)  # shape and device only
         steps = [self.layer_step(i, probe) for i in range(len(self.layers))]
         ran = torch.ones(len(steps), device=device)  # one fill; views of it per layer
         for i, step in enumerate(steps):
@@ -537,8 +541,7 @@ class LayerDynamicSkipper(nn.Module):
         hidden_states: Tensor,
         num_run: int | None = None,
     ) -> None:
-        lead = 1 if self.mode == "sample" else 2
-        total = hidden_states.shape[:lead].numel()
+        total = math.prod(self.rows_of(hidden_states))
         self.report.rows_total[idx] = total
         self.report.rows_run[idx] = total if num_run is None else num_run
         self.report.keep_masks[idx] = keep
