@@ -4,6 +4,7 @@
 # Through the device tool, one call per run (each stays under the tool's 600 s limit):
 #   run(command="bash bench/gpu.sh", timeout_s=600)         # build, tests, short benchmarks
 #   run(command="bash bench/gpu.sh bench", timeout_s=600)   # build, full op benchmarks
+#   run(command="STS_COMMIT=<sha> bash bench/gpu.sh e2e", timeout_s=600)  # real-shape steps
 # The log, a per-step summary, JUnit XML of both pytest runs and the new bench results land
 # in $OUT (the tool's folder; default /tmp/sts-gpu-out), so they come back even when a step
 # fails or runs out of time. Optional: STS_GPU_BUDGET_S (default 570) total seconds.
@@ -18,6 +19,18 @@
 #   `bench` run (120 + 20 + 250 + 180 = 570 s): build, env, then
 #   3. python -m bench.ops --device cuda (with the torch.compile baselines)
 #   4. pytest bench/ --benchmark-only (the same cases through pytest-benchmark, no compile)
+#   `e2e` run (120 + 20 + 150 + 150 + 120 = 560 s): build, env, then python -m bench.e2e
+#   (dense / VTC / LDS / VTC+LDS interleaved, bf16, full depth: every layer of the real
+#   configs, so the ratios and MFU are the real models'; each run stops starting rounds 20 s
+#   before its cap and writes its JSON into $OUT after every round):
+#   3. --shape llava-1.5-7b: alignment (projector trained, checkpointing), batch 8, 64 text
+#      tokens: ~212 TFLOP a dense step by bench/flops.py, ~0.5 s at 50% MFU on an H100
+#   4. --shape qwen2.5-vl-3b: full fine-tuning at 672 px, batch 4: ~132 TFLOP a dense step;
+#      3.8B bf16 parameters + gradients + AdamW states ~30 GB
+#   5. --shape llava-1.5-7b --lora: LoRA r=128 on the LM + projector, batch 8
+#   Up to 30 rounds each (2 warm-up rounds: Triton compiles in the first); a step cut short
+#   by its cap keeps every round already written. STS_COMMIT names the commit in the JSON (the
+#   copied tree has no .git).
 # A step never stops the script: later steps still run, and the summary lists every rc.
 # Op benchmark rows are written as they are measured, so a step cut short keeps its rows.
 set -uo pipefail
@@ -32,6 +45,12 @@ START=$SECONDS
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 STAMP=$(mktemp)  # bench results newer than this are this run's
+
+# rounds_budget CAP_S: seconds a bench.e2e run may start rounds in (its step's limit - 20)
+rounds_budget() {
+  local left=$((BUDGET_S - (SECONDS - START)))
+  echo $(($1 < left ? $1 - 20 : left - 20))
+}
 
 # step NAME CAP_S CMD...: runs CMD under `timeout min(CAP_S, time left)`, logs the rc
 step() {
@@ -61,7 +80,13 @@ step() {
   # in place: no pip metadata or network needed; a stale _C of another Python is ignored
   step build 120 $PY setup.py build_ext --inplace
   step env 20 $PY -m sts_kernels.env
-  if [[ $MODE == bench ]]; then
+  if [[ $MODE == e2e ]]; then
+    E2E=($PY -m bench.e2e --out "$OUT" --steps 30 --warmup 2)
+    step e2e-llava-align 150 "${E2E[@]}" --shape llava-1.5-7b --budget-s "$(rounds_budget 150)"
+    step e2e-qwen-full 150 "${E2E[@]}" --shape qwen2.5-vl-3b --budget-s "$(rounds_budget 150)"
+    step e2e-llava-lora 120 "${E2E[@]}" --shape llava-1.5-7b --lora \
+      --budget-s "$(rounds_budget 120)"
+  elif [[ $MODE == bench ]]; then
     step bench-ops 250 $PY -m bench.ops --device cuda --compile
     step bench-pytest 180 $PY -m pytest -q bench/ --benchmark-only --bench-device cuda \
       --benchmark-json="$OUT/pytest-benchmark.json" -p no:cacheprovider

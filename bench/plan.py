@@ -130,6 +130,43 @@ def _tiny_llava():
     )
 
 
+def _tiny_qwen2_5_vl():
+    """A Qwen2.5-VL small enough for a CPU: 2-block tower 64 wide (4 px patches, windows of 4x4
+    visual tokens, the last block full), 2x2 merger, Qwen2 LM 4x128 (M-RoPE), 512 tokens."""
+    import transformers as tf
+
+    return tf.Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=128,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=32,
+            fullatt_block_indexes=[1],
+        ),
+        text_config=dict(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        image_token_id=508,
+        video_token_id=509,
+        vision_start_token_id=506,
+        vision_end_token_id=507,
+    )
+
+
 @dataclass(frozen=True)
 class Shape:
     """A named model shape and the workload it is planned / benchmarked with by default."""
@@ -146,6 +183,7 @@ SHAPES = {
     "llava-1.5-7b": Shape(_llava_1_5_7b, 336, 64, 8, "align", "LLaVA-1.5-7B"),
     "qwen2.5-vl-3b": Shape(_qwen2_5_vl_3b, 672, 256, 4, "full", "Qwen2.5-VL-3B"),
     "tiny": Shape(_tiny_llava, 32, 32, 2, "align", "tiny LLaVA"),
+    "tiny-qwen2.5-vl": Shape(_tiny_qwen2_5_vl, 64, 32, 2, "full", "tiny Qwen2.5-VL"),
 }
 
 
@@ -270,7 +308,7 @@ def format_stage(stage: str, train: flops.Training, rows: list[dict]) -> str:
     lines += [head, "  " + "-" * (len(head) - 2)]
     for r in rows:
         lines.append(
-            f"  {r['setting']:<9}{r['tflop']:>11.2f}{r['ratio']:>7.2f}{1 / r['ratio']:>8.2f}x"
+            f"  {r['setting']:<9}{r['tflop']:>11.4g}{r['ratio']:>7.2f}{1 / r['ratio']:>8.2f}x"
             + "".join(f"{100 * r[name]:>8.1f}%" for name, _ in _SHARES)
         )
     return "\n".join(lines)
