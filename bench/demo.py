@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import flops
 from .task import VOCAB_SIZE, Batch, TaskConfig, answer_accuracy, make_batch
 from .timing import peak_memory_mb
 
@@ -170,27 +171,13 @@ def model_inputs(kind: str, batch: Batch, task: TaskConfig) -> dict[str, torch.T
     }
 
 
-def train_flops(
-    size: ModelSize, task: TaskConfig, batch: int, visual_kept: float, layer_frac: float
-):
-    """Forward+backward FLOPs of one LLaVA step (3x forward matmul FLOPs; norms etc. ignored).
-
-    `visual_kept`: fraction of image tokens the LM sees; `layer_frac`: fraction of the LM's
-    layer rows that run (the skipper's executed fraction)."""
-    dv, d = size.vision_hidden, size.text_hidden
-    n_img = task.image_tokens
-    nv = n_img + 1  # CLS
-    vision = (
-        size.vision_layers
-        * nv
-        * (2 * (4 * dv * dv + 2 * dv * size.vision_intermediate) + 4 * nv * dv)
-    )
-    vision += nv * 2 * 3 * task.patch_size**2 * dv
-    projector = n_img * 2 * (dv * d + d * d)
-    t = task.seq_len - n_img + n_img * visual_kept
-    layer = t * (2 * (4 * d * d + 3 * d * size.text_intermediate) + 4 * t * d)
-    lm = size.text_layers * layer * layer_frac + t * 2 * d * VOCAB_SIZE
-    return 3 * batch * (vision + projector + lm)
+def ideal_ratio(model, task: TaskConfig, batch: int, visual_tokens: float, layer_frac: float):
+    """Step FLOPs over dense's (bench/flops.py; every part trained, no checkpointing) with
+    `visual_tokens` per image reaching the LM and `layer_frac` of the LM's layer rows run."""
+    cost = flops.from_hf_config(model.config)
+    work = flops.Workload(batch, task.seq_len - task.image_tokens, 1, (task.image_size,) * 2)
+    sparsity = flops.Sparsity(visual_tokens, layer_frac)
+    return flops.ratio(cost, work, flops.STAGES["full"], sparsity)
 
 
 @dataclass
@@ -206,7 +193,7 @@ class Result:
     accuracy: float = 0.0  # held-out answer accuracy, model used as trained
     accuracy_dense_eval: float | None = None  # VTC settings: accuracy with VTC off at eval
     accuracy_by_question: dict = field(default_factory=dict)
-    ideal_ratio: float = 1.0  # FLOP ratio vs dense (LLaVA accounting)
+    ideal_ratio: float = 1.0  # FLOP ratio vs dense (bench/flops.py)
     measured_ratio: float = 1.0  # median over rounds of step time / dense's in that round
     ratio_iqr: tuple = (1.0, 1.0)  # 25th and 75th percentile of those per-round ratios
     losses: list = field(default_factory=list)
@@ -344,14 +331,9 @@ class Run:
             statistics.fmean(self.kept) if self.kept else float(task.image_tokens)
         )
         result.final_loss = statistics.fmean(result.losses[-max(1, args.steps // 10) :])
-        flops = train_flops(
-            self.size,
-            task,
-            args.batch_size,
-            result.visual_tokens_per_image / task.image_tokens,
-            result.layer_fraction,
+        result.ideal_ratio = ideal_ratio(
+            self.model, task, args.batch_size, result.visual_tokens_per_image, result.layer_fraction
         )
-        result.ideal_ratio = flops / train_flops(self.size, task, args.batch_size, 1.0, 1.0)
         return result
 
 
@@ -566,7 +548,7 @@ def main(argv=None) -> dict:
     say(title)
     say(table)
     say(
-        "ideal = FLOP ratio vs dense (LLaVA accounting: vision + projector + LM, fwd+bwd); meas. = "
+        "ideal = FLOP ratio vs dense (bench/flops.py: vision + projector + LM, fwd+bwd); meas. = "
         "median over rounds of step time / dense's in the same round, IQR its 25-75th "
         "percentiles; LM FLOP = executed LM layer-FLOP fraction; acc on held-out samples (VTC "
         "settings evaluated with VTC on)."
