@@ -133,24 +133,25 @@ def make_inputs(config, model: flops.Vlm, work: flops.Workload, device, dtype, s
     gen = torch.Generator().manual_seed(seed)
     high = min([config.text_config.vocab_size, *special_ids(config)])
     b, n = work.batch, model.tower.visual_tokens(work.resolution)
-    text = torch.randint(3, high, (b, work.text_tokens), generator=gen)
+    text = torch.randint(3, high, (b, work.text_tokens), generator=gen)  # [B, text]
     qwen = config.model_type == "qwen2_5_vl"
     image_id = config.image_token_id if qwen else config.image_token_index
-    run = torch.full((b, n), image_id)
+    run = torch.full((b, n), image_id)  # [B, n] one image's placeholders
     if qwen:
         start, end = config.vision_start_token_id, config.vision_end_token_id
         run = torch.cat([torch.full((b, 1), start), run, torch.full((b, 1), end)], 1)
-    ids = torch.cat([text[:, :1], *[run] * work.images, text[:, 1:]], 1)
+    ids = torch.cat([text[:, :1], *[run] * work.images, text[:, 1:]], 1)  # [B, T]
     images = b * work.images
     if qwen:
         gh, gw = model.tower.grid(work.resolution)
+        # [B * images * gh * gw, C * 2 * p * p]
         pixels = torch.randn(images * gh * gw, model.tower.patch_inputs, generator=gen)
         extra = {
             "image_grid_thw": torch.tensor([[1, gh, gw]] * images),
             "mm_token_type_ids": (ids == image_id).long(),
         }
     else:
-        pixels = torch.randn(images, 3, *work.resolution, generator=gen)
+        pixels = torch.randn(images, 3, *work.resolution, generator=gen)  # [B * images, 3, H, W]
         extra = {}
     inputs = {
         "input_ids": ids,

@@ -18,8 +18,9 @@ lookups and the optimizer are left out):
     LoRA            the frozen base as above plus rank-r adapters A [d_in, r], B [r, d_out] on
                     every linear layer of the LM's decoder layers, trained:
                     2 * tokens * r * (d_in + d_out) forward, 3x that in all.
-    checkpointing   one more forward of the checkpointed blocks (the tower's and the LM's
-                    decoder layers) wherever they run a backward.
+    checkpointing   one more forward of the checkpointed parts wherever they run a backward:
+                    the LM's decoder layers and the tower (its patch embedding, < 1% of it,
+                    counted in).
 
 STS: VTC shrinks the visual tokens the LM sees (after the projector / merger: the tower and
 projector still see every token). LDS (sample mode) runs each LM decoder layer on a share of

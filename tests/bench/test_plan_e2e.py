@@ -136,7 +136,7 @@ def test_plan_reads_a_config_json(tmp_path, capsys):
 
 
 def test_e2e_tiny_runs_every_setting_and_writes_json(tmp_path):
-    argv = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--batch", "1", "--seq", "8"]
+    argv = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "8"]
     out = e2e.main([*argv, "--out", str(tmp_path)])
     (path,) = tmp_path.glob("e2e_tiny_align_*.json")
     saved = json.loads(path.read_text())
@@ -149,5 +149,5 @@ def test_e2e_tiny_runs_every_setting_and_writes_json(tmp_path):
         assert r["mfu"] is None and r["peak_memory_mb"] is None  # CPU: n/a
     assert results["vtc"]["visual_tokens"] == [16.0, 16.0]  # 8x8 grid pooled 2x2
     assert results["vtc"]["ideal_ratio"] < 0.6 and results["dense"]["ideal_ratio"] == 1.0
-    assert results["lds"]["layer_fractions"][0] < 1.0
+    assert min(results["lds"]["layer_fractions"]) < 1.0  # seeded draws: some rows skip
     assert "n/a" in out["table"]
