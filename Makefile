@@ -59,4 +59,4 @@ wheels: $(BIN)/.installed cuda-venv
 
 wheels-check: wheels
 	$(if $(NVCC),STS_CUDA_PYTHON=$(abspath $(CUDA_VENV))/bin/python) STS_WHEELHOUSE=$(abspath $(DIST)) \
-		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_wheels.py
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/build/test_wheels.py

@@ -1,5 +1,5 @@
 """Tiny random-init Hugging Face VLMs (no downloads), their batches, and the checks every
-family's adapter must pass (tests/test_hf_<family>.py).
+family's adapter must pass (tests/hf/test_hf_<family>.py).
 
 `make_qwen2_5_vl()` + `qwen_batch()` also serve as the tiny Qwen2.5-VL for the demo.
 """

@@ -1,7 +1,7 @@
 """Integrations with model libraries.
 
 `sts_kernels.integrations.hf.apply_sts` patches a Hugging Face VLM instance through its
-family's adapter (`integrations/adapters/`; `SUPPORTED_MODELS` lists them).
+family's adapter (`integrations/hf/adapters/`; `SUPPORTED_MODELS` lists them).
 Importing this package does not import transformers; the submodule does on use.
 """
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .hf import StsTotals, apply_sts, sts_handle
+from .patch import apply_sts, sts_handle
+from .report import StsTotals
 
 __all__ = ["StsCallback"]
 
@@ -59,11 +60,11 @@ class StsCallback(TrainerCallback):
         self._before_switch.merge(handle.totals)
         handle.remove()
         new = apply_sts(handle.model, **self.switch_to)
-        if new._attached:
+        if new.adds_parameters:
             new.remove()
             raise ValueError(
                 f"StsCallback: switch_to={self.switch_to} adds parameters "
-                f"({', '.join(new._attached)}) the Trainer's optimizer would not update; "
+                f"({', '.join(new.adds_parameters)}) the Trainer's optimizer would not update; "
                 "apply a router skipper before building the Trainer"
             )
         self.stage = 1

@@ -39,8 +39,8 @@ class LlavaAdapter(Adapter):
         if cls:  # CLS back in front of each image: one concatenation for the whole batch
             pieces = [t for f, c in zip(images, compressed) for t in (f[:cls], c)]
             compressed = list(torch.cat(pieces).split([cls + c.shape[0] for c in compressed]))
-        counts = feed_features(model, kw, "image", features, compressed, config.image_token_id)
-        return kw, {"image": counts}
+        shrink = feed_features(model, kw, "image", features, compressed, config.image_token_id)
+        return kw, {"image": shrink}
 
 
 ADAPTER = LlavaAdapter()

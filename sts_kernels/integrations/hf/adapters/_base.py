@@ -1,13 +1,23 @@
-"""What the generic patch (`integrations/hf.py`) needs to know about one model family."""
+"""What the generic patch (`integrations/hf/`) needs to know about one model family."""
 
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from ..sequence import shrink_placeholders
+
+
+class Shrink(NamedTuple):
+    """What feeding one modality's compressed features changed in the batch."""
+
+    tokens_in: int  # visual tokens the projector produced
+    tokens_kept: int  # visual tokens the LM receives
+    columns: Tensor  # [B, T'] the shrink's column map (`sequence.shrink_placeholders`)
 
 
 class Adapter:
@@ -18,7 +28,8 @@ class Adapter:
     `compress(model, compressor, kw)` receives the bound forward arguments of a training call
     that carries visual inputs; it runs the vision tower itself, compresses the features, hands
     them to the model as `mm_encoder_outputs` and shrinks the placeholders (and positions) to
-    match. It returns the new arguments and `{modality: (tokens in, tokens kept)}`.
+    match. It returns the new arguments and `{modality: Shrink}` in the order of the shrinks
+    (images before videos).
     """
 
     name: str = ""  # family label in the support table
@@ -74,7 +85,7 @@ class Adapter:
 
     def compress(
         self, model: nn.Module, compressor: nn.Module, kw: dict[str, Any]
-    ) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+    ) -> tuple[dict[str, Any], dict[str, Shrink]]:
         raise NotImplementedError
 
 
@@ -88,21 +99,19 @@ def feed_features(
     pixels: str = "pixel_values",
     runs: tuple[list[int], list[int]] | None = None,
     type_ids: str = "mm_token_type_ids",
-) -> tuple[int, int]:
+) -> Shrink:
     """Hand `compressed` (one `[n_out_k, D]` per item) to the model in place of what its vision
     tower would give for `kw[pixels]`, and shrink `token_id` placeholders (item k keeps its
     first n_out_k) with the matching columns of the masks, labels and positions in `kw`.
     `compressed` is a list, or a tensor `[items, n_out, D]` where the model takes one.
     `runs`: (placeholders in, kept) per contiguous placeholder run when an item's placeholders
     are split by text (tiles between row markers); default one run per item. `type_ids`: the
-    model's per-token modality ids argument. Returns (tokens in, kept).
+    model's per-token modality ids argument.
 
     transformers 5.24 takes them as `mm_encoder_outputs[modality]` (pixels dropped); 5.17 has
     no such argument (it would be ignored silently), so there the model's own call of
     `get_{modality}_features` is answered once with them instead.
     """
-    from ..hf import shrink_placeholders  # hf imports this package at load time
-
     n_in, n_out = runs or (
         [f.shape[0] for f in features.pooler_output],
         [len(f) for f in compressed],
@@ -121,6 +130,7 @@ def feed_features(
         pad_token_id=pad_id,
     )
     kw[type_ids] = shrunk.pop("mm_token_type_ids")
+    columns = shrunk.pop("columns")
     kw.update(shrunk)
     if takes_encoder_outputs(model):
         mm = dict(kw.get("mm_encoder_outputs") or {})
@@ -129,7 +139,7 @@ def feed_features(
         kw[pixels] = None
     else:
         _answer_once(model.model, f"get_{modality}_features", features)
-    return sum(n_in), sum(n_out)
+    return Shrink(sum(n_in), sum(n_out), columns)
 
 
 class TiledAdapter(Adapter):
@@ -160,10 +170,10 @@ class TiledAdapter(Adapter):
         else:
             compressed = out
         token_id = model.config.image_token_id
-        counts = feed_features(
+        shrink = feed_features(
             model, kw, "image", features, compressed, token_id, runs=runs, type_ids=self.type_ids
         )
-        return kw, {"image": counts}
+        return kw, {"image": shrink}
 
     def tokens_per_tile(self, model: nn.Module) -> int:
         raise NotImplementedError

@@ -8,9 +8,9 @@ import re
 import pytest
 from torch import nn
 
-from sts_kernels.integrations.adapters import ADAPTERS, adapter_for, support_table
+from sts_kernels.integrations.hf.adapters import ADAPTERS, adapter_for, support_table
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_support_table_matches_the_registry():
@@ -18,7 +18,7 @@ def test_readme_support_table_matches_the_registry():
     found = re.search(r"<!-- support-table:[^\n]*-->\n(.*?)<!-- /support-table -->", text, re.S)
     assert found, "README.md lost its support-table markers"
     assert found.group(1) == support_table(), (
-        "README support table is stale: paste sts_kernels.integrations.adapters.support_table()"
+        "README support table is stale: paste sts_kernels.integrations.hf.adapters.support_table()"
     )
 
 

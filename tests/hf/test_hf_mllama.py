@@ -63,7 +63,7 @@ def test_cross_attention_layer_on_kept_samples_equals_its_dense_rows():
     """The Mllama arg_slicer keeps each sample's images with it: the cross-attention layer run
     on samples {0, 2} gives the dense layer's rows 0 and 2."""
     import sts_kernels as sts
-    from sts_kernels.integrations.adapters.mllama import slice_with_cross_states
+    from sts_kernels.integrations.hf.adapters.mllama import slice_with_cross_states
 
     model = make_mllama("eager")
     layer = model.model.language_model.layers[1]  # the cross-attention layer

@@ -24,12 +24,12 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     needs_encoder_outputs = True
 
     def compress(self, model, compressor, kw):
-        counts = {}
+        shrinks = {}
         if kw.get("pixel_values") is not None:
-            counts["image"] = self._compress_images(model, compressor, kw)
+            shrinks["image"] = self._compress_images(model, compressor, kw)
         if kw.get("pixel_values_videos") is not None:
-            counts["video"] = self._compress_videos(model, compressor, kw)
-        return kw, counts
+            shrinks["video"] = self._compress_videos(model, compressor, kw)
+        return kw, shrinks
 
     def _compress_videos(self, model, compressor, kw) -> tuple[int, int]:
         pixels = kw["pixel_values_videos"]  # [videos, frames, C, H, W]

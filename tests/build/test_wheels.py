@@ -25,7 +25,7 @@ from sts_kernels._abi import abi_tag
 
 WHEELHOUSE = os.environ.get("STS_WHEELHOUSE")
 CUDA_PYTHON = os.environ.get("STS_CUDA_PYTHON")
-SMOKE = Path(__file__).with_name("wheel_smoke.py")
+SMOKE = Path(__file__).resolve().parents[1] / "wheel_smoke.py"
 MAX_MB = {"pure": 1, "cuda": 20}  # sanity bounds: ~0.07 MB and ~5 MB today
 
 pytestmark = [

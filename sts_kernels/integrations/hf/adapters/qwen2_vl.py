@@ -31,7 +31,7 @@ class Qwen2VLAdapter(Adapter):
 
     def compress(self, model, compressor, kw):
         kw["position_ids"] = None
-        counts = {}
+        shrinks = {}
         m = model.config.vision_config.spatial_merge_size
         for modality, (pixels, grid_key, token_attr, getter) in self._INPUTS.items():
             if kw.get(pixels) is None:
@@ -49,7 +49,7 @@ class Qwen2VLAdapter(Adapter):
                 )
             self._compress_extra(compressor, features, grids)
             token_id = getattr(model.config, token_attr)
-            counts[modality] = feed_features(
+            shrinks[modality] = feed_features(
                 model, kw, modality, features, compressed, token_id, pixels, runs=runs
             )
             # get_rope_index divides the grid by the merge size again
@@ -57,7 +57,7 @@ class Qwen2VLAdapter(Adapter):
             kw[grid_key] = torch.tensor(rope_grid, dtype=thw.dtype, device=thw.device)
             if modality == "video" and kw.get("second_per_grid_ts") is not None:
                 kw["second_per_grid_ts"] = kw["second_per_grid_ts"] * compressor.time_window
-        return kw, counts
+        return kw, shrinks
 
     def _compress_extra(self, compressor, features, grids) -> None:
         """Compress any further per-token features consistently (Qwen3-VL's DeepStack)."""

@@ -3,7 +3,7 @@ cross-attention layers, not as tokens of the sequence. LDS only."""
 
 from __future__ import annotations
 
-from ...nn.skipper import slice_samples
+from ....nn.skipper import slice_samples
 from ._base import Adapter
 
 

@@ -10,8 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from hf_models import CASES, check_train_step_is_sparser  # noqa: E402
 
-from sts_kernels.integrations.adapters import ADAPTERS  # noqa: E402
-from sts_kernels.integrations.adapters._base import takes_encoder_outputs  # noqa: E402
+from sts_kernels.integrations.hf.adapters import ADAPTERS  # noqa: E402
+from sts_kernels.integrations.hf.adapters._base import takes_encoder_outputs  # noqa: E402
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 
 

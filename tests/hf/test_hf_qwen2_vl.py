@@ -21,7 +21,7 @@ from hf_models import (  # noqa: E402
 )
 from kernel_count import count_kernels  # noqa: E402
 
-from sts_kernels.integrations.adapters import adapter_for  # noqa: E402
+from sts_kernels.integrations.hf.adapters import adapter_for  # noqa: E402
 from sts_kernels.nn import VisualTokenCompressor  # noqa: E402
 
 
@@ -59,8 +59,8 @@ def _compress_counts(model, batch) -> tuple:
             batch["pixel_values"], batch["image_grid_thw"], return_dict=True
         )
     with frozen_features(model.model, "get_image_features", feats), count_kernels() as c:
-        _, counts = adapter_for(model).compress(model, VisualTokenCompressor(), dict(batch))
-    return c.kernels, c.syncs, counts["image"]
+        _, shrinks = adapter_for(model).compress(model, VisualTokenCompressor(), dict(batch))
+    return c.kernels, c.syncs, shrinks["image"][:2]
 
 
 @needs_encoder_outputs

@@ -11,9 +11,9 @@ from importlib import import_module
 
 from torch import nn
 
-from ._base import Adapter, feed_features
+from ._base import Adapter, Shrink, feed_features
 
-__all__ = ["Adapter", "adapter_for", "feed_features", "supported_models", "support_table"]
+__all__ = ["Adapter", "Shrink", "adapter_for", "feed_features", "supported_models", "support_table"]
 
 _FAMILIES = (
     "llava",

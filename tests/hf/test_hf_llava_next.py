@@ -23,7 +23,7 @@ from hf_models import (  # noqa: E402
 )
 from kernel_count import count_kernels  # noqa: E402
 
-from sts_kernels.integrations.adapters import adapter_for  # noqa: E402
+from sts_kernels.integrations.hf.adapters import adapter_for  # noqa: E402
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 from sts_kernels.nn import VisualTokenCompressor  # noqa: E402
 
