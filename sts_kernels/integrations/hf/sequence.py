@@ -13,6 +13,9 @@ import warnings
 import torch
 from torch import Tensor
 
+from .packing import segment_starts
+
+
 @torch.compiler.disable  # output shapes depend on the data: eager under torch.compile
 def shrink_placeholders(
     input_ids: Tensor,
@@ -24,16 +27,19 @@ def shrink_placeholders(
     position_ids: Tensor | None = None,
     mm_token_type_ids: Tensor | None = None,
     pad_token_id: int = 0,
+    segments: Tensor | None = None,
 ) -> dict[str, Tensor | None]:
     """Keep the first `n_out[k]` of image k's `n_in[k]` placeholders and drop the others.
 
     Images are numbered in row-major order over `input_ids` [B, L] (the order the model fills
     placeholders in). Padding (attention_mask == 0) is dropped too and rows are re-padded to
     the longest one, on the left if any row of the batch starts with padding, else on the
-    right. `position_ids` [B or 1, L] are renumbered (each position minus the tokens removed
-    before it), or [3/4, B, L] dropped columns only. Returns the shrunk tensors by name; an
-    `attention_mask` is created when the input had none and rows end up of different lengths.
-    `columns` [B, new_len]: the caller's column each new column came from (see `_column_map`).
+    right. `position_ids` [B or 1, L] (and the text row of [4, B, L] ones) are renumbered (each
+    position minus the tokens removed before it in its segment: `segments` [B, L], packed rows,
+    see `packing.py`); M-RoPE rows keep their kept columns. Returns the shrunk tensors by name; an `attention_mask` is created
+    when the input had none and (unpacked) rows end up of different lengths. `columns` [B, new_len]: the
+    caller's column each new column came from (see `_column_map`); `segments` [B, new_len]
+    moved along (-1 on re-padding) when given.
     """
     b, length = input_ids.shape
     dev = input_ids.device
@@ -70,7 +76,9 @@ def shrink_placeholders(
     out["columns"] = _column_map(keep, dest, new_len, slots, (counts_in - counts_out)[image_of])
     if attention_mask is not None:
         out["attention_mask"] = move(attention_mask, 0)
-    elif bool((row_len != new_len).any()):
+    elif segments is None and bool((row_len != new_len).any()):
+        # (packed rows get none: transformers reads packing from positions only without a
+        # mask; re-padding, at position 0, is a segment of its own)
         out["attention_mask"] = move(torch.ones_like(input_ids), 0)
     else:
         out["attention_mask"] = None
@@ -78,11 +86,22 @@ def shrink_placeholders(
     out["mm_token_type_ids"] = None if mm_token_type_ids is None else move(mm_token_type_ids, 0)
     if position_ids is None:
         out["position_ids"] = None
-    elif position_ids.dim() == 2:  # [B or 1, L]: close the gaps left by the removed tokens
-        removed_before = dropped.long().cumsum(1) - dropped.long()
-        out["position_ids"] = move(position_ids.expand(b, length) - removed_before, 0)
     else:
-        out["position_ids"] = move(position_ids, 0)
+        # 1-D positions (and the text row of [4, B, L] M-RoPE ones): close the gaps left by
+        # the removed tokens, counted from the start of each packed sample; M-RoPE rows: the
+        # kept columns (the adapter rebuilds them for the pooled grids)
+        removed_before = dropped.long().cumsum(1) - dropped.long()
+        if segments is not None:
+            removed_before = removed_before - removed_before.gather(1, segment_starts(segments))
+        if position_ids.dim() == 2:  # [B or 1, L]
+            out["position_ids"] = move(position_ids.expand(b, length) - removed_before, 0)
+        else:
+            shifted = position_ids.expand(-1, b, length).clone()
+            if shifted.shape[0] == 4:
+                shifted[0] -= removed_before
+            out["position_ids"] = move(shifted, 0)
+    if segments is not None:
+        out["segments"] = move(segments, -1)
     return out
 
 

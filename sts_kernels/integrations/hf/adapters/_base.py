@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..packing import segment_ids, varlen_kwargs
 from ..sequence import shrink_placeholders
 
 
@@ -118,6 +119,7 @@ def feed_features(
     )
     features.pooler_output = compressed
     pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
+    segments = segment_ids(kw)
     shrunk = shrink_placeholders(
         kw["input_ids"],
         token_id,
@@ -128,9 +130,13 @@ def feed_features(
         position_ids=kw.get("position_ids"),
         mm_token_type_ids=kw.get(type_ids),
         pad_token_id=pad_id,
+        segments=segments,
     )
     kw[type_ids] = shrunk.pop("mm_token_type_ids")
     columns = shrunk.pop("columns")
+    if segments is not None:
+        segments = shrunk.pop("segments")
+        kw.update(varlen_kwargs(kw, segments, valid=segments >= 0))
     kw.update(shrunk)
     if takes_encoder_outputs(model):
         mm = dict(kw.get("mm_encoder_outputs") or {})
@@ -182,6 +188,11 @@ class TiledAdapter(Adapter):
 def takes_encoder_outputs(model: nn.Module) -> bool:
     """Whether the model's forward takes precomputed visual features (`mm_encoder_outputs`)."""
     return "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters
+
+
+def forward_parameters(model: nn.Module) -> frozenset[str]:
+    """The argument names of the model's forward."""
+    return frozenset(inspect.signature(type(model).forward).parameters)
 
 
 def _answer_once(inner: nn.Module, getter: str, features: Any) -> None:

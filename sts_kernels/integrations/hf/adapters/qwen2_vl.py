@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Adapter, feed_features
+from ._base import Adapter, feed_features, forward_parameters
+from .mrope import rebuild_mrope
 
 
 class Qwen2VLAdapter(Adapter):
@@ -12,8 +13,11 @@ class Qwen2VLAdapter(Adapter):
     spatial_merge_size); every frame is pooled on its own (h/m, w/m) grid, frames of all items
     of one grid in one call, and with `time_window` consecutive frames are averaged. The model
     rebuilds M-RoPE positions from the shrunk ids and the grid we report back in
-    `image_grid_thw` / `video_grid_thw` (pooled grid times `m`: `get_rope_index` divides by it),
-    so any `position_ids` passed in are dropped. Merge mode has no output grid: pool only."""
+    `image_grid_thw` / `video_grid_thw` (pooled grid times `m`: `get_rope_index` divides by it).
+    M-RoPE `position_ids` the caller passed ([3 or 4, B, T], e.g. packed rows) are rebuilt the
+    same way, segment by segment (`mrope.py`); 1-D ones are renumbered like any family's.
+    Pooled video frames are `time_window` times as far apart (`second_per_grid_ts`, default
+    1 s). Merge mode has no output grid: pool only."""
 
     name = "Qwen2-VL"
     classes = ("Qwen2VLForConditionalGeneration",)
@@ -30,7 +34,8 @@ class Qwen2VLAdapter(Adapter):
     frame_runs = False  # video placeholders split per frame (Qwen3-VL's timestamps)
 
     def compress(self, model, compressor, kw):
-        kw["position_ids"] = None
+        given = kw.get("position_ids")
+        rebuild = given is not None and given.dim() == 3  # the caller's M-RoPE positions
         shrinks = {}
         m = model.config.vision_config.spatial_merge_size
         for modality, (pixels, grid_key, token_attr, getter) in self._INPUTS.items():
@@ -55,9 +60,23 @@ class Qwen2VLAdapter(Adapter):
             # get_rope_index divides the grid by the merge size again
             rope_grid = [(o.x.shape[0], o.grid[0] * m, o.grid[1] * m) for o in outs]
             kw[grid_key] = torch.tensor(rope_grid, dtype=thw.dtype, device=thw.device)
-            if modality == "video" and kw.get("second_per_grid_ts") is not None:
-                kw["second_per_grid_ts"] = kw["second_per_grid_ts"] * compressor.time_window
+            if modality == "video":
+                self._space_frames(model, kw, len(grids), compressor.time_window)
+        if rebuild:
+            kw["position_ids"] = rebuild_mrope(model, kw, text_row=given.shape[0] == 4)
         return kw, shrinks
+
+    @staticmethod
+    def _space_frames(model, kw, videos: int, window: int) -> None:
+        """A pooled frame stands for `window` frames: their temporal positions are that much
+        further apart (models that take `second_per_grid_ts`; absent means 1 s per frame)."""
+        if window == 1 or "second_per_grid_ts" not in forward_parameters(model):
+            return
+        seconds = kw.get("second_per_grid_ts")
+        if seconds is None:
+            device = kw["video_grid_thw"].device
+            seconds = torch.ones(videos, dtype=torch.float32, device=device)
+        kw["second_per_grid_ts"] = seconds * window
 
     def _compress_extra(self, compressor, features, grids) -> None:
         """Compress any further per-token features consistently (Qwen3-VL's DeepStack)."""
