@@ -7,7 +7,7 @@ The settings train side by side: each round runs one step of every setting (the 
 per round), so machine load that changes over the run hits all settings alike. A setting's
 `meas.` ratio is the median over rounds of its step time over dense's in the same round; the
 table gives that ratio's interquartile range. Losses and accuracies are reproducible from the
-seed on the same machine and thread count (tests/test_demo.py runs a short demo twice).
+seed on the same machine and thread count (tests/bench/test_demo.py runs a short demo twice).
 
     python -m bench                       # defaults: a few minutes on a 2-core CPU
     python -m bench --model qwen2_5_vl    # the same comparison on a tiny Qwen2.5-VL
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import flops
+from . import flops, models
 from .task import VOCAB_SIZE, Batch, TaskConfig, answer_accuracy, make_batch
 from .timing import peak_memory_mb
 
@@ -69,8 +69,12 @@ MODEL_SIZES = {
 }
 
 
-def _text_config(size: ModelSize, task: TaskConfig, **extra) -> dict:
-    return dict(
+def build_model(kind: str, size: ModelSize, task: TaskConfig, seed: int):
+    """A LLaVA (CLIP tower, 2-layer MLP projector, Llama LM) or a Qwen2.5-VL (window-attention
+    tower with 2x2 patch merger, Qwen2 LM with M-RoPE) with random weights, SDPA attention: the
+    tests' tiny makers (bench/models.py) at `size`, with the task's vocabulary and image. Both
+    feed the LM task.image_tokens visual tokens per image."""
+    text = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=size.text_hidden,
         intermediate_size=size.text_intermediate,
@@ -78,66 +82,42 @@ def _text_config(size: ModelSize, task: TaskConfig, **extra) -> dict:
         num_attention_heads=size.heads,
         num_key_value_heads=size.heads,
         max_position_embeddings=max(1024, task.seq_len + 2),
-        pad_token_id=0,
-        bos_token_id=1,
         eos_token_id=3,
-        **extra,
     )
-
-
-def build_model(kind: str, size: ModelSize, task: TaskConfig, seed: int):
-    """A LLaVA (CLIP tower, 2-layer MLP projector, Llama LM) or a Qwen2.5-VL (window-attention
-    tower with 2x2 patch merger, Qwen2 LM with M-RoPE) with random weights, SDPA attention. Both
-    feed the LM task.image_tokens visual tokens per image."""
-    import transformers as tf
-
+    vision = dict(hidden_size=size.vision_hidden, intermediate_size=size.vision_intermediate)
     if kind == "llava":
-        config = tf.LlavaConfig(
-            vision_config=tf.CLIPVisionConfig(
-                hidden_size=size.vision_hidden,
-                intermediate_size=size.vision_intermediate,
-                num_hidden_layers=size.vision_layers,
-                num_attention_heads=size.heads,
-                image_size=task.image_size,
-                patch_size=task.patch_size,
-            ),
-            text_config=tf.LlamaConfig(**_text_config(size, task)),
-            image_token_index=2,
-            vision_feature_layer=-1,  # every vision layer is trained
+        vision |= dict(
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=size.heads,
+            image_size=task.image_size,
+            patch_size=task.patch_size,
         )
-        model_cls = tf.LlavaForConditionalGeneration
-    else:
-        head_dim = size.text_hidden // size.heads
-        eighth = head_dim // 16  # M-RoPE sections (t, h, w): 2:3:3 of the head_dim / 2 frequencies
-        rope = {
-            "rope_type": "default",
-            "rope_theta": 1e4,
-            "mrope_section": [2 * eighth] + [3 * eighth] * 2,
-        }
-        config = tf.Qwen2_5_VLConfig(
-            vision_config=dict(
-                depth=size.vision_layers,
-                hidden_size=size.vision_hidden,
-                intermediate_size=size.vision_intermediate,
-                num_heads=size.heads,
-                out_hidden_size=size.text_hidden,
-                in_channels=3,
-                patch_size=task.patch_size // 2,  # the 2x2 merge brings it back to patch_size
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                window_size=4 * task.patch_size,  # 4x4 merged tokens per attention window
-                fullatt_block_indexes=[size.vision_layers - 1],
-            ),
-            text_config=_text_config(size, task, rope_parameters=rope),
-            image_token_id=QWEN_IMAGE,
-            video_token_id=QWEN_IMAGE + 1,
-            vision_start_token_id=QWEN_START,
-            vision_end_token_id=QWEN_END,
-        )
-        model_cls = tf.Qwen2_5_VLForConditionalGeneration
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return model_cls(config)
+        # every vision layer is trained (the makers' vision_feature_layer=-1)
+        return models.make_llava(vision=vision, text=text, seed=seed, image_token_index=2)
+    head_dim = size.text_hidden // size.heads
+    eighth = head_dim // 16  # M-RoPE sections (t, h, w): 2:3:3 of the head_dim / 2 frequencies
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 1e4,
+        "mrope_section": [2 * eighth] + [3 * eighth] * 2,
+    }
+    vision |= dict(
+        depth=size.vision_layers,
+        num_heads=size.heads,
+        out_hidden_size=size.text_hidden,
+        patch_size=task.patch_size // 2,  # the 2x2 merge brings it back to patch_size
+        window_size=4 * task.patch_size,  # 4x4 merged tokens per attention window
+        fullatt_block_indexes=[size.vision_layers - 1],
+    )
+    return models.make_qwen2_5_vl(
+        vision=vision,
+        text=text,
+        seed=seed,
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_IMAGE + 1,
+        vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END,
+    )
 
 
 def model_inputs(kind: str, batch: Batch, task: TaskConfig) -> dict[str, torch.Tensor]:

@@ -1,0 +1,265 @@
+"""Tiny random-init Hugging Face VLMs built from configs (no downloads): one registry for the
+tests (tests/hf_models.py re-exports these makers next to its batches and checks) and the
+demo (bench/demo.py builds its LLaVA and Qwen2.5-VL here, with its own sizes).
+
+Every maker takes the attention implementation and a seed; `vision=` / `text=` override the
+family's tiny vision and text settings, other keywords go to the family's top-level config.
+`MAKERS` names them all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMG, VID, PAD = 999, 998, 0  # image / video placeholder ids, padding id
+V_START, V_END = 997, 996  # Qwen vision start / end tokens (Gemma 3: begin / end of image)
+
+
+def text_config(**extra) -> dict:
+    """The tiny LMs' settings; `extra` adds or overrides."""
+    defaults = dict(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=PAD,
+    )
+    return {**defaults, **extra}
+
+
+def build(model_cls, config, attn: str = "sdpa", seed: int = 0):
+    """`model_cls(config)` with `attn` attention, its weights drawn after manual_seed(seed)."""
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return model_cls(config)
+
+
+# ---- LLaVA family ---------------------------------------------------------------------------
+
+
+def clip_config(**extra):
+    from transformers import CLIPVisionConfig
+
+    kwargs = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,  # 4x4 patches per 32 px image (or tile)
+    )
+    return CLIPVisionConfig(**(kwargs | extra))
+
+
+def llama_config(**extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**text_config(**extra))
+
+
+def _llava_family(family: str, attn: str, vision=None, text=None, seed: int = 0, **extra):
+    """A tiny `<family>ForConditionalGeneration`: CLIP tower, Llama LM, image token IMG."""
+    import transformers
+
+    ids = dict(image_token_index=IMG, vision_feature_layer=-1)  # every vision layer: a gradient
+    config = getattr(transformers, f"{family}Config")(
+        vision_config=clip_config(**(vision or {})),
+        text_config=llama_config(**(text or {})),
+        **(ids | extra),
+    )
+    return build(getattr(transformers, f"{family}ForConditionalGeneration"), config, attn, seed)
+
+
+def make_llava(attn: str = "sdpa", **extra):
+    return _llava_family("Llava", attn, **extra)
+
+
+ANYRES = dict(image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])  # 1x2, 2x1, 2x2 tiles of 32 px
+
+
+def make_llava_next(attn: str = "sdpa", **extra):
+    return _llava_family("LlavaNext", attn, **(ANYRES | extra))
+
+
+def make_llava_next_video(attn: str = "sdpa", **extra):
+    # spatial_pool_stride 2: a frame's 4x4 patches -> 2x2 tokens
+    video = dict(video_token_index=VID, spatial_pool_stride=2)
+    return _llava_family("LlavaNextVideo", attn, **(video | ANYRES | extra))
+
+
+def make_llava_onevision(attn: str = "sdpa", **extra):
+    onevision = dict(
+        video_token_index=VID,
+        vision_feature_select_strategy="default",
+        vision_aspect_ratio="anyres_max_1",  # crop grids over one tile's tokens are shrunk
+    )
+    return _llava_family("LlavaOnevision", attn, **(onevision | ANYRES | extra))
+
+
+# ---- tiled families: InternVL, Gemma 3, SmolVLM / Idefics3 (4x4 tokens a tile) ----------------
+
+_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+def make_internvl(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    # 8x8 patches, pixel-shuffled to 4x4 tokens
+    vision = _VISION | dict(image_size=[32, 32], patch_size=[4, 4]) | (vision or {})
+    text = text_config(**({"model_type": "qwen2"} | (text or {})))
+    ids = dict(image_token_id=IMG)
+    config = InternVLConfig(vision_config=vision, text_config=text, **(ids | extra))
+    return build(InternVLForConditionalGeneration, config, attn, seed)
+
+
+def make_gemma3(attn: str = "eager", vision=None, text=None, seed: int = 0, **extra):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    siglip = dict(model_type="siglip_vision_model", image_size=32, patch_size=4)
+    vision = _VISION | siglip | (vision or {})
+    gemma = dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=32)
+    text = text_config(**(gemma | (text or {})))
+    ids = dict(
+        mm_tokens_per_image=16,  # 8x8 patches average-pooled to 4x4
+        image_token_index=IMG,
+        boi_token_index=V_START,
+        eoi_token_index=V_END,
+    )
+    config = Gemma3Config(vision_config=vision, text_config=text, **(ids | extra))
+    return build(Gemma3ForConditionalGeneration, config, attn, seed)
+
+
+def make_smolvlm(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    return _idefics3_family("SmolVLM", attn, vision, text, seed, **extra)
+
+
+def make_idefics3(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    return _idefics3_family("Idefics3", attn, vision, text, seed, **extra)
+
+
+def _idefics3_family(family: str, attn: str, vision, text, seed: int, **extra):
+    import transformers
+
+    # 8x8 patches, pixel-shuffled to 4x4 tokens
+    vision = _VISION | dict(image_size=32, patch_size=4) | (vision or {})
+    text = text_config(**({"model_type": "llama"} | (text or {})))
+    ids = dict(scale_factor=2, image_token_id=IMG)
+    config = getattr(transformers, f"{family}Config")(
+        vision_config=vision, text_config=text, **(ids | extra)
+    )
+    return build(getattr(transformers, f"{family}ForConditionalGeneration"), config, attn, seed)
+
+
+# ---- Mllama (cross-attention) -----------------------------------------------------------------
+
+
+def make_mllama(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    tower = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=4,
+        intermediate_size=64,
+        vision_output_dim=64,  # hidden_size * (1 + len(intermediate_layers_indices))
+        intermediate_layers_indices=[0],
+        image_size=16,
+        patch_size=8,
+        max_num_tiles=2,
+        supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+    )
+    cross = dict(cross_attention_layers=[1], rope_parameters={"rope_type": "default"})
+    config = MllamaConfig(
+        vision_config=tower | (vision or {}),
+        text_config=text_config(**(cross | (text or {}))),
+        **({"image_token_index": IMG} | extra),
+    )
+    return build(MllamaForConditionalGeneration, config, attn, seed)
+
+
+# ---- Qwen2-VL / Qwen2.5-VL / Qwen3-VL ---------------------------------------------------------
+
+_QWEN_VISION = dict(
+    depth=2,
+    num_heads=4,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    in_channels=3,
+)
+MROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}
+QWEN_IDS = dict(
+    image_token_id=IMG,
+    video_token_id=VID,
+    vision_start_token_id=V_START,
+    vision_end_token_id=V_END,
+)
+
+
+def _qwen(family: str, vision: dict, text: dict, attn: str, seed: int, **extra):
+    """A tiny `<family>ForConditionalGeneration` (Qwen2VL, Qwen2_5_VL, Qwen3VL, Qwen3VLMoe):
+    `vision` over the shared tower settings, `text` over the tiny LM's with M-RoPE."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        vision_config=_QWEN_VISION | vision,
+        text_config=text_config(**({"rope_parameters": MROPE} | text)),
+        **(QWEN_IDS | extra),
+    )
+    return build(getattr(transformers, f"{family}ForConditionalGeneration"), config, attn, seed)
+
+
+def make_qwen2_vl(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    tower = dict(embed_dim=64, hidden_size=128)
+    return _qwen("Qwen2VL", tower | (vision or {}), text or {}, attn, seed, **extra)
+
+
+def make_qwen2_5_vl(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    tower = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        out_hidden_size=128,
+        window_size=16,  # 2x2 merged patches per attention window
+        fullatt_block_indexes=[1],
+    )
+    return _qwen("Qwen2_5_VL", tower | (vision or {}), text or {}, attn, seed, **extra)
+
+
+def make_qwen3_vl(
+    attn: str = "sdpa", moe: bool = False, vision=None, text=None, seed: int = 0, **extra
+):
+    tower = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        out_hidden_size=128,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0],  # vision layer 0 feeds LM layer 0
+    )
+    lm = dict(head_dim=32, rope_parameters=MROPE | {"mrope_interleaved": True})
+    if moe:
+        lm |= dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+    family = "Qwen3VLMoe" if moe else "Qwen3VL"
+    return _qwen(family, tower | (vision or {}), lm | (text or {}), attn, seed, **extra)
+
+
+MAKERS = {
+    "llava": make_llava,
+    "llava_next": make_llava_next,
+    "llava_next_video": make_llava_next_video,
+    "llava_onevision": make_llava_onevision,
+    "qwen2_vl": make_qwen2_vl,
+    "qwen2_5_vl": make_qwen2_5_vl,
+    "qwen3_vl": make_qwen3_vl,
+    "qwen3_vl_moe": lambda attn="sdpa", **kw: make_qwen3_vl(attn, moe=True, **kw),
+    "internvl": make_internvl,
+    "gemma3": make_gemma3,
+    "smolvlm": make_smolvlm,
+    "idefics3": make_idefics3,
+    "mllama": make_mllama,
+}
