@@ -12,9 +12,6 @@ transformers = pytest.importorskip("transformers")
 from hf_models import (  # noqa: E402
     LLAVA_VIDEO_ROWS,
     build_ids,
-    check_eval_equals_unpatched,
-    check_remove_restores,
-    check_train_step_is_sparser,
     llava_next_reference_pack,
     llava_next_video_batch,
     make_llava_next_video,
@@ -58,15 +55,3 @@ def test_images_and_videos_equal_unpatched_on_reference_features(pad_left, time_
     assert (r.video_tokens_in, r.video_tokens_kept) == (2 * 4 * 4, 2 * 4 // time_window)
     assert r.image_tokens_kept == sum(kept["image"])
     handle.remove()
-
-
-@needs_encoder_outputs
-@pytest.mark.parametrize("pad_left", [False, True])
-def test_train_step_eval_and_remove(pad_left):
-    model = make_llava_next_video()
-    batch = llava_next_video_batch(model, pad_left)
-    report = check_train_step_is_sparser(model, batch, compress={"time_window": 2})
-    assert report.video_tokens_kept == 4
-    if pad_left:
-        check_eval_equals_unpatched(model, batch)
-        check_remove_restores(model, batch)

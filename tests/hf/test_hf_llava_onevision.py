@@ -13,9 +13,6 @@ transformers = pytest.importorskip("transformers")
 from hf_models import (  # noqa: E402
     ONEVISION_ROWS,
     build_ids,
-    check_eval_equals_unpatched,
-    check_remove_restores,
-    check_train_step_is_sparser,
     llava_next_reference_pack,
     llava_onevision_batch,
     make_llava_onevision,
@@ -66,13 +63,3 @@ def test_images_and_videos_equal_unpatched_on_reference_features(pad_left):
     # anyres: base 2x2 + crops 2x5 -> one row of 3 and a newline; base-only: 2x2 + newline
     assert handle.report.image_tokens_kept == (4 + 1 * (3 + 1)) + 2 * (4 + 1)
     handle.remove()
-
-
-@needs_encoder_outputs
-def test_train_step_eval_and_remove():
-    model = make_llava_onevision()
-    batch = llava_onevision_batch(model, True)
-    report = check_train_step_is_sparser(model, batch, compress={"time_window": 2})
-    assert report.video_tokens_kept == 2 * (2 + 1)  # 4 frames -> 2 windows of 1 token + newline
-    check_eval_equals_unpatched(model, batch)
-    check_remove_restores(model, batch)

@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import check_remove_restores, make_mllama, mllama_batch  # noqa: E402
+from hf_models import make_mllama, mllama_batch  # noqa: E402
 
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 from sts_kernels.nn import VisualTokenCompressor  # noqa: E402
@@ -33,7 +33,7 @@ def test_sample_skipping_trains_and_equals_dense_without_skips(pad_left):
     handle.remove()
 
 
-def test_eval_equals_unpatched_and_remove_restores():
+def test_instruct_stage_eval_equals_unpatched():
     model = make_mllama()
     batch = mllama_batch(True)
     model.eval()
@@ -42,7 +42,6 @@ def test_eval_equals_unpatched_and_remove_restores():
         handle = apply_sts(model, stage="instruct")
         assert torch.equal(model(**batch).logits, dense)
     handle.remove()
-    check_remove_restores(model, batch)
 
 
 @pytest.mark.parametrize(

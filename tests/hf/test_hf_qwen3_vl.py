@@ -9,10 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from hf_models import (  # noqa: E402
     QWEN3_VIDEOS,
-    check_eval_equals_unpatched,
     check_qwen_vtc_matches_reference,
-    check_remove_restores,
-    check_train_step_is_sparser,
     make_qwen3_vl,
     needs_encoder_outputs,
     qwen3_batch,
@@ -28,23 +25,6 @@ def test_images_video_and_deepstack_equal_unpatched_on_shrunk_batch(pad_left):
     check_qwen_vtc_matches_reference(
         model, pad_left, 1, make_batch=qwen3_batch, videos=QWEN3_VIDEOS
     )
-
-
-@needs_encoder_outputs
-def test_train_step_eval_and_remove():
-    model = make_qwen3_vl()
-    batch = qwen3_batch(True)
-    report = check_train_step_is_sparser(model, batch)
-    assert report.video_tokens_kept == 2 and report.image_tokens_kept == 6  # 1 per frame
-    check_eval_equals_unpatched(model, batch)
-    check_remove_restores(model, batch)
-
-
-@needs_encoder_outputs
-@pytest.mark.parametrize("mode", ["sample", "token"])
-def test_moe_train_step(mode):
-    model = make_qwen3_vl(moe=True)
-    check_train_step_is_sparser(model, qwen3_batch(False), skip={"mode": mode, "seed": 0})
 
 
 def test_moe_router_logits_with_lds_are_refused():

@@ -10,9 +10,9 @@ transformers = pytest.importorskip("transformers")
 
 from hf_models import CASES, check_train_step_is_sparser  # noqa: E402
 
+from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 from sts_kernels.integrations.hf.adapters import ADAPTERS  # noqa: E402
 from sts_kernels.integrations.hf.adapters._base import takes_encoder_outputs  # noqa: E402
-from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 
 
 def test_every_registered_class_has_a_tiny_model():
@@ -22,15 +22,16 @@ def test_every_registered_class_has_a_tiny_model():
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_claimed_modes_train_and_the_others_are_refused(name):
     adapter = ADAPTERS[name]
-    make, make_batch = CASES[name]
-    model = make()
-    batch = make_batch(model)
+    case = CASES[name]
+    model = case.make()
+    batch = case.batch(model, True)
     vtc = bool(adapter.modes)
     if adapter.needs_encoder_outputs and not takes_encoder_outputs(model):  # transformers 5.1x
         with pytest.raises(ValueError, match="mm_encoder_outputs"):
             apply_sts(model, compress=True)
         vtc = False
-    # the families' own tests cover pool + sample mode; here: the other claims
+    # tests/hf/test_hf_families.py covers pool + sample mode (and merge where a family
+    # trains with it); here: the other claims
     if "merge" in adapter.modes and vtc:
         check_train_step_is_sparser(model, batch, compress={"mode": "merge"}, skip=False)
     else:
