@@ -10,7 +10,7 @@
 2. `skip_layer`: the skipper's own work per skipped layer (route, gather_rows, skip_residual and
    the glue between them) around an identity layer, sample and token mode, forward+backward
    time, and the bytes its ops move against the ideal model
-   `sts_kernels.ops.skip_residual.ideal_bytes` (printed as `bytes/ideal`): bytes moved =
+   `ideal_bytes` below (printed as `bytes/ideal`): bytes moved =
    every output an op writes plus every input it reads in full (an upper bound), except row
    gathers and adds, which read only the rows they write (`add_rows`, `gather_rows`: only
    the ids >= 0), and skip_residual, which reads its update at the K active slots.
@@ -33,10 +33,43 @@ from torch.utils._pytree import tree_leaves
 
 from bench.ops import Case, autograd_cases
 from sts_kernels import route, skip_residual
+from sts_kernels._backend import select
 from sts_kernels.nn import LayerDynamicSkipper
-from sts_kernels.ops.skip_residual import backend_for, ideal_bytes
 
 SKIP_RATES = (0.0, 0.25, 0.5, 0.75)
+
+
+def ideal_bytes(
+    num_rows: int, num_active: int, row_bytes: int, backward: bool = True, gate_grad: bool = False
+) -> int:
+    """Least memory traffic (bytes) of the skipper's glue around one skipped layer, the layer's
+    own work excluded: route K of R rows of `row_bytes` into the layer (`gather_rows`) and
+    combine its output `y` back (`skip_residual(from_output=True)`). The one byte model:
+    `_layer_cases` below prints bytes moved / this, and tests/budgets/test_lds_bytes.py bounds that ratio.
+
+    forward   gather: read K rows of x, write K rows                          2K
+              combine: read R (x) + K (y), write R (out)                       2R + K
+    backward  before the layer's backward: read the K active rows of
+              grad_out, write K (grad_y = g * grad_out)                        2K
+              after it: read R (grad_out) + K (the layer's gradient of its
+              input), write R (grad_x)                                         2R + K
+              (+ 2K: the x and y rows, read for the gate's gradient)
+    so 2R + 3K rows each way. The backward cannot be one pass: grad_y is the layer backward's
+    input and grad_x needs that backward's result. Plan metadata (mask, ids, offsets: a few
+    bytes per row) is not counted.
+
+    What the package moves (`BytesMoved`, no gate gradient). Sample mode: the forward
+    is ideal; the backward writes grad_x and grad_y in one pass over R (read R, write R + K)
+    and adds the layer's gradient into grad_x in place (`add_rows`: read 2K, write K), 2R + 4K:
+    4R + 7K forward+backward, 1.07x at K = R/2. Token mode's padded layout has S = B * Kmax >= K
+    slots, and the padding is written twice, as zeros: by the gather (the layer must see finite
+    rows) and in grad_y (padding must not feed the layer's parameter gradients): 4R + 5K + 2S,
+    ~1.09x at K = R/2 with S ~ 1.06 K (B = 8, T = 512).
+    """
+    rows = 2 * num_rows + 3 * num_active
+    if backward:
+        rows += 2 * num_rows + 3 * num_active + (2 * num_active if gate_grad else 0)
+    return rows * row_bytes
 
 
 class RMSNorm(nn.Module):
@@ -98,7 +131,9 @@ def _op_cases(device, quick, compile_baseline) -> Iterator[Case]:
     elt = dtype.itemsize
     fwd_bytes, bwd_bytes = (2 * rows + k) * d * elt, 3 * k * d * elt
     impls = {
-        f"sts-{backend_for(device)}": lambda x, delta, g: skip_residual(x, delta, plan, g),
+        f"sts-{select('skip_residual', device)}": lambda x, delta, g: skip_residual(
+            x, delta, plan, g
+        ),
         "eager": partial(_eager, index=plan.index),
     }
     if compile_baseline:
@@ -122,7 +157,7 @@ def _op_cases(device, quick, compile_baseline) -> Iterator[Case]:
         yield from autograd_cases(
             "skip_residual",
             shape,
-            {f"sts-{backend_for(device)}-y": output_form},
+            {f"sts-{select('skip_residual', device)}-y": output_form},
             inputs,
             {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + (2 * rows + 3 * k) * d * elt},
             reps=reps,
@@ -139,10 +174,7 @@ _ADD_ROWS = "add_rows"  # sts::add_rows(_triton): also skips the ids outside dst
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    """Bytes a kernel touches in `t`: a sparse COO tensor (the sample-mode gather's gradient)
-    is its indices and values."""
-    if t.is_sparse:
-        return t._indices().nbytes + t._values().nbytes
+    """Bytes a kernel touches in `t`."""
     return t.nbytes
 
 

@@ -149,7 +149,7 @@ def _merge_cases(device, cases, compile_baseline) -> Iterator[Case]:
         match_impls = _impls(
             device,
             compile_baseline,
-            lambda m: torch.ops.sts.bipartite_match(m, 0)[0],
+            lambda m: torch.ops.sts.bipartite_match_triton(m, 0)[0],
             lambda m: reference.bipartite_match(m)[0],
             tome=lambda m: tome_match(m)[0],
         )

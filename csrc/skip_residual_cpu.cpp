@@ -1,4 +1,4 @@
-// CPU kernels of `sts::skip_residual_rows` and its backward (STS_SPEC.md §2), parallel over
+// CPU kernels of `sts::skip_residual` and its backward (STS_SPEC.md §2), parallel over
 // rows with OpenMP through at::parallel_for. Same contract as the Triton ops in
 // sts_kernels/ops/skip_residual.py: x `[R, F]`, the update `u` packed `[K, F]` or padded
 // `[B, Kmax, F]`, arithmetic in fp32 (fp64 for fp64 inputs). `u` is the residual `delta`
@@ -111,8 +111,9 @@ Plan check_plan(const char* op, const at::Tensor& update, const at::Tensor& inde
               ": offsets must run from 0 to K = ", plan.num_active);
   for (int64_t b = 0; b < samples; ++b) {
     const int64_t lo = plan.offsets[b], hi = plan.offsets[b + 1];
-    TORCH_CHECK(lo <= hi && (!plan.padded || hi - lo <= plan.max_count), op, ": offsets[", b,
-                ":", b + 2, "] = [", lo, ", ", hi, "] is not a count <= Kmax");
+    TORCH_CHECK(lo <= hi && hi <= plan.num_active && (!plan.padded || hi - lo <= plan.max_count),
+                op, ": offsets[", b, ":", b + 2, "] = [", lo, ", ", hi,
+                "] is not a count <= Kmax within [0, K]");
     TORCH_CHECK(lo == hi || (plan.index[lo] / plan.rows_per_sample == b &&
                              plan.index[hi - 1] / plan.rows_per_sample == b),
                 op, ": offsets do not match the samples of index at sample ", b);
@@ -177,11 +178,11 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& update,
 
 // out[i] = x[i] + gate[k] * delta[k] for k = row_to_k[i] >= 0, out[i] = x[i] elsewhere; with
 // `stats`, cos[k] = cos(x[i], out[i]) in fp32 (else cos is empty).
-std::tuple<at::Tensor, at::Tensor> skip_residual_rows_cpu(
+std::tuple<at::Tensor, at::Tensor> skip_residual_cpu(
     const at::Tensor& x_in, const at::Tensor& update_in, const at::Tensor& index,
     const at::Tensor& row_to_k, const at::Tensor& offsets, const std::optional<at::Tensor>& gate_in,
     bool stats, bool from_output) {
-  constexpr const char* op = "sts::skip_residual_rows";
+  constexpr const char* op = "sts::skip_residual";
   TORCH_CHECK(x_in.dim() == 2, op, ": x must be [R, F], got ", x_in.sizes());
   TORCH_CHECK(update_in.scalar_type() == x_in.scalar_type(), op,
               ": the update must have x's dtype ", x_in.scalar_type(), ", got ",
@@ -294,12 +295,12 @@ void backward_output_kernel(const at::Tensor& grad_out, const at::Tensor& x, con
 // grad_out[i] on active rows and grad_out[i] elsewhere, grad_y[k] = gate[k] * grad_out[i].
 // Padding slots get zeros. grad_gate[k] = <grad_out[i], delta[k]> in gate's dtype when asked
 // and there is a gate, else empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> skip_residual_rows_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> skip_residual_backward_cpu(
     const at::Tensor& grad_out_in, const std::optional<at::Tensor>& x_in,
     const at::Tensor& update_in, const at::Tensor& index, const at::Tensor& row_to_k,
     const at::Tensor& offsets, const std::optional<at::Tensor>& gate_in, bool need_grad_gate,
     bool from_output) {
-  constexpr const char* op = "sts::skip_residual_rows_backward";
+  constexpr const char* op = "sts::skip_residual_backward";
   TORCH_CHECK(grad_out_in.dim() == 2, op, ": grad_out must be [R, F], got ", grad_out_in.sizes());
   TORCH_CHECK(grad_out_in.scalar_type() == update_in.scalar_type(), op,
               ": grad_out must have the update's dtype ", update_in.scalar_type(), ", got ",
@@ -340,6 +341,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> skip_residual_rows_backward_cpu(
 }  // namespace sts
 
 TORCH_LIBRARY_IMPL(sts, CPU, m) {
-  m.impl("skip_residual_rows", &sts::skip_residual_rows_cpu);
-  m.impl("skip_residual_rows_backward", &sts::skip_residual_rows_backward_cpu);
+  m.impl("skip_residual", &sts::skip_residual_cpu);
+  m.impl("skip_residual_backward", &sts::skip_residual_backward_cpu);
 }

@@ -129,10 +129,10 @@ TORCH_LIBRARY(sts, m) {
   // layer's output y) [K, F] or [B, Kmax, F] (CPU only: Triton serves GPUs). Returns (out, cos)
   // and (grad_x, grad_update, grad_gate); grad_x is empty in the residual form (= grad_out).
   m.def(
-      "skip_residual_rows(Tensor x, Tensor update, Tensor index, Tensor row_to_k, "
+      "skip_residual(Tensor x, Tensor update, Tensor index, Tensor row_to_k, "
       "Tensor offsets, Tensor? gate, bool stats, bool from_output) -> (Tensor, Tensor)");
   m.def(
-      "skip_residual_rows_backward(Tensor grad_out, Tensor? x, Tensor update, Tensor index, "
+      "skip_residual_backward(Tensor grad_out, Tensor? x, Tensor update, Tensor index, "
       "Tensor row_to_k, Tensor offsets, Tensor? gate, bool need_grad_gate, bool from_output) "
       "-> (Tensor, Tensor, Tensor)");
 }

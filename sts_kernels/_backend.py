@@ -3,10 +3,13 @@
 Backends:
   reference  plain PyTorch (`sts_kernels.reference`), every op, every device
   triton     Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
-  cpp        the compiled extension `sts_kernels._C` (C++/OpenMP on CPU, CUDA on GPU)
+  cpp        the compiled extension `sts_kernels._C` (C++/OpenMP on CPU; CUDA kernels for
+             routing in a CUDA build)
 
-`auto` (the default) picks per op and device: on a GPU the op's preferred compiled backend
-(Triton or the CUDA extension), on the CPU the C++ extension where the op has one, else the
+`TABLE` lists, per op, its compiled backends in order of preference and the device types each
+serves; `select(op, device)` reads it and is the only place a backend is chosen. `auto` (the
+default) picks the first backend of the op that serves the device and can run here (Triton on
+GPUs, the CUDA extension's row copy for gather_rows, the C++ kernels on the CPU), else the
 reference. `STS_BACKEND=<name>` or `with use_backend(name):` forces a backend for the ops that
 implement it; the other ops keep their automatic choice.
 """
@@ -20,8 +23,10 @@ import importlib.util
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -151,22 +156,79 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class Impl:
+    """One compiled backend of an op: `backend` ("triton" or "cpp") and the device types its
+    kernels serve. Triton also runs on the CPU under TRITON_INTERPRET=1, when forced."""
+
+    backend: str
+    devices: tuple[str, ...]
+
+
+TRITON = Impl("triton", ("cuda",))
+CPP = Impl("cpp", ("cpu", "cuda"))  # C++/OpenMP kernels and CUDA kernels (in a CUDA build)
+CPP_CPU = Impl("cpp", ("cpu",))  # C++/OpenMP kernels only: Triton serves GPUs
+
+
+@dataclass(frozen=True)
+class OpBackends:
+    """An op's compiled backends in order of preference (the reference always exists), and
+    the `sts::` custom ops (kernels) each backend registers for it: `sts::<kernel>` in the
+    extension, `sts::<kernel>_triton` for Triton (see `sts_kernels.ops`)."""
+
+    impls: tuple[Impl, ...]
+    kernels: tuple[str, ...]
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(impl.backend for impl in self.impls)
+
+
+# The one table of which backend runs which op: `select` reads it, nothing else chooses.
+TABLE: Mapping[str, OpBackends] = MappingProxyType(
+    {
+        "token_pool": OpBackends((TRITON,), ("token_pool", "token_pool_backward")),
+        "bipartite_merge": OpBackends(
+            (TRITON,), ("bipartite_match", "merge_index", "merge_wavg", "merge_wavg_backward")
+        ),
+        "unmerge": OpBackends((TRITON,), ("unmerge", "unmerge_backward")),
+        "route": OpBackends((TRITON, CPP), ("route",)),
+        # the CUDA extension's row copy first on a GPU
+        "gather_rows": OpBackends((CPP, TRITON), ("gather_rows", "scatter_rows")),
+        # the in-place row add of the skipper's gather backward (`ops.skip_glue`)
+        "add_rows": OpBackends((TRITON, CPP_CPU), ("add_rows",)),
+        "skip_residual": OpBackends((TRITON, CPP_CPU), ("skip_residual", "skip_residual_backward")),
+    }
+)
+
+
+def _runs(backend: str, device: torch.device) -> bool:
+    """The backend can run on `device` in this process (for some op)."""
+    if backend == "triton":
+        return triton_runs_on(device)
+    return has_extension(device.type)
+
+
 @torch.compiler.assume_constant_result
-def select(op: str, device: torch.device, implemented: Sequence[str]) -> str:
-    """Pick the backend for `op` on `device`.
+def select(op: str, device: torch.device) -> str:
+    """The backend ("triton", "cpp" or "reference") that runs `op` on `device`, from `TABLE`.
 
     Under torch.compile the choice is a trace-time constant (dynamo cannot read the
     ContextVar behind `use_backend`): a compiled graph keeps the backend it was traced with.
 
-    `implemented` lists the op's compiled backends in order of preference on a GPU (the
-    reference always exists). A forced backend the op does not implement is ignored for it;
-    a forced backend the op implements but that cannot run here is an error, not a silent
-    fallback, so a test that asks for Triton really runs Triton.
+    auto: the first of the op's backends that serves `device.type` and runs here, else the
+    reference (on the CPU Triton is never chosen automatically, even under the interpreter).
+    A forced backend the op does not implement is ignored for it; one the op implements but
+    that cannot run here is an error, not a silent fallback, so a test that asks for Triton
+    really runs Triton. A forced "cpp" whose extension runs here but has no kernels of this
+    op for `device` (skip_residual on a GPU) runs the reference.
     """
     want = requested_backend()
     if want == "reference":
         return "reference"
-    if want != "auto" and want in implemented:
+    impls = TABLE[op].impls
+    forced = next((impl for impl in impls if impl.backend == want), None)
+    if forced is not None:
         if want == "triton" and not triton_runs_on(device):
             raise RuntimeError(
                 f"{op}: backend 'triton' was requested but cannot run on {device} "
@@ -177,14 +239,8 @@ def select(op: str, device: torch.device, implemented: Sequence[str]) -> str:
                 f"{op}: backend 'cpp' was requested but the extension sts_kernels._C "
                 f"{'is not built' if extension() is None else 'has no ' + device.type + ' kernels'}"
             )
-        return want
-    if device.type == "cuda":
-        for name in implemented:
-            if (name == "triton" and triton_runs_on(device)) or (
-                name == "cpp" and has_extension("cuda")
-            ):
-                return name
-        return "reference"
-    if device.type == "cpu" and "cpp" in implemented and has_extension("cpu"):
-        return "cpp"
+        return want if want == "triton" or device.type in forced.devices else "reference"
+    for impl in impls:
+        if device.type in impl.devices and _runs(impl.backend, device):
+            return impl.backend
     return "reference"

@@ -9,7 +9,7 @@ patched to compile only (`warmup=True`), so calling the package's public ops (fo
 backward) with CPU tensors of LLaVA-1.5 shapes compiles exactly the specialisations a GPU run
 would. ptxas (shipped in the triton wheel) prints registers, spills and stack per kernel;
 Triton's metadata has the shared memory. TRITON_INTERPRET must be unset (the kernels are then
-JITFunctions): `tests/test_aot_compile.py` runs this file in subprocesses.
+JITFunctions): `tests/budgets/test_aot_compile.py` runs this file in subprocesses.
 
 Kernel outputs are never computed: after compiling, every integer tensor argument the workload
 did not create itself (index outputs, temporaries) is zero-filled, so the index glue between
@@ -167,12 +167,12 @@ def workloads(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
 
     def glue(mask_shape: tuple[int, ...], padded: bool) -> None:
         # the skipper's gather + combine: the gather's backward adds rows in place (add_rows)
-        from sts_kernels.ops.routing import gather_rows_passthrough
+        from sts_kernels.ops.skip_glue import gather_for_layer
 
         plan = _plan(mask_shape)
         x = _inputs(8, 4096, 4096, dtype=dtype)
-        rows, x_pass = gather_rows_passthrough(x, plan, padded)
-        _backward(sts.skip_residual(x_pass, rows, plan, from_output=True), x)
+        rows, combine = gather_for_layer(x, plan, padded)
+        _backward(combine(rows), x)
 
     def skip(mask_shape: tuple[int, ...], padded: bool, gate: bool, stats: bool, **kw) -> None:
         plan = _plan(mask_shape)

@@ -1,4 +1,4 @@
-"""Garbage inputs for every public op, run by tests/test_fuzz.py in a subprocess.
+"""Garbage inputs for every public op, run by tests/ops/test_fuzz.py in a subprocess.
 
 Each case runs on every backend this process has (reference, cpp, and triton when
 TRITON_INTERPRET=1). Before a case the script prints `CASE <name>` (flushed), so if the
@@ -110,7 +110,6 @@ def cases():
         "x_meta": (_x(2, 3, 4, device="meta"), ok_plan),
         "x_empty_feat": (_x(2, 3, 0), ok_plan),
         "padded_sample_plan": (_x(2, 4), sts.route(torch.tensor([True, False])), True),
-        "sparse_and_padded": (x23, ok_plan, True, True),
     }.items():
         add(f"gather_rows/{name}", lambda a=args: sts.gather_rows(*a))
 
@@ -263,14 +262,15 @@ def raw_cases():
         "row_to_k_short": (plan.index, plan.row_to_k[:2], plan.offsets),
         "offsets_huge": (plan.index, plan.row_to_k, torch.tensor([0, 2**40] + [4] * 5)),
     }.items():
-        out.append(
-            (
-                f"skip_residual/{name}",
-                lambda a=(index, row_to_k, offsets): ops.skip_residual(
-                    x, _x(4, 4), *a, None, False, False
-                ),
+        for impl in ("", "_triton"):  # the extension's CPU op and the Triton op
+            out.append(
+                (
+                    f"skip_residual{impl}/{name}",
+                    lambda a=(index, row_to_k, offsets), op="skip_residual" + impl: getattr(
+                        ops, op
+                    )(x, _x(4, 4), *a, None, False, False),
+                )
             )
-        )
     for name, mask in {
         "float": torch.ones(4),
         "3d": torch.ones(2, 2, 2, dtype=torch.bool),
@@ -279,11 +279,13 @@ def raw_cases():
     }.items():
         out.append((f"route_triton/{name}", lambda m=mask: ops.route_triton(m)))
     y, idx = _x(1, 3, 4), torch.tensor([[0, 1, 2, 9, -4]])
-    out.append(("unmerge/index_out", lambda: ops.unmerge(y, idx)))
-    out.append(("merge_wavg/index_out", lambda: ops.merge_wavg(_x(1, 5, 4), None, idx, 3)))
-    out.append(("token_pool/grid_too_big", lambda: ops.token_pool(_x(1, 6, 2), 4, 4, 2, 2)))
-    out.append(("token_pool/window_zero", lambda: ops.token_pool(_x(1, 6, 2), 2, 3, 0, 2)))
-    out.append(("token_pool/window_negative", lambda: ops.token_pool(_x(1, 6, 2), 2, 3, -2, 2)))
+    out.append(("unmerge/index_out", lambda: ops.unmerge_triton(y, idx)))
+    out.append(("merge_wavg/index_out", lambda: ops.merge_wavg_triton(_x(1, 5, 4), None, idx, 3)))
+    out.append(("token_pool/grid_too_big", lambda: ops.token_pool_triton(_x(1, 6, 2), 4, 4, 2, 2)))
+    out.append(("token_pool/window_zero", lambda: ops.token_pool_triton(_x(1, 6, 2), 2, 3, 0, 2)))
+    out.append(
+        ("token_pool/window_negative", lambda: ops.token_pool_triton(_x(1, 6, 2), 2, 3, -2, 2))
+    )
     return out
 
 

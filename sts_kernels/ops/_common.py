@@ -18,6 +18,13 @@ _GPU_TILE = 1 << 12
 _INTERPRETER_TILE = 1 << 16
 
 
+def kernel(name: str, backend: str):
+    """The custom op of kernel `name` on `backend`, by the naming rule (`sts_kernels.ops`):
+    `torch.ops.sts.<name>` from the extension ("cpp"), `torch.ops.sts.<name>_triton` from
+    Triton."""
+    return getattr(torch.ops.sts, f"{name}_triton" if backend == "triton" else name)
+
+
 def on_input_device(op):
     """The body of a custom op that launches Triton kernels, run with the CUDA device of its
     first tensor argument current: Triton launches on the current device and its stream, not

@@ -3,7 +3,7 @@
 The Triton path is six or seven kernels forward, one backward, and no host synchronisation
 (STS_SPEC.md §1) once the tiled matcher is tuned: its first launch per (dtype, C, size class
 of N) benchmarks its configs (host syncs; do it before capturing a CUDA graph):
-  1. `sts::bipartite_match`: `_sqnorm_kernel` reads the metric once for every token's fp32
+  1. `sts::bipartite_match_triton`: `_sqnorm_kernel` reads the metric once for every token's fp32
      squared norm; then, by `match_path` (N and C):
      - "bmm" (N <= 1024, C >= 256): one `torch.bmm` of the raw source and destination
        tokens gives every dot product in fp32 (tensor cores with fp32 accumulation for
@@ -17,13 +17,13 @@ of N) benchmarks its configs (host syncs; do it before capturing a CUDA graph):
      dot products, which the contract leaves open. The tokens are not normalised before the
      GEMM: normalised fp16/bf16 tokens would carry 11/8-bit cosines, the raw ones give fp32
      dot products of exact products.
-  2. `sts::merge_index`: the `r` best sources by a stable descending rank (`_select_kernel`),
+  2. `sts::merge_index_triton`: the `r` best sources by a stable descending rank (`_select_kernel`),
      then the output position of every token (`_index_kernel`);
-  3. `sts::merge_wavg`: a stable counting sort of the tokens by output row (`_csr_kernel`),
+  3. `sts::merge_wavg_triton`: a stable counting sort of the tokens by output row (`_csr_kernel`),
      then every output row is the size-weighted mean of its tokens in position order, a
      deterministic segmented reduction without atomics (`_segment_reduce_kernel`); its
-     backward `sts::merge_wavg_backward` is a gather with the weights (`_gather_rows_kernel`).
-`sts::unmerge` (the gather) and `sts::unmerge_backward` (counting sort + segmented sum) are
+     backward `sts::merge_wavg_backward_triton` is a gather with the weights (`_unmerge_rows_kernel`).
+`sts::unmerge_triton` (the gather) and `sts::unmerge_backward_triton` (counting sort + segmented sum) are
 adjoint. Counting sorts compare every pair of a sample's tokens: O(N^2) integer work that a
 GPU does in microseconds at N = 576 and well under a millisecond at N = 9216.
 """
@@ -116,7 +116,7 @@ def _best_of_tile(dot, a_norm, a_ok, SQ_DST_ptr, j0, j, j_mask, best, arg, EPS: 
 
 # `_match_kernel`'s tiles by dot: tensor cores (fp16/bf16 on a GPU) or the IEEE fp32 FMA dot,
 # whose operands and accumulator all live in registers: only smaller tiles compile without
-# spills there (sm_80/sm_90, tests/test_aot_compile.py compiles every config). tl.dot needs
+# spills there (sm_80/sm_90, tests/budgets/test_aot_compile.py compiles every config). tl.dot needs
 # every tile side >= 16.
 _MATCH_CONFIGS = {
     True: [
@@ -397,7 +397,7 @@ def _segment_reduce_kernel(
 
 
 @triton.jit
-def _gather_rows_kernel(
+def _unmerge_rows_kernel(
     Y_ptr,  # [B, NOUT, D] any strides
     INDEX_ptr,  # [B, N] int64, valid in [0, NOUT)
     W_ptr,  # [B, N] any float dtype (WEIGHTED and HAS_W only)
@@ -477,7 +477,7 @@ def _weight_args(weight: Tensor | None) -> tuple:
     return (weight, *weight.stride()) if weight is not None else (None, 0, 0)
 
 
-def _segments(index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
+def _launch_csr(index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
     """Launch `_csr_kernel`: (perm [B, N] int32, offsets [B, n_out + 1] int32)."""
     b, n = index.shape
     index = index.contiguous()  # kernels address [B, N] rows as b * N + n
@@ -490,7 +490,7 @@ def _segments(index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
     return perm, offsets
 
 
-def _segment_reduce(
+def _launch_segment_reduce(
     x: Tensor, index: Tensor, n_out: int, weight: Tensor | None, mean: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Launch `_csr_kernel` and `_segment_reduce_kernel`; returns (y, den), den (in the
@@ -500,7 +500,7 @@ def _segment_reduce(
     den = torch.empty(b, n_out, dtype=_den_dtype(x.dtype), device=x.device) if mean else None
     if b * n_out == 0:
         return y, den
-    perm, offsets = _segments(index, n_out)
+    perm, offsets = _launch_csr(index, n_out)
     w, stride_wb, stride_wn = _weight_args(weight)
     block_p, block_d, num_warps = tile_shape(n_out, d, _MAX_BLOCK_D)
     grid = (triton.cdiv(n_out, block_p), triton.cdiv(max(d, 1), block_d), b)
@@ -512,8 +512,10 @@ def _segment_reduce(
     return y, den
 
 
-def _gather_rows(y: Tensor, index: Tensor, weight: Tensor | None, den: Tensor | None) -> Tensor:
-    """Launch `_gather_rows_kernel`: [B, NOUT, D] -> [B, N, D], weighted when `den` is given."""
+def _launch_unmerge_rows(
+    y: Tensor, index: Tensor, weight: Tensor | None, den: Tensor | None
+) -> Tensor:
+    """Launch `_unmerge_rows_kernel`: [B, NOUT, D] -> [B, N, D], weighted when `den` is given."""
     b, n_out, d = y.shape
     n = index.shape[1]
     out = torch.empty(b, n, d, dtype=y.dtype, device=y.device)
@@ -524,7 +526,7 @@ def _gather_rows(y: Tensor, index: Tensor, weight: Tensor | None, den: Tensor | 
     w, stride_wb, stride_wn = _weight_args(weight)
     block_n, block_d, num_warps = tile_shape(n, d, _MAX_BLOCK_D)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d), b)
-    _gather_rows_kernel[grid](
+    _unmerge_rows_kernel[grid](
         y, index, w, den, out, n, n_out, d, *y.stride(), stride_wb, stride_wn,
         WEIGHTED=den is not None, HAS_W=weight is not None, ACC_DTYPE=acc_dtype(y.dtype),
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
@@ -532,7 +534,7 @@ def _gather_rows(y: Tensor, index: Tensor, weight: Tensor | None, den: Tensor | 
     return out
 
 
-# ---- sts::bipartite_match --------------------------------------------------------------
+# ---- sts::bipartite_match_triton --------------------------------------------------------------
 
 
 # The bmm matcher's bounds: a cost model, not a measurement (no GPU here; bench/vtc.py labels
@@ -547,7 +549,7 @@ _BMM_MIN_C = 256
 
 
 def match_path(n: int, c: int, dtype: torch.dtype, device: torch.device) -> str:
-    """ "bmm" or "tiled": the matcher `sts::bipartite_match` runs for a [B, n, c] metric.
+    """ "bmm" or "tiled": the matcher `sts::bipartite_match_triton` runs for a [B, n, c] metric.
 
     The bmm path only where its GEMM computes the dot products the tiled kernel would: fp32
     when fp32 matmuls are IEEE (not TF32: `torch.backends.cuda.matmul.allow_tf32`, or a CPU
@@ -597,7 +599,7 @@ def _dots(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.float(), b.float().transpose(1, 2))
 
 
-def _sqnorms(metric: Tensor) -> Tensor:
+def _launch_sqnorm(metric: Tensor) -> Tensor:
     """Launch `_sqnorm_kernel`: [B, N, C] -> [B, N] fp32 squared norms."""
     b, n, c = metric.shape
     sq = torch.empty(b, n, dtype=torch.float32, device=metric.device)
@@ -608,9 +610,9 @@ def _sqnorms(metric: Tensor) -> Tensor:
     return sq
 
 
-@torch.library.custom_op("sts::bipartite_match", mutates_args=())
+@torch.library.custom_op("sts::bipartite_match_triton", mutates_args=())
 @on_input_device
-def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]:
+def _bipartite_match_triton(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]:
     b, n, c = metric.shape
     src0, dst0, na, nb = _split(n, protected)
     best = torch.empty(b, na, dtype=torch.float32, device=metric.device)
@@ -618,12 +620,14 @@ def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]
     if b * na == 0:
         return best, dst
     if n * c >= 2**31:
-        raise ValueError(f"sts::bipartite_match: a sample of {n} x {c} is past 2^31 elements")
+        raise ValueError(
+            f"sts::bipartite_match_triton: a sample of {n} x {c} is past 2^31 elements"
+        )
     if (n - 1) * metric.stride(1) + (c - 1) * metric.stride(2) >= 2**31:
         # `_match_kernel` offsets within a sample in int32 (int64 tiles spill on sm_80): a
         # layout whose rows lie further apart (e.g. a permuted [N, B, C]) is packed first
         metric = metric.contiguous()
-    sq = _sqnorms(metric)
+    sq = _launch_sqnorm(metric)
     if match_path(n, c, metric.dtype, metric.device) == "bmm":
         dots = _dots(metric[:, src0::2], metric[:, dst0::2])  # [B, NA, NB] fp32
         block_a, block_b, num_warps = tile_shape(na, nb, _MAX_BLOCK_C)
@@ -641,7 +645,7 @@ def _bipartite_match_op(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]
     return best, dst
 
 
-@_bipartite_match_op.register_fake
+@_bipartite_match_triton.register_fake
 def _(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]:
     b, n, _ = metric.shape
     na = _split(n, protected)[2]
@@ -651,12 +655,12 @@ def _(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]:
     )
 
 
-# ---- sts::merge_index ----------------------------------------------------------------------
+# ---- sts::merge_index_triton ----------------------------------------------------------------------
 
 
-@torch.library.custom_op("sts::merge_index", mutates_args=())
+@torch.library.custom_op("sts::merge_index_triton", mutates_args=())
 @on_input_device
-def _merge_index_op(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -> Tensor:
+def _merge_index_triton(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -> Tensor:
     b, na = best.shape
     src0, dst0, _, _ = _split(n, protected)
     index = torch.empty(b, n, dtype=torch.int64, device=best.device)
@@ -676,38 +680,38 @@ def _merge_index_op(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -
     return index
 
 
-@_merge_index_op.register_fake
+@_merge_index_triton.register_fake
 def _(best: Tensor, dst: Tensor, n: int, protected: int, r: int) -> Tensor:
     return best.new_empty(best.shape[0], n, dtype=torch.int64)
 
 
-# ---- sts::merge_wavg and its backward ----------------------------------------------------
+# ---- sts::merge_wavg_triton and its backward ----------------------------------------------------
 
 
-@torch.library.custom_op("sts::merge_wavg", mutates_args=())
+@torch.library.custom_op("sts::merge_wavg_triton", mutates_args=())
 @on_input_device
-def _merge_wavg_op(
+def _merge_wavg_triton(
     x: Tensor, weight: Tensor | None, index: Tensor, n_out: int
 ) -> tuple[Tensor, Tensor]:
-    return _segment_reduce(x, index, n_out, weight, mean=True)
+    return _launch_segment_reduce(x, index, n_out, weight, mean=True)
 
 
-@_merge_wavg_op.register_fake
+@_merge_wavg_triton.register_fake
 def _(x: Tensor, weight: Tensor | None, index: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape[0], n_out, x.shape[2]), x.new_empty(
         x.shape[0], n_out, dtype=_den_dtype(x.dtype)
     )
 
 
-@torch.library.custom_op("sts::merge_wavg_backward", mutates_args=())
+@torch.library.custom_op("sts::merge_wavg_backward_triton", mutates_args=())
 @on_input_device
-def _merge_wavg_backward_op(
+def _merge_wavg_backward_triton(
     grad: Tensor, weight: Tensor | None, index: Tensor, den: Tensor
 ) -> Tensor:
-    return _gather_rows(grad, index, weight, den)
+    return _launch_unmerge_rows(grad, index, weight, den)
 
 
-@_merge_wavg_backward_op.register_fake
+@_merge_wavg_backward_triton.register_fake
 def _(grad: Tensor, weight: Tensor | None, index: Tensor, den: Tensor) -> Tensor:
     return grad.new_empty(grad.shape[0], index.shape[1], grad.shape[2])
 
@@ -723,7 +727,7 @@ def _merge_wavg_grad(ctx, grad_y: Tensor | None, _grad_den: Tensor | None):
     weight, index, den = ctx.saved_tensors
     if grad_y is None:
         return None, None, None, None
-    return _merge_wavg_backward_op(grad_y, weight, index, den), None, None, None
+    return _merge_wavg_backward_triton(grad_y, weight, index, den), None, None, None
 
 
 def _merge_wavg_backward_setup(ctx, inputs, output) -> None:
@@ -736,41 +740,41 @@ def _merge_wavg_backward_grad(ctx, grad_dx: Tensor):
     # the forward is linear in x (y = A x, the backward is A^T g), so the backward's own
     # gradient is A again: double backward is exact
     weight, index = ctx.saved_tensors
-    return _merge_wavg_op(grad_dx, weight, index, ctx.n_out)[0], None, None, None
+    return _merge_wavg_triton(grad_dx, weight, index, ctx.n_out)[0], None, None, None
 
 
-_merge_wavg_op.register_autograd(_merge_wavg_grad, setup_context=_merge_wavg_setup)
-_merge_wavg_backward_op.register_autograd(
+_merge_wavg_triton.register_autograd(_merge_wavg_grad, setup_context=_merge_wavg_setup)
+_merge_wavg_backward_triton.register_autograd(
     _merge_wavg_backward_grad, setup_context=_merge_wavg_backward_setup
 )
 
 
-# ---- sts::unmerge and its backward (adjoint of each other) -------------------------------
+# ---- sts::unmerge_triton and its backward (adjoint of each other) -------------------------------
 
 
-@torch.library.custom_op("sts::unmerge", mutates_args=())
+@torch.library.custom_op("sts::unmerge_triton", mutates_args=())
 @on_input_device
-def _unmerge_op(y: Tensor, index: Tensor) -> Tensor:
-    return _gather_rows(y, index, None, None)
+def _unmerge_triton(y: Tensor, index: Tensor) -> Tensor:
+    return _launch_unmerge_rows(y, index, None, None)
 
 
-@_unmerge_op.register_fake
+@_unmerge_triton.register_fake
 def _(y: Tensor, index: Tensor) -> Tensor:
     return y.new_empty(y.shape[0], index.shape[1], y.shape[2])
 
 
-@torch.library.custom_op("sts::unmerge_backward", mutates_args=())
+@torch.library.custom_op("sts::unmerge_backward_triton", mutates_args=())
 @on_input_device
-def _unmerge_backward_op(grad: Tensor, index: Tensor, n_out: int) -> Tensor:
-    return _segment_reduce(grad, index, n_out, None, mean=False)[0]
+def _unmerge_backward_triton(grad: Tensor, index: Tensor, n_out: int) -> Tensor:
+    return _launch_segment_reduce(grad, index, n_out, None, mean=False)[0]
 
 
-@_unmerge_backward_op.register_fake
+@_unmerge_backward_triton.register_fake
 def _(grad: Tensor, index: Tensor, n_out: int) -> Tensor:
     return grad.new_empty(grad.shape[0], n_out, grad.shape[2])
 
 
-register_adjoint_autograd("sts::unmerge", "sts::unmerge_backward", row_dim=1)
+register_adjoint_autograd("sts::unmerge_triton", "sts::unmerge_backward_triton", row_dim=1)
 
 
 # ---- public API ---------------------------------------------------------------------------
@@ -808,7 +812,7 @@ def bipartite_merge(
     _checks.bipartite_merge(x, r, metric, size, protected)
     _check_size_values(size)
     # fp64 stays exact: the Triton path accumulates weights and values in fp64 for fp64 x
-    if select("bipartite_merge", x.device, ("triton",)) != "triton":
+    if select("bipartite_merge", x.device) != "triton":
         return reference.bipartite_merge(x, r, metric, size, protected)
     b, n, _ = x.shape
     r = min(r, (n - protected) // 2)
@@ -820,10 +824,10 @@ def bipartite_merge(
         )
         return MergeResult(x, size, torch.arange(n, device=x.device).expand(b, n))
     # the matching gets no gradient: metric (x by default) only chooses the pairs
-    best, dst = _bipartite_match_op((x if metric is None else metric).detach(), protected)
-    index = _merge_index_op(best, dst, n, protected, r)
+    best, dst = _bipartite_match_triton((x if metric is None else metric).detach(), protected)
+    index = _merge_index_triton(best, dst, n, protected, r)
     weight = None if size is None else size.detach()
-    y, den = _merge_wavg_op(x, weight, index, n - r)
+    y, den = _merge_wavg_triton(x, weight, index, n - r)
     size_dtype = torch.float32 if size is None else size.dtype
     return MergeResult(y, den if den.dtype == size_dtype else den.to(size_dtype), index)
 
@@ -832,6 +836,6 @@ def unmerge(y: Tensor, index: Tensor) -> Tensor:
     """`[B, N_out, D]` -> `[B, N, D]`: each original token gets its merged token's value."""
     _checks.unmerge(y, index)
     _check_index_values(index, y.shape[1])
-    if select("unmerge", y.device, ("triton",)) == "triton":
-        return _unmerge_op(y, index)
+    if select("unmerge", y.device) == "triton":
+        return _unmerge_triton(y, index)
     return reference.unmerge(y, index)

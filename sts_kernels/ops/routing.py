@@ -1,17 +1,18 @@
 """route / gather_rows: sparse routing of the rows that run a layer.
 
-Backends: "cpp" (the extension ops `sts::route`, `sts::gather_rows`, `sts::scatter_rows`, CPU
-and CUDA), "triton" (the custom ops `sts::route_triton`, one launch and one host read of
-(K, Kmax), and the row kernels `sts::gather_rows_triton`, `sts::scatter_rows_triton`; the
-default on GPUs) and "reference". Gather and scatter copy whole rows as raw words, so they
-work for every dtype; row id -1 means "a zero row" (gather) or "no row" (scatter), which is
-how the padded layout marks the slots past a sample's count. Each is the other's backward.
+Backends (`_backend.TABLE`): "triton" (the default on GPUs: `sts::route_triton`, one launch
+and one host read of (K, Kmax), and the row kernels `sts::gather_rows_triton`,
+`sts::scatter_rows_triton`), "cpp" (the extension's `sts::route`, `sts::gather_rows`,
+`sts::scatter_rows`: C++/OpenMP on the CPU, CUDA kernels in a CUDA build, where its gather
+and scatter come before Triton's) and "reference". Gather and scatter copy whole rows as raw
+words, so they work for every dtype; row id -1 means "a zero row" (gather) or "no row"
+(scatter), which is how the padded layout marks the slots past a sample's count. Each is the
+other's backward.
 
-`gather_rows_passthrough` (the skipper's gather) returns the rows and `x` from one autograd
-node, whose backward adds the rows' gradient in place into the gradient `x` gets through the
-passthrough (see `_GatherPassthrough` for when that is safe) with `add_rows_`: the custom ops
-`sts::add_rows` (C++, CPU) and `sts::add_rows_triton`, `dst[ids[k]] += src[k]` touching only
-the rows of valid ids (the padded layout's -1 slots are neither read nor written).
+Also here, for the skipper's gather backward (`ops.skip_glue`): the row add
+`dst[ids[k]] += src[k]` as `sts::add_rows_triton` (the extension's `sts::add_rows` is CPU
+only), touching only the rows of valid ids (the padded layout's -1 slots are neither read nor
+written).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .. import _checks, reference
 from .._backend import extension, select
 from .._triton import tl, triton
 from .._types import RoutePlan
-from ._common import acc_dtype, on_input_device, register_adjoint_autograd, tile_shape
+from ._common import acc_dtype, kernel, on_input_device, register_adjoint_autograd, tile_shape
 
 # Words per row block: wide enough for 16-byte vector accesses of a long row, while leaving
 # a 4K-word GPU tile >= 4 rows tall.
@@ -438,8 +439,6 @@ if extension() is not None:  # importing the extension defined the C++ ops
     torch.library.register_fake("sts::add_rows")(_add_rows_fake)
 
 
-_GATHER = {"cpp": "gather_rows", "triton": "gather_rows_triton"}
-
 # ---------------------------------------------------------------------------------------------
 # Public API
 
@@ -449,140 +448,23 @@ def route(mask: Tensor) -> RoutePlan:
     the Triton route (one launch, one host read of K and Kmax) or, without Triton, the CUDA
     extension's; on the CPU the C++ op (no host read)."""
     _checks.mask(mask)
-    impl = select("route", mask.device, ("triton", "cpp"))
+    impl = select("route", mask.device)
     if impl == "reference":
         return reference.route(mask)
-    op = torch.ops.sts.route_triton if impl == "triton" else torch.ops.sts.route
-    index, counts, offsets, row_to_k, padded_index = op(mask)
+    index, counts, offsets, row_to_k, padded_index = kernel("route", impl)(mask)
     return RoutePlan(index, counts, offsets, tuple(mask.shape), row_to_k, padded_index)
 
 
-class _SparseGradGather(torch.autograd.Function):
-    """A packed gather whose backward is a sparse COO gradient holding just the K rows (the
-    values are the incoming gradient itself, no copy): where `x` also gets a dense gradient
-    from another path, autograd adds the two in one pass instead of zero-filling R rows,
-    scattering K into them and adding that."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, plan_shape: tuple[int, ...], gather: str) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.shape, ctx.plan_shape = x.shape, plan_shape
-        flat = x.reshape(math.prod(plan_shape), *x.shape[len(plan_shape) :])  # [R, ...]
-        return getattr(torch.ops.sts, gather)(flat, index)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (index,) = ctx.saved_tensors
-        # x's own shape, the plan's dims sparse (a reshape's backward rejects sparse tensors);
-        # index is ascending and unique: a coalesced COO tensor by construction
-        if len(ctx.plan_shape) == 1:
-            ids = index[None]  # [1, K]
-        else:
-            ids = torch.stack((index // ctx.plan_shape[1], index % ctx.plan_shape[1]))  # [2, K]
-        sparse = torch.sparse_coo_tensor(
-            ids, grad, ctx.shape, is_coalesced=True, check_invariants=False
-        )
-        return sparse, None, None, None
-
-
-def add_rows_(dst: Tensor, ids: Tensor, src: Tensor, impl: str) -> Tensor:
-    """`dst[ids[k]] += src[k]` in place for the ids in [0, len(dst)); other ids (the padded
-    layout's -1) are skipped, their src rows unread. Valid ids must be unique (a plan's).
-    `impl`: "triton" (`sts::add_rows_triton`) or "cpp" (`sts::add_rows` on the CPU; on a GPU
-    without Triton a masked fill and `index_put_`, which read the skipped rows too)."""
-    if impl == "triton":
-        torch.ops.sts.add_rows_triton(dst, ids, src)
-    elif dst.device.type == "cpu":
-        torch.ops.sts.add_rows(dst, ids, src)
-    else:
-        skipped = (ids < 0) | (ids >= dst.shape[0])  # [N]
-        src = src.masked_fill(skipped.view(-1, *(1,) * (src.dim() - 1)), 0)
-        dst.index_put_((ids.masked_fill(skipped, 0),), src, accumulate=True)
-    return dst
-
-
-class _GatherPassthrough(torch.autograd.Function):
-    """`(gather(x, ids), x)` as one autograd node, so its backward gets both gradients at once
-    and returns grad_x = grad(x_pass) with the routed rows' gradient added in place
-    (`add_rows_`: K rows read twice and written once, padding slots never read), and no
-    zero-filled or sparse gather gradient that autograd then adds to grad(x_pass) out of place
-    (R rows read and written).
-
-    Why the in-place add is safe: the caller feeds `x_pass` to nothing but an op whose backward
-    allocates its input gradient (the skipper: `skip_residual(from_output=True)` on the cpp /
-    triton backends), so grad(x_pass) is a fresh tensor that no one else holds. Under
-    create_graph (double backward) the add is out of place and differentiable, so second
-    derivatives stay exact; without a grad(x_pass) it starts from zeros."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, ids: Tensor, lead: int, slots: tuple[int, ...], impl: str):
-        # x [*plan.shape, *feat]; ids [K] or [B * Kmax] flat row ids (-1: a padding slot)
-        ctx.save_for_backward(ids)
-        ctx.shape, ctx.lead, ctx.padded, ctx.impl = x.shape, lead, len(slots) == 2, impl
-        ctx.set_materialize_grads(False)
-        flat = x.reshape(math.prod(x.shape[:lead]), *x.shape[lead:])  # [R, *feat]
-        rows = getattr(torch.ops.sts, _GATHER[impl])(flat, ids)  # [K or B * Kmax, *feat]
-        return rows.view(*slots, *x.shape[lead:]), x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad_rows: Tensor | None, grad_x: Tensor | None):
-        (ids,) = ctx.saved_tensors
-        if grad_rows is None:
-            return grad_x, None, None, None, None
-        feat = ctx.shape[ctx.lead :]
-        src = grad_rows.reshape(ids.numel(), *feat)  # [K or B * Kmax, *feat]
-        num_rows = math.prod(ctx.shape[: ctx.lead])
-        if grad_x is None or torch.is_grad_enabled() or not grad_x.is_contiguous():
-            # no fresh dense gradient to add into, or double backward: out of place, in
-            # differentiable ops; padding slots (-1) add zeros (a fill, not a product: no NaN * 0)
-            if ctx.padded:
-                src = src.masked_fill((ids < 0).view(-1, *(1,) * len(feat)), 0)
-            base = grad_rows.new_zeros(ctx.shape) if grad_x is None else grad_x
-            grad_x = base.reshape(num_rows, *feat).index_put((ids,), src, accumulate=True)
-            grad_x = grad_x.view(ctx.shape)
-        else:
-            add_rows_(grad_x.view(num_rows, *feat), ids, src, ctx.impl)
-        return grad_x, None, None, None, None
-
-
-def gather_rows_passthrough(x: Tensor, plan: RoutePlan, padded: bool = False):
-    """`(gather_rows(x, plan, padded), x_pass)`: `x_pass` equals `x`, and the two come from one
-    autograd node whose backward adds the rows' gradient into grad(x_pass) in place.
-
-    Only for a caller whose `x_pass` feeds a single op that allocates its input gradient
-    (`skip_residual(..., from_output=True)` on the cpp / triton backends): that gradient is
-    then modified in place. Under torch.compile, on the reference backend and without grad it
-    is `(gather_rows(x, plan, padded), x)`."""
-    _checks.gather_rows(x, plan, padded)
-    impl = select("gather_rows", x.device, ("cpp", "triton"))
-    plain = not (x.requires_grad and torch.is_grad_enabled()) or impl == "reference"
-    if plain or torch.compiler.is_compiling():
-        return gather_rows(x, plan, padded), x
-    ids = plan.padded_index.reshape(-1) if padded else plan.index  # [B * Kmax] or [K]
-    slots = tuple(plan.padded_index.shape) if padded else (plan.num_active,)
-    return _GatherPassthrough.apply(x, ids, len(plan.shape), slots, impl)
-
-
-def gather_rows(
-    x: Tensor, plan: RoutePlan, padded: bool = False, sparse_grad: bool = False
-) -> Tensor:
+def gather_rows(x: Tensor, plan: RoutePlan, padded: bool = False) -> Tensor:
     """The plan's active rows of `x`: `[K, ...]`, or `[B, Kmax, ...]` with `padded=True` (zeros
     past each sample's count). Differentiable in `x`; rows outside the plan get zero gradient.
-
-    `sparse_grad=True` (packed only, like `nn.Embedding(sparse=True)`): the gradient of `x` is
-    a sparse COO tensor of the K rows, for callers whose `x` also gets a dense gradient (the
-    skipper: autograd then adds K rows into it). Ignored under torch.compile and on the
-    reference backend."""
+    (The skipper gathers with `ops.skip_glue.gather_for_layer`.)"""
     _checks.gather_rows(x, plan, padded)
-    if sparse_grad and padded:
-        raise ValueError("sparse_grad=True needs the packed layout (padded=False)")
-    impl = select("gather_rows", x.device, ("cpp", "triton"))
+    impl = select("gather_rows", x.device)
     if impl == "reference":
         return reference.gather_rows(x, plan, padded)
     feat = tuple(x.shape[len(plan.shape) :])
     flat = x.reshape(plan.num_rows, *feat)  # [R, ...]
-    if sparse_grad and x.requires_grad and not torch.compiler.is_compiling():
-        return _SparseGradGather.apply(x, plan.index, plan.shape, _GATHER[impl])
     rows = plan.padded_index.reshape(-1) if padded else plan.index  # [B * Kmax] or [K]
-    out = getattr(torch.ops.sts, _GATHER[impl])(flat, rows)
+    out = kernel("gather_rows", impl)(flat, rows)
     return out.view(*plan.padded_index.shape, *feat) if padded else out

@@ -5,9 +5,9 @@ Two forms of the update `u`: the residual `delta` (out = x + g * delta), or, wit
 kernel forms `y - x` itself, so the skipper needs no separate `delta = y - rows` pass.
 
 Backends: "triton" (the kernels below, registered as the opaque custom ops
-`sts::skip_residual` and `sts::skip_residual_backward`; GPUs, or the CPU under the
-interpreter), "cpp" (the extension's CPU ops `sts::skip_residual_rows` and
-`sts::skip_residual_rows_backward`, csrc/skip_residual_cpu.cpp, same signatures) and
+`sts::skip_residual_triton` and `sts::skip_residual_backward_triton`; GPUs, or the CPU under the
+interpreter), "cpp" (the extension's CPU ops `sts::skip_residual` and
+`sts::skip_residual_backward`, csrc/skip_residual_cpu.cpp, same signatures) and
 "reference". One helper registers fake kernels and autograd for both op pairs; the public
 function validates and dispatches. The ops see canonical 2-D views: `x` `[R, F]` (R rows of
 F = prod(feature dims) values) and `u` packed `[K, F]` or padded `[B, Kmax, F]`.
@@ -35,7 +35,7 @@ from .. import _checks, reference
 from .._backend import extension, select
 from .._triton import tl, triton
 from .._types import RoutePlan
-from ._common import acc_dtype, on_input_device, tile_shape
+from ._common import acc_dtype, kernel, on_input_device, tile_shape
 
 
 @triton.jit
@@ -325,9 +325,9 @@ def _slots(update: Tensor) -> tuple[bool, int, int]:
     return False, update.shape[0], 0
 
 
-@torch.library.custom_op("sts::skip_residual", mutates_args=())
+@torch.library.custom_op("sts::skip_residual_triton", mutates_args=())
 @on_input_device
-def _skip_residual_op(
+def _skip_residual_triton(
     x: Tensor,
     update: Tensor,
     index: Tensor,
@@ -376,9 +376,9 @@ def _skip_residual_op(
     return out, cos
 
 
-@torch.library.custom_op("sts::skip_residual_backward", mutates_args=())
+@torch.library.custom_op("sts::skip_residual_backward_triton", mutates_args=())
 @on_input_device
-def _skip_residual_backward_op(
+def _skip_residual_backward_triton(
     grad_out: Tensor,
     x: Tensor | None,
     update: Tensor,
@@ -500,7 +500,7 @@ def _differentiable_backward(grad_out, x, update, index, row_to_k, offsets, gate
 
 def _register(forward: str, backward: str) -> None:
     """Fake (meta) kernels of a (forward, backward) op pair with the signatures of
-    `sts::skip_residual` / `sts::skip_residual_backward`, and the forward's autograd."""
+    `sts::skip_residual_triton` / `sts::skip_residual_backward_triton`, and the forward's autograd."""
     backward_op = getattr(torch.ops.sts, backward.split("::")[1])
 
     @torch.library.register_fake(forward)
@@ -566,54 +566,9 @@ def _register(forward: str, backward: str) -> None:
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
-_register("sts::skip_residual", "sts::skip_residual_backward")
+_register("sts::skip_residual_triton", "sts::skip_residual_backward_triton")
 if extension() is not None:  # importing the extension defined the C++ ops (CPU kernels)
-    _register("sts::skip_residual_rows", "sts::skip_residual_rows_backward")
-
-# forward op of each compiled backend
-_FORWARD = {"triton": "skip_residual", "cpp": "skip_residual_rows"}
-
-
-def ideal_bytes(
-    num_rows: int, num_active: int, row_bytes: int, backward: bool = True, gate_grad: bool = False
-) -> int:
-    """Least memory traffic (bytes) of the skipper's glue around one skipped layer, the layer's
-    own work excluded: route K of R rows of `row_bytes` into the layer (`gather_rows`) and
-    combine its output `y` back (`skip_residual(from_output=True)`). The one byte model:
-    `bench.lds` prints bytes moved / this, and tests/test_lds_bytes.py bounds that ratio.
-
-    forward   gather: read K rows of x, write K rows                          2K
-              combine: read R (x) + K (y), write R (out)                       2R + K
-    backward  before the layer's backward: read the K active rows of
-              grad_out, write K (grad_y = g * grad_out)                        2K
-              after it: read R (grad_out) + K (the layer's gradient of its
-              input), write R (grad_x)                                         2R + K
-              (+ 2K: the x and y rows, read for the gate's gradient)
-    so 2R + 3K rows each way. The backward cannot be one pass: grad_y is the layer backward's
-    input and grad_x needs that backward's result. Plan metadata (mask, ids, offsets: a few
-    bytes per row) is not counted.
-
-    What the package moves (bench.lds.BytesMoved, no gate gradient). Sample mode: the forward
-    is ideal; the backward writes grad_x and grad_y in one pass over R (read R, write R + K)
-    and adds the layer's gradient into grad_x in place (`add_rows`: read 2K, write K), 2R + 4K:
-    4R + 7K forward+backward, 1.07x at K = R/2. Token mode's padded layout has S = B * Kmax >= K
-    slots, and the padding is written twice, as zeros: by the gather (the layer must see finite
-    rows) and in grad_y (padding must not feed the layer's parameter gradients): 4R + 5K + 2S,
-    ~1.09x at K = R/2 with S ~ 1.06 K (B = 8, T = 512).
-    """
-    rows = 2 * num_rows + 3 * num_active
-    if backward:
-        rows += 2 * num_rows + 3 * num_active + (2 * num_active if gate_grad else 0)
-    return rows * row_bytes
-
-
-def backend_for(device: torch.device) -> str:
-    """The backend `skip_residual` runs on `device`: "triton", "cpp" or "reference"."""
-    # Triton first: it serves GPUs, the C++ kernels serve the CPU
-    impl = select("skip_residual", device, ("triton", "cpp"))
-    if impl == "cpp" and device.type != "cpu":
-        return "reference"  # the C++ op has CPU kernels only (a GPU without Triton)
-    return impl
+    _register("sts::skip_residual", "sts::skip_residual_backward")
 
 
 def skip_residual(
@@ -633,7 +588,7 @@ def skip_residual(
     or `(out, cos)` with `cos` `[K]` (no grad).
     """
     is_padded = _checks.skip_residual(x, delta, plan, gate)
-    impl = backend_for(x.device)
+    impl = select("skip_residual", x.device)
     if impl == "reference":
         return reference.skip_residual(x, delta, plan, gate, stats, from_output)
     num_features = math.prod(x.shape[len(plan.shape) :])
@@ -642,8 +597,7 @@ def skip_residual(
         delta = delta.reshape(plan.shape[0], delta.shape[1], num_features)  # [B, Kmax, F]
     else:
         delta = delta.reshape(plan.num_active, num_features)  # [K, F]
-    forward = getattr(torch.ops.sts, _FORWARD[impl])
-    out, cos = forward(
+    out, cos = kernel("skip_residual", impl)(
         rows, delta, plan.index, plan.row_to_k, plan.offsets, gate, stats, from_output
     )
     out = out.view(x.shape)

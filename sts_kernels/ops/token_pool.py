@@ -1,7 +1,7 @@
 """token_pool: mean over non-overlapping windows of the visual-token grid.
 
 Triton kernels (forward and backward, one pass over their input each), registered as the
-custom ops `sts::token_pool` / `sts::token_pool_backward` so `torch.compile` sees one opaque
+custom ops `sts::token_pool_triton` / `sts::token_pool_backward_triton` so `torch.compile` sees one opaque
 node, and the public `token_pool` that validates and dispatches.
 """
 
@@ -114,14 +114,14 @@ def _check_geometry(h: int, w: int, kh: int, kw: int, n: int, p: int | None = No
     bad = min(h, w) < 0 or min(kh, kw) < 1 or h * w != n
     if bad or (p is not None and -(-h // kh) * -(-w // kw) != p):
         raise ValueError(
-            f"sts::token_pool: grid ({h}, {w}) must hold the N={n} tokens and window "
+            f"sts::token_pool_triton: grid ({h}, {w}) must hold the N={n} tokens and window "
             f"({kh}, {kw}) be positive and pool them into the P={p} outputs"
         )
 
 
-@torch.library.custom_op("sts::token_pool", mutates_args=())
+@torch.library.custom_op("sts::token_pool_triton", mutates_args=())
 @on_input_device
-def _token_pool_op(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
+def _token_pool_triton(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     b, n, d = x.shape
     _check_geometry(h, w, kh, kw, n)
     ow = triton.cdiv(w, kw)
@@ -139,15 +139,15 @@ def _token_pool_op(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     return y
 
 
-@_token_pool_op.register_fake
+@_token_pool_triton.register_fake
 def _(x: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     p = triton.cdiv(h, kh) * triton.cdiv(w, kw)
     return x.new_empty(x.shape[0], p, x.shape[2])
 
 
-@torch.library.custom_op("sts::token_pool_backward", mutates_args=())
+@torch.library.custom_op("sts::token_pool_backward_triton", mutates_args=())
 @on_input_device
-def _token_pool_backward_op(grad: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
+def _token_pool_backward_triton(grad: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     b, _, d = grad.shape
     n = h * w
     _check_geometry(h, w, kh, kw, n, grad.shape[1])
@@ -164,7 +164,7 @@ def _token_pool_backward_op(grad: Tensor, h: int, w: int, kh: int, kw: int) -> T
     return dx
 
 
-@_token_pool_backward_op.register_fake
+@_token_pool_backward_triton.register_fake
 def _(grad: Tensor, h: int, w: int, kh: int, kw: int) -> Tensor:
     return grad.new_empty(grad.shape[0], h * w, grad.shape[2])
 
@@ -174,16 +174,18 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _token_pool_grad(ctx, grad: Tensor):
-    return _token_pool_backward_op(grad, ctx.h, ctx.w, ctx.kh, ctx.kw), None, None, None, None
+    return _token_pool_backward_triton(grad, ctx.h, ctx.w, ctx.kh, ctx.kw), None, None, None, None
 
 
 def _token_pool_backward_grad(ctx, grad: Tensor):
     # the backward is the adjoint of the (linear) forward, so its own gradient is the forward
-    return _token_pool_op(grad, ctx.h, ctx.w, ctx.kh, ctx.kw), None, None, None, None
+    return _token_pool_triton(grad, ctx.h, ctx.w, ctx.kh, ctx.kw), None, None, None, None
 
 
-_token_pool_op.register_autograd(_token_pool_grad, setup_context=_setup_context)
-_token_pool_backward_op.register_autograd(_token_pool_backward_grad, setup_context=_setup_context)
+_token_pool_triton.register_autograd(_token_pool_grad, setup_context=_setup_context)
+_token_pool_backward_triton.register_autograd(
+    _token_pool_backward_grad, setup_context=_setup_context
+)
 
 
 def token_pool(x: Tensor, grid: tuple[int, int], window: tuple[int, int] | int = (2, 2)) -> Tensor:
@@ -192,6 +194,6 @@ def token_pool(x: Tensor, grid: tuple[int, int], window: tuple[int, int] | int =
     # a window past the grid's edge pools the tokens inside it: clipped to the grid it gives
     # the same windows, and the kernel (unrolled over the window) stays H x W at most
     kh, kw = min(kh, h), min(kw, w)
-    if select("token_pool", x.device, ("triton",)) == "triton":
-        return _token_pool_op(x, h, w, kh, kw)
+    if select("token_pool", x.device) == "triton":
+        return _token_pool_triton(x, h, w, kh, kw)
     return reference.token_pool(x, (h, w), (kh, kw))

@@ -19,9 +19,9 @@ from kernel_count import count_kernels
 from torch import nn
 
 import sts_kernels as sts
+from bench.lds import ideal_bytes
 from sts_kernels import _backend
 from sts_kernels.nn import LayerDynamicSkipper
-from sts_kernels.ops.skip_residual import ideal_bytes
 
 CPP = pytest.mark.skipif(not _backend.has_extension("cpu"), reason="extension not built")
 BACKENDS = [pytest.param("cpp", marks=CPP), pytest.param("triton", marks=pytest.mark.interpreter)]

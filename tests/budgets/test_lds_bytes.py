@@ -2,7 +2,7 @@
 counted on the CPU with bench.lds.BytesMoved around the skipper's glue (an identity layer, half
 the rows kept), sample and token mode, on the C++ (CPU) and Triton backends.
 
-The ideal is `sts_kernels.ops.skip_residual.ideal_bytes` (2R + 3K rows forward, 2R + 3K
+The ideal is `bench.lds.ideal_bytes` (2R + 3K rows forward, 2R + 3K
 backward; its docstring derives it), the one model the benchmark prints against. The counter
 charges each op for the tensors it reads: skip_residual reads its update at the K active slots
 only, and x and y in the backward only for a gate's gradient (none here)
@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 import sts_kernels as sts
-from bench.lds import BytesMoved
+from bench.lds import BytesMoved, ideal_bytes
 from sts_kernels import _backend
 from sts_kernels.nn import LayerDynamicSkipper
-from sts_kernels.ops.skip_residual import ideal_bytes
 
 CPP = pytest.mark.skipif(not _backend.has_extension("cpu"), reason="extension not built")
 BACKENDS = [pytest.param("cpp", marks=CPP), pytest.param("triton", marks=pytest.mark.interpreter)]

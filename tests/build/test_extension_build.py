@@ -17,10 +17,10 @@ import torch
 
 from sts_kernels import _backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPS = ("sts::route", "sts::gather_rows", "sts::scatter_rows")
 # CPU kernels only, in every build: on a GPU skip_residual runs the Triton kernels
-CPU_ONLY_OPS = ("sts::skip_residual_rows", "sts::skip_residual_rows_backward")
+CPU_ONLY_OPS = ("sts::skip_residual", "sts::skip_residual_backward")
 CUDA_ARCHS = ["sm_80", "sm_90"]
 
 
@@ -126,7 +126,7 @@ def test_cuda_build_has_cuda_kernels_for_sm80_sm90(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    # routing: CPU and CUDA kernels; skip_residual_rows: CPU kernels only, by design
+    # routing: CPU and CUDA kernels; skip_residual: CPU kernels only, by design
     assert result["cuda"] == [True] * len(OPS) + [False] * len(CPU_ONLY_OPS), result
     assert result["cpu"] == [True] * (len(OPS) + len(CPU_ONLY_OPS)), result
     assert result["info"]["with_cuda"] is True

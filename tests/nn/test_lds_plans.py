@@ -172,27 +172,3 @@ def test_size_one_last_dim_with_odd_stride(backend, padded):
         y = torch.randn(plan.num_active, 1).t().reshape(plan.num_active, 1)
         got = sts.skip_residual(x, y, plan, from_output=True)
         assert torch.equal(got, reference.skip_residual(x, y, plan, from_output=True))
-
-
-def test_sparse_grad_needs_the_packed_layout():
-    plan = _token_plan()
-    with pytest.raises(ValueError, match="sparse_grad=True needs the packed layout"):
-        sts.gather_rows(torch.randn(2, 3, 4), plan, padded=True, sparse_grad=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sparse_grad_gather_adds_into_a_dense_gradient(backend):
-    """The skipper's use: x feeds the sparse-gradient gather and a dense path; x.grad is dense
-    and equals the dense-gradient gather's."""
-    plan = reference.route(torch.tensor([True, False, True, True, False]))
-    x = torch.randn(5, 3, 4)
-    w = torch.randn(3, 3, 4)
-    grads = []
-    for sparse_grad in (False, True):
-        leaf = x.clone().requires_grad_()
-        with sts.use_backend(backend):
-            rows = sts.gather_rows(leaf, plan, sparse_grad=sparse_grad)
-        ((rows * w).sum() + (leaf * 2).sum()).backward()
-        assert leaf.grad.layout == torch.strided
-        grads.append(leaf.grad)
-    assert torch.equal(grads[0], grads[1])

@@ -45,7 +45,7 @@ def _assert_match(metric, protected, atol=1e-6):
     """Kernel (best, dst) against the reference: best within `atol`; dst exactly where the
     reference's top two scores are more than 2*atol apart, elsewhere any destination whose
     reference score is within 2*atol of the best (fp32 rounding may pick either)."""
-    best, dst = torch.ops.sts.bipartite_match(metric, protected)
+    best, dst = torch.ops.sts.bipartite_match_triton(metric, protected)
     best_ref, dst_ref = reference.bipartite_match(metric, protected)
     err = (best - best_ref).abs()
     assert err.max() <= atol, (
@@ -84,7 +84,7 @@ def test_stage_match_exact_ties(dtype, b, n, c, protected, triton_device):
     c = 16 if c not in (16, 64) else c
     g = torch.Generator().manual_seed(b * 1000 + n)
     metric = _sign_tokens(b, n, c, 3, triton_device, g).to(dtype)
-    best, dst = torch.ops.sts.bipartite_match(metric, protected)
+    best, dst = torch.ops.sts.bipartite_match_triton(metric, protected)
     best_ref, dst_ref = reference.bipartite_match(metric, protected)
     assert torch.equal(dst, dst_ref), f"tie rule: kernel {dst.tolist()} != ref {dst_ref.tolist()}"
     torch.testing.assert_close(best, best_ref, atol=1e-6, rtol=0)
@@ -112,7 +112,7 @@ def test_stage_match_near_ties(triton_device):
 @pytest.mark.parametrize("protected", [0, 1, 2])
 @pytest.mark.parametrize("r", [1, 7, 100])
 def test_stage_index_given_matching(protected, r, triton_device):
-    """sts::merge_index (selection + index kernels) on the reference's matching, with many
+    """sts::merge_index_triton (selection + index kernels) on the reference's matching, with many
     exactly equal best scores (quantised) so the stable tie order decides."""
     g = torch.Generator().manual_seed(r + protected)
     b, n = 3, 67
@@ -121,7 +121,7 @@ def test_stage_index_given_matching(protected, r, triton_device):
     best = (torch.randint(0, 5, (b, na), generator=g).float() / 4).to(triton_device)
     dst = torch.randint(0, nb, (b, na), generator=g).to(triton_device)
     r = min(r, (n - protected) // 2)
-    index = torch.ops.sts.merge_index(best, dst, n, protected, r)
+    index = torch.ops.sts.merge_index_triton(best, dst, n, protected, r)
     expected = reference.merge_index(best, dst, n, protected, r)
     diff = index != expected
     assert not diff.any(), (
@@ -138,7 +138,7 @@ def test_stage_counting_sort(n_out, triton_device):
     entries (-1, n_out) left out of every segment."""
     g = torch.Generator().manual_seed(n_out)
     index = torch.randint(-1, n_out + 1, (2, 77), generator=g).to(triton_device)
-    perm, offsets = merge_module._segments(index, n_out)
+    perm, offsets = merge_module._launch_csr(index, n_out)
     key = torch.where(index < 0, -1, torch.where(index >= n_out, n_out, index))
     assert torch.equal(perm.long(), torch.argsort(key, dim=1, stable=True))
     counts = torch.stack([torch.bincount(k[(k >= 0) & (k < n_out)], minlength=n_out) for k in key])
@@ -152,14 +152,14 @@ def test_stage_counting_sort(n_out, triton_device):
     ("b", "n", "d", "r", "protected"), [(3, 64, 64, 20, 2), (3, 30, 16, 14, 1)]
 )
 def test_stage_wavg_given_index(dtype, b, n, d, r, protected, triton_device):
-    """sts::merge_wavg on the reference's index: the weighted means and sizes alone, with long
+    """sts::merge_wavg_triton on the reference's index: the weighted means and sizes alone, with long
     segments (r = 14 of 15 sources into few destinations in the second case)."""
     g = torch.Generator().manual_seed(n)
     metric = _sign_tokens(b, n, 8, 3, triton_device, g)
     x = torch.randn(b, n, d, generator=g).to(triton_device).to(dtype)
     size = (torch.rand(b, n, generator=g) * 3 + 0.5).to(triton_device)
     ref = reference.bipartite_merge(x.float(), r, metric=metric, size=size, protected=protected)
-    y, den = torch.ops.sts.merge_wavg(x, size, ref.index, ref.x.shape[1])
+    y, den = torch.ops.sts.merge_wavg_triton(x, size, ref.index, ref.x.shape[1])
     torch.testing.assert_close(den, ref.size, msg=lambda m: f"merge_wavg sizes: {m}")
     lowp = None
     if dtype in LOW_PRECISION:

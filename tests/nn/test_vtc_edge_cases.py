@@ -9,7 +9,7 @@ import torch
 
 import sts_kernels
 from sts_kernels import _backend, reference
-from tests.test_bipartite_merge import force_matcher  # noqa: F401 (fixture "matcher")
+from tests.ops.test_bipartite_merge import force_matcher  # noqa: F401 (fixture "matcher")
 
 merge_module = importlib.import_module("sts_kernels.ops.bipartite_merge")
 

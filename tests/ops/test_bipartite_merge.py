@@ -80,7 +80,7 @@ def _pick(vectors, which):
 def test_match_kernel(dtype, protected, matcher, triton_device):
     metric = torch.randn(3, 37, 40, device=triton_device).to(dtype)
     metric[:, 7] = 0  # a zero vector: eps keeps its scores at 0
-    best, dst = torch.ops.sts.bipartite_match(metric, protected)
+    best, dst = torch.ops.sts.bipartite_match_triton(metric, protected)
     best_ref, dst_ref = reference.bipartite_match(metric, protected)
     torch.testing.assert_close(best, best_ref, atol=1e-6, rtol=1e-6)
     assert torch.equal(dst, dst_ref)
@@ -89,7 +89,7 @@ def test_match_kernel(dtype, protected, matcher, triton_device):
 @pytest.mark.interpreter
 def test_match_ties_go_to_lowest_destination(matcher, triton_device):
     metric = _sign_tokens(2, 40, 16, pool=3, device=triton_device)
-    best, dst = torch.ops.sts.bipartite_match(metric, 1)
+    best, dst = torch.ops.sts.bipartite_match_triton(metric, 1)
     best_ref, dst_ref = reference.bipartite_match(metric, 1)
     assert torch.equal(best, best_ref) and torch.equal(dst, dst_ref)
     # a source equal to some destination matches the first such destination
@@ -114,7 +114,7 @@ def test_match_equal_directions_tie_exactly(dtype, matcher, triton_device):
     metric = _pick(torch.cat([directions, 2 * directions], 1), which).to(dtype)
     direction = which % 4
     for protected in (0, 1):
-        _, dst = torch.ops.sts.bipartite_match(metric, protected)
+        _, dst = torch.ops.sts.bipartite_match_triton(metric, protected)
         start = protected + protected % 2
         src_dir = direction[:, start::2]
         dst_dir = direction[:, start + 1 - 2 * (protected % 2) :: 2]
@@ -137,7 +137,7 @@ def test_matchers_agree(dtype, monkeypatch, triton_device):
     for path in ("bmm", "tiled"):
         monkeypatch.setattr(merge_module, "_BMM_MAX_N", 1 << 20 if path == "bmm" else 0)
         assert merge_module.match_path(50, 96, dtype, random.device) == path
-        results[path] = [torch.ops.sts.bipartite_match(m, 1) for m in (random, signs)]
+        results[path] = [torch.ops.sts.bipartite_match_triton(m, 1) for m in (random, signs)]
     (best_b, dst_b), (sbest_b, sdst_b) = results["bmm"]
     (best_t, dst_t), (sbest_t, sdst_t) = results["tiled"]
     torch.testing.assert_close(best_b, best_t, atol=1e-6, rtol=1e-6)
@@ -333,7 +333,7 @@ def test_gradcheck_float64(triton_device):
 @pytest.mark.interpreter
 def test_opcheck_match(matcher, triton_device):
     metric = torch.randn(2, 21, 8, device=triton_device)
-    torch.library.opcheck(torch.ops.sts.bipartite_match.default, (metric, 1))
+    torch.library.opcheck(torch.ops.sts.bipartite_match_triton.default, (metric, 1))
 
 
 @pytest.mark.interpreter
@@ -341,17 +341,22 @@ def test_opcheck(triton_device):
     kw = dict(device=triton_device)
     x = torch.randn(2, 21, 8, **kw, requires_grad=True)
     best, dst = reference.bipartite_match(x.detach(), 1)
-    torch.library.opcheck(torch.ops.sts.merge_index.default, (best, dst, 21, 1, 6))
+    torch.library.opcheck(torch.ops.sts.merge_index_triton.default, (best, dst, 21, 1, 6))
     m = reference.bipartite_merge(x.detach(), 6, protected=1)
     weight = torch.rand(2, 21, **kw) + 1
-    torch.library.opcheck(torch.ops.sts.merge_wavg.default, (x, weight, m.index, 15))
-    torch.library.opcheck(torch.ops.sts.merge_wavg.default, (x, None, m.index, 15))
+    torch.library.opcheck(torch.ops.sts.merge_wavg_triton.default, (x, weight, m.index, 15))
+    torch.library.opcheck(torch.ops.sts.merge_wavg_triton.default, (x, None, m.index, 15))
     grad = torch.randn(2, 15, 8, **kw)
     den = torch.rand(2, 15, **kw) + 1
-    torch.library.opcheck(torch.ops.sts.merge_wavg_backward.default, (grad, weight, m.index, den))
-    torch.library.opcheck(torch.ops.sts.unmerge.default, (grad.requires_grad_(True), m.index))
     torch.library.opcheck(
-        torch.ops.sts.unmerge_backward.default, (x.detach().requires_grad_(True), m.index, 15)
+        torch.ops.sts.merge_wavg_backward_triton.default, (grad, weight, m.index, den)
+    )
+    torch.library.opcheck(
+        torch.ops.sts.unmerge_triton.default, (grad.requires_grad_(True), m.index)
+    )
+    torch.library.opcheck(
+        torch.ops.sts.unmerge_backward_triton.default,
+        (x.detach().requires_grad_(True), m.index, 15),
     )
 
 
@@ -377,8 +382,8 @@ def test_compile_fullgraph(triton_device):
 @pytest.mark.interpreter
 def test_triton_path_is_used(monkeypatch, triton_device):
     calls = []
-    real = merge_module._merge_wavg_op
-    monkeypatch.setattr(merge_module, "_merge_wavg_op", lambda *a: calls.append(a) or real(*a))
+    real = merge_module._merge_wavg_triton
+    monkeypatch.setattr(merge_module, "_merge_wavg_triton", lambda *a: calls.append(a) or real(*a))
     x = torch.randn(1, 8, 4, device=triton_device)
     _triton(bipartite_merge, x, 2)
     assert len(calls) == 1
@@ -454,7 +459,7 @@ def test_gpu_large(dtype, protected, matcher):
     x = torch.randn(b, n, d, device="cuda").to(dtype)
     # seeded random tokens: score gaps (~1e-4) dwarf fp32 rounding (~1e-7), so the matching
     # is exact; the scores themselves match to fp32 rounding
-    best, _ = torch.ops.sts.bipartite_match(x, protected)
+    best, _ = torch.ops.sts.bipartite_match_triton(x, protected)
     best_ref, _ = reference.bipartite_match(x, protected)
     torch.testing.assert_close(best, best_ref, atol=1e-5, rtol=1e-5)
     _check_merge_against_reference(x, r=n // 4, protected=protected)

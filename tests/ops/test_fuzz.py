@@ -15,7 +15,7 @@ import torch
 import sts_kernels
 from sts_kernels import RoutePlan
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "fuzz_ops.py"
 
 
@@ -90,7 +90,7 @@ def test_raw_token_pool_checks_geometry(geometry):
     """Found by the fuzz test: the raw op read past x for a grid larger than N and divided by
     zero for a zero window."""
     x = torch.randn(1, 6, 2)
-    with pytest.raises(ValueError, match="sts::token_pool: grid"):
-        torch.ops.sts.token_pool(x, *geometry)
-    with pytest.raises(ValueError, match="sts::token_pool: grid"):
-        torch.ops.sts.token_pool_backward(x[:, :1], *geometry)
+    with pytest.raises(ValueError, match="sts::token_pool_triton: grid"):
+        torch.ops.sts.token_pool_triton(x, *geometry)
+    with pytest.raises(ValueError, match="sts::token_pool_triton: grid"):
+        torch.ops.sts.token_pool_backward_triton(x[:, :1], *geometry)

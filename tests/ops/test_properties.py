@@ -189,23 +189,10 @@ def test_gather_rows(backend, data):
     mask = _mask(data)
     plan = reference.route(mask)
     padded = len(plan.shape) == 2 and data.draw(st.booleans(), label="padded")
-    # sparse_grad on token plans: test_gather_rows_sparse_grad_token_plan
-    sparse_grad = len(plan.shape) == 1 and data.draw(st.booleans(), label="sparse_grad")
     dtype = data.draw(st.sampled_from(ALL_DTYPES), label="dtype")
     x = _randn(data, (*plan.shape, *_feat(data)), dtype)
 
-    _compare(lambda t: sts_kernels.gather_rows(t, plan, padded, sparse_grad), [x], backend)
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("backend", [p for p in _backends("cpp", "triton") if p != "reference"])
-def test_gather_rows_sparse_grad_token_plan(backend):
-    """Found by the property test: the sparse gradient of a [B, T] plan's gather failed."""
-    plan = reference.route(torch.tensor([[True, False]]))
-    x = torch.randn(1, 2, 3, requires_grad=True)
-    with sts_kernels.use_backend(backend):
-        sts_kernels.gather_rows(x, plan, sparse_grad=True).sum().backward()
-    assert torch.equal(x.grad.to_dense(), torch.tensor([[[1.0] * 3, [0.0] * 3]]))
+    _compare(lambda t: sts_kernels.gather_rows(t, plan, padded), [x], backend)
 
 
 @pytest.mark.interpreter

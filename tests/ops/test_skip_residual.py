@@ -2,8 +2,6 @@
 reference, forward and backward, every dtype; gradcheck, opcheck, torch.compile, backend
 choice and input validation."""
 
-import importlib
-
 import pytest
 import torch
 from tolerances import DTYPES, assert_close
@@ -11,9 +9,6 @@ from tolerances import DTYPES, assert_close
 import sts_kernels
 from sts_kernels import RoutePlan, _backend, reference, route, use_backend
 from sts_kernels.ops import _common as ops_common
-
-# the module (the package attribute of that name is the function)
-skip_residual_module = importlib.import_module("sts_kernels.ops.skip_residual")
 
 NO_EXTENSION = "the extension sts_kernels._C is not built (or STS_DISABLE_EXT=1)"
 BACKENDS = [
@@ -24,8 +19,8 @@ BACKENDS = [
 ]
 # (forward, backward) op of each backend
 OPS = {
-    "triton": ("skip_residual", "skip_residual_backward"),
-    "cpp": ("skip_residual_rows", "skip_residual_rows_backward"),
+    "triton": ("skip_residual_triton", "skip_residual_backward_triton"),
+    "cpp": ("skip_residual", "skip_residual_backward"),
 }
 
 # (x shape, mask shape, padded delta): sample mode [B], token mode [B, T] packed and padded,
@@ -294,7 +289,7 @@ def test_torch_compile_fullgraph(backend, device):
 def test_auto_backend_on_cpu_is_cpp_when_built():
     cpu = torch.device("cpu")
     with use_backend("auto"):
-        impl = skip_residual_module.backend_for(cpu)
+        impl = _backend.select("skip_residual", cpu)
         x, delta, plan, gate = make_case("token", torch.float32, cpu, True)
         out = sts_kernels.skip_residual(x, delta, plan, gate)
     assert impl == ("cpp" if _backend.has_extension("cpu") else "reference")
@@ -308,8 +303,7 @@ def test_cuda_never_reaches_the_cpu_only_cpp_op(want, monkeypatch):
     monkeypatch.setattr(_backend, "has_extension", lambda device_type="cpu": True)
     cuda = torch.device("cuda")
     with use_backend(want):
-        assert _backend.select("skip_residual", cuda, ("triton", "cpp")) == "cpp"
-        assert skip_residual_module.backend_for(cuda) == "reference"
+        assert _backend.select("skip_residual", cuda) == "reference"
 
 
 def test_bad_input_raises_before_any_kernel(run):

@@ -102,9 +102,9 @@ def test_gradcheck_float64(triton_device):
 @pytest.mark.interpreter
 def test_opcheck(triton_device):
     x = torch.randn(2, 35, 8, device=triton_device, requires_grad=True)
-    torch.library.opcheck(torch.ops.sts.token_pool.default, (x, 5, 7, 2, 3))
+    torch.library.opcheck(torch.ops.sts.token_pool_triton.default, (x, 5, 7, 2, 3))
     g = torch.randn(2, 9, 8, device=triton_device, requires_grad=True)
-    torch.library.opcheck(torch.ops.sts.token_pool_backward.default, (g, 5, 7, 2, 3))
+    torch.library.opcheck(torch.ops.sts.token_pool_backward_triton.default, (g, 5, 7, 2, 3))
 
 
 @pytest.mark.interpreter
@@ -125,8 +125,10 @@ def test_compile_fullgraph(triton_device):
 def test_triton_path_is_used(monkeypatch, triton_device):
     """use_backend('triton') dispatches to the custom op, 'reference' does not."""
     calls = []
-    real = token_pool_module._token_pool_op
-    monkeypatch.setattr(token_pool_module, "_token_pool_op", lambda *a: calls.append(a) or real(*a))
+    real = token_pool_module._token_pool_triton
+    monkeypatch.setattr(
+        token_pool_module, "_token_pool_triton", lambda *a: calls.append(a) or real(*a)
+    )
     x = torch.randn(1, 4, 2, device=triton_device)
     _triton_pool(x, (2, 2), (2, 2))
     assert len(calls) == 1
