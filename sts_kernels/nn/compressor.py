@@ -110,6 +110,11 @@ class VisualTokenCompressor(nn.Module):
         h, w = _checks.positive_pair("grid", grid)
         if h * w != n:
             raise ValueError(f"grid {(h, w)} holds {h * w} tokens but N={n}")
+        if self.active and (self.window[0] > h or self.window[1] > w):
+            raise ValueError(
+                f"window {self.window} is larger than the grid {(h, w)}: every image would "
+                "pool to one token; use a window no larger than the grid"
+            )
         return h, w
 
     def output_tokens(self, n: int, grid: tuple[int, int] | None = None) -> int:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .._types import RoutePlan
 from ..ops import route, skip_residual
 from ..ops.skip_glue import gather_for_layer
+from .layer_args import token_layer_args
 
 POSITION_KWARGS = ("positions", "position_ids")
 
@@ -125,17 +126,15 @@ class SkippableLayer(nn.Module):
         return f"idx={self.idx}"
 
     def pass_positions(self, args: tuple, kwargs: dict, plan: RoutePlan) -> ArgsKwargs:
-        """Default `token_arg_builder`: args pass through, and a `positions` / `position_ids`
-        parameter receives the kept tokens' original positions `[B, Kmax]` (padding slots come
-        after every kept token of a sample, so a causal mask over slots never attends to them).
-        Hugging Face decoder layers need their rotary embeddings and attention mask cut too:
-        `apply_sts` passes `sts_kernels.integrations.hf.token_layer_args`."""
+        """Default `token_arg_builder`. A rotary-embedding decoder layer (called with
+        `position_embeddings`, Hugging Face's) gets `layer_args.token_layer_args`: rotary
+        embeddings, position ids and the attention mask (or varlen arguments) cut to each
+        sample's kept tokens. Any other layer: args pass through, and a `positions` /
+        `position_ids` parameter receives the kept tokens' original positions `[B, Kmax]`
+        (padding slots come after every kept token of a sample, so a causal mask over slots
+        never attends to them)."""
         if "position_embeddings" in kwargs:
-            raise ValueError(
-                "LDS token mode: this layer takes position_embeddings (a Hugging Face decoder "
-                "layer), which the default token_arg_builder cannot cut to the kept tokens; "
-                "pass token_arg_builder=sts_kernels.integrations.hf.token_layer_args"
-            )
+            return token_layer_args(args, kwargs, plan)
         return args, {**kwargs, **{name: plan.positions for name in self._position_kwargs}}
 
     @torch.compiler.disable

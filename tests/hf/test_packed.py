@@ -33,7 +33,6 @@ from packed_batches import (  # noqa: E402
 from varlen_attention import NAME, record, register  # noqa: E402
 
 FAMILIES = list(MAKERS)
-PENDING = pytest.mark.xfail(strict=False, reason="issue 17 library side in progress")
 
 
 def _model(family: str, attn: str):
@@ -136,7 +135,6 @@ def _grads_of(model, loss) -> dict:
     return grads
 
 
-@PENDING
 @pytest.mark.parametrize(("family", "setting", "attn"), PATCHED_CASES)
 def test_patched_packed_equals_unpacked(family, setting, attn):
     from sts_kernels.integrations.hf import apply_sts
@@ -166,7 +164,6 @@ def _text_positions(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids[0] if position_ids.ndim == 3 else position_ids  # [4, 1, T]: row 0
 
 
-@PENDING
 @pytest.mark.parametrize("mode", ["token", "sample"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_patched_packed_schedule_shrinks_segments(family, mode):
@@ -198,7 +195,6 @@ def test_patched_packed_schedule_shrinks_segments(family, mode):
         assert torch.equal(pos[a:b], torch.arange(b - a)), (a, b, pos)
 
 
-@PENDING
 def test_patched_packed_llava_vtc_matches_hand_pooled_reference():
     """Independent VTC oracle: pool the unpatched model's projected features 2x2 per image by
     hand, build the short samples (4 placeholders an image), pack them and run the UNPATCHED
@@ -292,7 +288,6 @@ def test_trl_padding_free_collator_drops_pixels():
         assert torch.equal(batch[key], packed[key].to(batch[key].dtype)), (trl.__version__, key)
 
 
-@PENDING
 @pytest.mark.parametrize("collator", ["transformers", "trl"])
 def test_patched_llava_on_collator_batch(collator):
     """A collator's packed batch (pixel_values added back) through the patched tiny LLaVA:
@@ -326,7 +321,6 @@ def test_patched_llava_on_collator_batch(collator):
         _close_grads(got[name], want[name], name)
 
 
-@PENDING
 def test_placeholders_without_pixels_raise():
     """TRL's padding-free collator drops pixel_values: under the patch, image placeholders
     without pixel_values are a ValueError naming both (the unpatched model trains on the raw

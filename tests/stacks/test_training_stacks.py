@@ -259,9 +259,9 @@ def test_trainer_with_label_smoothing_and_callback(tmp_path):
             assert log["sts/layer_rows_run"] == log["sts/layer_rows_total"] == 0
             # 22 tokens per row, 16 - 4 placeholders removed
             assert log["sts/lm_flop_fraction"] == round(10 / 22, 4)
-        else:  # instruct: no VTC (no visual token counts), sample-mode skipping
+        else:  # instruct: no VTC (every visual token reaches the LM), sample-mode skipping
             assert log["sts/stage"] == 1
-            assert log["sts/visual_tokens_in"] == log["sts/visual_tokens_kept"] == 0
+            assert log["sts/visual_tokens_in"] == log["sts/visual_tokens_kept"] == 2 * 2 * 16
             assert log["sts/layer_rows_total"] == 2 * 4 * 2  # micro-batches x layers x rows
             run = log["sts/layer_rows_run"]
             assert 2 * 2 * 2 <= run <= log["sts/layer_rows_total"]  # first, last layer dense

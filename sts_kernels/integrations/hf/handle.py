@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import unpatched_forward
+from .layers import check_router_logits, draw_decisions, unpatched_forward
 from .report import StsReport, StsTotals
-from .sequence import check_target_count, compose_columns, expand_columns
+from .sequence import check_target_count, compose_columns, count_placeholders, expand_columns
 
 # the live patch of a model is a plain attribute of the model: deepcopy / pickle carry it (and
 # every hook and layer forward, all bound to the handle rather than closures) to the copy
@@ -145,6 +145,8 @@ class StsHandle:
         ids = kw.get("input_ids")
         report = StsReport(lm_tokens_in=ids.numel() if ids is not None else 0)
         report.lm_tokens = report.lm_tokens_in
+        if module.training and ids is not None:
+            self._count_visual(report, ids, kw)
         compressor = self.compressor
         if (
             compressor is not None
@@ -166,8 +168,8 @@ class StsHandle:
             report.lm_tokens = kw["input_ids"].numel()
         if self.skipper is not None and module.training:
             kw["use_cache"] = False  # a subset of rows must not write a shared KV cache
-            _check_router_logits(kw, self.model)
-            _plan_step(self.skipper, kw)
+            check_router_logits(kw, self.model)
+            draw_decisions(self.skipper, kw)
         self.report = report
         self.last_inputs = {
             name: value.detach() if isinstance(value, Tensor) else value
@@ -175,6 +177,23 @@ class StsHandle:
             if name != "mm_encoder_outputs"  # the compressed features and their graph
         }
         return (), kw
+
+    def _count_visual(self, report: StsReport, ids: Tensor, kw: dict[str, Any]) -> None:
+        """Visual tokens the batch carries (in = kept unless VTC shrinks them below); refuses
+        placeholders that no visual input fills (the LM would train on their raw embeddings)."""
+        counts = count_placeholders(ids, self.adapter.placeholder_ids(self.model))
+        for modality, n in counts.items():
+            setattr(report, f"{modality}_tokens_in", n)
+            setattr(report, f"{modality}_tokens_kept", n)
+        report.visual_tokens_in = report.visual_tokens_kept = sum(counts.values())
+        fed = self.adapter.has_visual(kw) or kw.get("mm_encoder_outputs") is not None
+        if self.adapter.modes and report.visual_tokens_in and not fed:
+            raise ValueError(
+                f"apply_sts: input_ids hold {counts} visual placeholders but no visual input "
+                f"arrived ({', '.join(self.adapter.pixel_keys)} are None): the model would train "
+                "on the placeholders' raw embeddings. Pass the pixels (a padding-free collator may "
+                "drop them) or remove the placeholders."
+            )
 
     def _post_hook(self, module, args, output):
         """The skipper's counts into the report and the totals; logits back at the caller's
@@ -199,7 +218,7 @@ class StsHandle:
         return output
 
     def _drop_plan(self, module, args, output) -> None:
-        """The decisions drawn for this forward (`_plan_step`) end with it: a later call that
+        """The decisions drawn for this forward (`draw_decisions`) end with it: a later call that
         does not pass through the model's pre-hook (e.g. of its inner language model) draws its
         own."""
         if self.skipper is not None:
@@ -218,7 +237,7 @@ class StsHandle:
 
     def _skipper_call(self, idx: int, *args, **kwargs):
         """The skipper's call for layer `idx`: traced under torch.compile, with the decision the
-        pre-hook drew for this layer (`_plan_step`; the router policy draws it here, eagerly)."""
+        pre-hook drew for this layer (`draw_decisions`; the router policy draws it here, eagerly)."""
         layer = self._layers[idx]
         if not layer.training:  # a layer the user put in eval() inside a training model
             return unpatched_forward(layer, self._previous[idx])(*args, **kwargs)
@@ -253,34 +272,3 @@ def follow(module: nn.Module, training: bool, device: torch.device) -> None:
     buffer = next(module.buffers(), None)
     if buffer is not None and buffer.device != device:
         module.to(device)
-
-
-def _check_router_logits(kw: dict[str, Any], model: nn.Module) -> None:
-    """A mixture-of-experts LM asked for its router logits (for the load-balancing loss)
-    would get, from a layer LDS ran on K of its rows, logits for those rows only, which the
-    loss cannot line up with the other layers' (it fails deep inside, or would weigh layers
-    unevenly): refused with the reason."""
-    requested = kw.get("output_router_logits")
-    if requested is None:
-        config = getattr(model.config, "text_config", model.config)
-        requested = getattr(config, "output_router_logits", False)
-    if requested:
-        raise ValueError(
-            "apply_sts: LDS skips rows of the decoder layers, so a mixture-of-experts model "
-            "cannot return every layer's router logits (output_router_logits=True, for the "
-            "load-balancing loss); turn them off, or train this stage without LDS (skip=False)"
-        )
-
-
-def _plan_step(skipper: nn.Module, kw: dict[str, Any]) -> None:
-    """The skipper's decisions for every decoder layer of this forward, drawn before it runs
-    (`LayerDynamicSkipper.plan_step`): the LM's hidden states are `[B, T, D]` for the
-    (compressed) `input_ids` or `inputs_embeds` the model now runs on."""
-    tokens = kw.get("input_ids")
-    tokens = kw.get("inputs_embeds") if tokens is None else tokens
-    if tokens is None or tokens.dim() < 2:
-        return
-    # the gates' dtype follows the decoder's (fp64 layers get fp64 gates, all else fp32)
-    weight = next(skipper.layers[0].layer.parameters(), None) if len(skipper.layers) else None
-    dtype = weight.dtype if weight is not None else torch.float32
-    skipper.plan_step(tuple(tokens.shape[:2]), tokens.device, dtype)

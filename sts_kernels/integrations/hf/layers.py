@@ -1,12 +1,16 @@
 """The decoder layers under LDS: what the skipper calls in place of a layer (`LayerCall`), and an
-HF decoder layer's arguments cut to each sample's kept tokens (`token_layer_args`, token mode)."""
+HF decoder layer's arguments cut to each sample's kept tokens (`token_layer_args`, token mode,
+from `sts_kernels.nn.layer_args`), and the checks and decisions the model's pre-hook makes for
+them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from ...nn.layer_args import token_layer_args
 
 
 def unpatched_forward(layer: nn.Module, previous) -> Any:
@@ -35,60 +39,35 @@ class LayerCall(nn.Module):
         return self.layer.parameters(recurse)
 
 
-def token_layer_args(args: tuple, kwargs: dict, plan) -> tuple[tuple, dict]:
-    """`token_arg_builder` for Llama / Qwen2-VL decoder layers.
-
-    The layer runs on `[B, Kmax, D]` (each sample's kept tokens, padded). Rotary embeddings and
-    position ids are gathered at the kept tokens' original positions; the attention mask is the
-    original one (or causal on original positions when the model passed none) restricted to kept
-    query/key pairs, padding keys masked. Padding query rows may attend to themselves only
-    (their output is discarded) so no row is fully masked.
-    """
-    kwargs = dict(kwargs)
-    pos = plan.positions  # [B, Kmax] original t of each kept token
-    valid = plan.valid  # [B, Kmax]
-    b, kmax = pos.shape
-
-    def gather_t(x: Tensor, t_dim: int) -> Tensor:  # gather along the sequence dim
-        # sizes read from `pos`, not closed over as ints: under torch.compile this may be its
-        # own frame, and an int in a closure would be a guard (a recompile per Kmax)
-        x = (
-            x.expand(*x.shape[:t_dim], pos.shape[0], *x.shape[t_dim + 1 :])
-            if x.shape[t_dim] == 1
-            else x
-        )
-        shape = [1] * x.dim()
-        shape[t_dim], shape[t_dim + 1] = pos.shape
-        index = pos.view(shape).expand(*x.shape[: t_dim + 1], pos.shape[1], *x.shape[t_dim + 2 :])
-        return x.gather(t_dim + 1, index)
-
-    cos, sin = kwargs["position_embeddings"]  # [1 or B, T, hd]
-    kwargs["position_embeddings"] = (gather_t(cos, 0), gather_t(sin, 0))
-    if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = gather_t(kwargs["position_ids"], kwargs["position_ids"].dim() - 2)
-    mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() != 4:
+def check_router_logits(kw: dict[str, Any], model: nn.Module) -> None:
+    """A mixture-of-experts LM asked for its router logits (for the load-balancing loss)
+    would get, from a layer LDS ran on K of its rows, logits for those rows only, which the
+    loss cannot line up with the other layers' (it fails deep inside, or would weigh layers
+    unevenly): refused with the reason."""
+    requested = kw.get("output_router_logits")
+    if requested is None:
+        config = getattr(model.config, "text_config", model.config)
+        requested = getattr(config, "output_router_logits", False)
+    if requested:
         raise ValueError(
-            "LDS token mode needs a 4D attention mask (eager or sdpa attention), got "
-            f"attention_mask of shape {tuple(mask.shape)}"
+            "apply_sts: LDS skips rows of the decoder layers, so a mixture-of-experts model "
+            "cannot return every layer's router logits (output_router_logits=True, for the "
+            "load-balancing loss); turn them off, or train this stage without LDS (skip=False)"
         )
-    if mask is None:  # sdpa without padding: causal on the original positions
-        allowed = pos[:, :, None] >= pos[:, None, :]
-    else:
-        m = mask[:, 0].expand(b, -1, -1)  # [B, T, T]
-        m = m.gather(1, pos[:, :, None].expand(-1, -1, m.shape[-1]))
-        m = m.gather(2, pos[:, None, :].expand(-1, kmax, -1))  # [B, Kmax, Kmax]
-        allowed = m if m.dtype == torch.bool else m == 0
-    eye = torch.eye(kmax, dtype=torch.bool, device=pos.device)
-    allowed = (allowed & valid[:, None, :]) | (~valid[:, :, None] & eye)
-    allowed = allowed | (eye & ~allowed.any(-1, keepdim=True))  # fully masked rows (left pad)
-    if mask is not None and mask.dtype != torch.bool:  # eager: additive float mask
-        additive = torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device)
-        kwargs["attention_mask"] = additive.masked_fill(~allowed, torch.finfo(mask.dtype).min)[
-            :, None
-        ]
-    else:
-        kwargs["attention_mask"] = allowed[:, None]
-    kwargs["cache"] = None
-    kwargs["use_cache"] = False
-    return args, kwargs
+
+
+def draw_decisions(skipper: nn.Module, kw: dict[str, Any]) -> None:
+    """The skipper's decisions for every decoder layer of this forward, drawn before it runs
+    (`LayerDynamicSkipper.plan_step`): the LM's hidden states are `[B, T, D]` for the
+    (compressed) `input_ids` or `inputs_embeds` the model now runs on."""
+    tokens = kw.get("input_ids")
+    tokens = kw.get("inputs_embeds") if tokens is None else tokens
+    if tokens is None or tokens.dim() < 2:
+        return
+    # the gates' dtype follows the decoder's (fp64 layers get fp64 gates, all else fp32)
+    weight = next(skipper.layers[0].layer.parameters(), None) if len(skipper.layers) else None
+    dtype = weight.dtype if weight is not None else torch.float32
+    skipper.plan_step(tuple(tokens.shape[:2]), tokens.device, dtype)
+
+
+__all__ = ["LayerCall", "check_router_logits", "draw_decisions", "token_layer_args"]

@@ -8,7 +8,7 @@ from torch import nn
 from ...nn import LayerDynamicSkipper, VisualTokenCompressor
 from .adapters import adapter_for
 from .handle import HANDLE_ATTR, StsHandle
-from .layers import LayerCall, token_layer_args
+from .layers import LayerCall
 
 # stage -> (VTC on by default, LDS on by default); STS compresses during modality alignment
 # and skips layers during instruction tuning
@@ -118,8 +118,6 @@ def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: i
             raise ValueError(
                 f"skip: the skipper wraps {len(skip.layers)} layers, the model has {len(layers)}"
             )
-        if skip.token_arg_builder is None:  # HF decoder layers take rotary embeddings
-            skip.token_arg_builder = token_layer_args
         return skip, list(skip.layers)
     if skip is None or skip is True:
         skip = {}
@@ -130,7 +128,6 @@ def _build_skipper(skip, default_on: bool, layers: nn.ModuleList, hidden_size: i
         )
     calls = nn.ModuleList(LayerCall(layer) for layer in layers)
     kwargs = {**DEFAULT_SKIP, **family, **skip}
-    kwargs.setdefault("token_arg_builder", token_layer_args)
     skipper = LayerDynamicSkipper(calls, hidden_size, **kwargs)
     return skipper, list(skipper.layers)
 

@@ -57,8 +57,8 @@ def shrink_placeholders(
     dropped[slots[rank >= counts_out[image_of]]] = True
     dropped = dropped.view(b, length)
     keep = ~dropped
-    if attention_mask is not None:
-        keep &= attention_mask.bool()
+    if attention_mask is not None:  # padding goes; a kept placeholder stays even if masked
+        keep &= attention_mask.bool() | (input_ids == image_token_id)
     left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
     row_len = keep.sum(1)  # [B]
     new_len = int(row_len.max())
@@ -136,6 +136,15 @@ def expand_columns(x: Tensor, cols: Tensor, length: int) -> Tensor:
     dest = dest.view(*cols.shape, *([1] * (x.dim() - 2))).expand_as(x)
     out = x.new_zeros(x.shape[0], length + 1, *x.shape[2:])
     return out.scatter(1, dest, x)[:, :length]
+
+
+@torch.compiler.disable  # host read
+def count_placeholders(input_ids: Tensor, token_ids: dict[str, int]) -> dict[str, int]:
+    """{modality: placeholders of its token id in `input_ids`}, one host read."""
+    if not token_ids:
+        return {}
+    counts = torch.stack([(input_ids == i).sum() for i in token_ids.values()]).tolist()
+    return dict(zip(token_ids, counts))
 
 
 def check_target_count(

@@ -84,6 +84,17 @@ class Adapter:
     def has_visual(self, kw: dict[str, Any]) -> bool:
         return any(kw.get(key) is not None for key in self.pixel_keys)
 
+    def placeholder_ids(self, model: nn.Module) -> dict[str, int]:
+        """{modality: the token id of its placeholders in `input_ids`} from the config."""
+        config, ids = model.config, {}
+        for modality in ("image", "video"):
+            for name in (f"{modality}_token_id", f"{modality}_token_index"):
+                value = getattr(config, name, None)
+                if isinstance(value, int):
+                    ids[modality] = value
+                    break
+        return ids
+
     def compress(
         self, model: nn.Module, compressor: nn.Module, kw: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Shrink]]:
@@ -158,6 +169,12 @@ class TiledAdapter(Adapter):
 
     def image_features(self, model: nn.Module, kw: dict[str, Any]) -> Any:
         return model.model.get_image_features(pixel_values=kw["pixel_values"], return_dict=True)
+
+    def check_compressor(self, compressor: nn.Module, model: nn.Module) -> None:
+        k = self.tokens_per_tile(model)
+        if math.isqrt(k) ** 2 != k:
+            raise ValueError(f"compress: {self.name} tiles hold {k} tokens, not a square grid")
+        super().check_compressor(compressor, model)
 
     def compress(self, model, compressor, kw):
         features = self.image_features(model, kw)
