@@ -1,4 +1,4 @@
-"""Smoke test of an *installed* sts_kernels, run by tests/test_wheels.py with a fresh
+"""Smoke test of an *installed* sts_kernels, run by tests/build/test_wheels.py with a fresh
 virtualenv's python from outside the source tree: `python wheel_smoke.py KIND`, KIND one of
 
   pure          the pure-Python wheel: no extension, reference + Triton backends
