@@ -117,6 +117,8 @@ class LayerDynamicSkipper(nn.Module):
             ("target_skip", target_skip, MAX_SKIP),
             ("ema", ema, 1.0),
         ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number in [0, {high}], got {value!r}")
             if not 0.0 <= value <= high:
                 raise ValueError(f"{name} must be in [0, {high}], got {value}")
         self.mode, self.policy = mode, policy
