@@ -156,7 +156,7 @@ class SkippableLayer(nn.Module):
         steps = self.skipper._steps
         step = None if steps is None else steps[self.idx]
         if step is None or (
-            step.plan is not None and step.plan.shape != self.skipper.rows_of(hidden_states)
+            step.plan is not None and step.plan.shape != self.skipper.layout_of(hidden_states)
         ):
             return self._plan(hidden_states)
         return step
@@ -205,7 +205,7 @@ class SkippableLayer(nn.Module):
             combine = functools.partial(skip_residual, hidden_states, plan=plan, from_output=True)
         else:
             # one op: the gather and the combine share x's gradient (ops.skip_glue)
-            padded = skipper.mode == "token"
+            padded = len(plan.shape) == 2  # token mode, or packed samples
             rows, combine = gather_for_layer(
                 hidden_states, plan, padded
             )  # [K, T, D] / [B, Kmax, D]

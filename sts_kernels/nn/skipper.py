@@ -143,6 +143,9 @@ class LayerDynamicSkipper(nn.Module):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pass_probabilities: Tensor | None = None  # importance: this pass's [L] probs
         self._steps: list[LayerStep | None] | None = None  # drawn ahead (`plan_step`)
+        # sample mode on packed rows (`plan_step(segments=...)`): [B, T] packed sample of every
+        # token and how many there are; decisions are then per packed sample
+        self._segments: tuple[Tensor, int] | None = None
         self.report = SkipReport([0] * n, [0] * n, [None] * n, [None] * n)
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -232,7 +235,13 @@ class LayerDynamicSkipper(nn.Module):
 
     def _route_top_k(self, idx: int, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
         router = self.routers[str(idx)]
-        if self.mode == "sample":
+        if self.mode == "sample" and self._segments is not None:  # mean over each packed sample
+            segments, count = self._segments
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B * T, D]
+            sums = flat.new_zeros(count, flat.shape[1]).index_add_(0, segments.reshape(-1), flat)
+            sizes = torch.bincount(segments.reshape(-1), minlength=count).clamp_min(1)
+            scores = router(sums / sizes[:, None].to(flat.dtype)).squeeze(-1)  # [S]
+        elif self.mode == "sample":
             pooled = hidden_states.reshape(hidden_states.shape[0], -1, hidden_states.shape[-1])
             scores = router(pooled.mean(dim=1)).squeeze(-1)  # [B]
         else:
@@ -248,8 +257,17 @@ class LayerDynamicSkipper(nn.Module):
         return keep, s - s.detach() + 1.0
 
     def rows_of(self, hidden_states: Tensor) -> tuple[int, ...]:
-        """The rows a decision is made for: `(B,)` samples or `(B, T)` tokens."""
+        """The rows a decision is made for: `(B,)` samples (`(S,)` packed samples) or `(B, T)`
+        tokens."""
+        if self.mode == "sample" and self._segments is not None:
+            return (self._segments[1],)
         return tuple(hidden_states.shape[: 1 if self.mode == "sample" else 2])
+
+    def layout_of(self, hidden_states: Tensor) -> tuple[int, ...]:
+        """The shape of a plan for these hidden states: `(B,)`, or `(B, T)` in token mode and
+        for packed samples (each sample's tokens kept or skipped together)."""
+        packed = self.mode == "sample" and self._segments is not None
+        return tuple(hidden_states.shape[: 1 if self.mode == "sample" and not packed else 2])
 
     def layer_step(self, idx: int, hidden_states: Tensor) -> LayerStep:
         """Layer `idx`'s decision for this step (`decide`, `route`, the gate), recorded in the
@@ -258,13 +276,27 @@ class LayerDynamicSkipper(nn.Module):
         if keep is None:  # an always-dense layer
             self.record(idx, None, None, hidden_states)
             return LayerStep(None)
+        if self.mode == "sample" and self._segments is not None:  # packed: to every token
+            segments = self._segments[0]
+            run = int(keep.sum())
+            keep = keep[segments]  # [B, T]
+            if isinstance(gate_of_rows, Tensor) and gate_of_rows.dim() == 1:
+                gate_of_rows = gate_of_rows[segments]
         plan = route(keep)
         gate = self.gate_of_plan(gate_of_rows, plan, hidden_states.dtype)  # [K]
-        self.record(idx, keep, gate, hidden_states, plan.num_active)
+        if self.mode == "token" or self._segments is None:
+            run = plan.num_active
+        self.record(idx, keep, gate, hidden_states, run)
         return LayerStep(plan, gate)
 
     @torch.compiler.disable
-    def plan_step(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
+    def plan_step(
+        self,
+        shape: tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype,
+        segments: Tensor | None = None,
+    ) -> None:
         """Draw this step's decisions for every layer before the forward runs them: the same
         draws, in the same order from the same generator, as the layers would make one by
         one, for hidden states `[*shape, D]` (`shape`: `(B, T)`). A compiled model then has no
@@ -272,7 +304,12 @@ class LayerDynamicSkipper(nn.Module):
         layer no row runs is one row at gate 0. The router policy scores each layer's input
         and so still decides layer by layer. Used by the Hugging Face patch (`apply_sts`), which
         drops them when the forward ends (`clear_plan`); a layer whose input is not
-        `[*shape, D]` draws its own."""
+        `[*shape, D]` draws its own. `segments` [B, T] (packed rows: the packed sample of every
+        token, numbered from 0 along the flattened batch): in sample mode each packed sample
+        is kept or skipped as a whole (a token-layout plan) and the report counts samples."""
+        self._segments = None
+        if segments is not None and self.mode == "sample":
+            self._segments = (segments, int(segments.max()) + 1)
         if self.policy == "router":
             self._steps = None
             return
@@ -302,6 +339,7 @@ class LayerDynamicSkipper(nn.Module):
     def clear_plan(self) -> None:
         """Forget the decisions `plan_step` drew: later layer calls draw their own."""
         self._steps = None
+        self._segments = None
 
     @staticmethod
     def gate_of_plan(gate: Tensor | float, plan: RoutePlan, dtype: torch.dtype) -> Tensor:

@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -353,3 +354,54 @@ def test_qwen_packed_positions_are_mrope_rows():
         assert torch.equal(pos[0, 0, seg], torch.arange(s["input_ids"].shape[1]))
     assert not torch.equal(pos[1], pos[0])  # the image rows differ from text positions
     assert QWEN
+
+
+def _padded(ss: list[dict]) -> dict:
+    """The samples as one right-padded batch (B = samples), visual inputs in order."""
+    length = max(s["input_ids"].shape[1] for s in ss)
+
+    def pad(key: str, fill: int) -> torch.Tensor:
+        rows = [s[key] if key in s else torch.ones_like(s["input_ids"]) for s in ss]
+        return torch.cat([F.pad(r, (0, length - r.shape[1]), value=fill) for r in rows])
+
+    out = {"input_ids": pad("input_ids", 0), "labels": pad("labels", -100)}
+    out["attention_mask"] = pad("attention_mask", 0)
+    if "mm_token_type_ids" in ss[0]:
+        out["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [s[key] for s in ss if s.get(key) is not None]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+@pytest.mark.parametrize("policy", ["schedule", "importance"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_packed_sample_mode_skips_per_packed_sample(family, policy):
+    """Sample mode on a packed row decides per packed sample: with the same seed the packed row
+    draws the same decisions as the padded batch of its samples (one row each), so the summed
+    losses and the projector's gradients are equal with real skipping (p_max 0.9), and the
+    report counts samples, not rows."""
+    from sts_kernels.integrations.hf import apply_sts
+
+    model = _model(family, "ref")
+    ss = samples(family, model)
+    skip = {"mode": "sample", "policy": policy, "p_max": 0.9, "target_skip": 0.6, "seed": 3}
+    results = []
+    for batch in (_padded(ss), pack(ss, model)):
+        handle = apply_sts(model, compress=VTC, skip=skip | {"keep_first_last": False})
+        try:
+            out = model(**batch, use_cache=False)
+            total, count = summed_loss(out.logits, handle.last_inputs["labels"])
+            grads = _grads_of(model, total)
+            report = handle.skipper.report
+            results.append((total, count, grads, list(report.rows_run), list(report.rows_total)))
+        finally:
+            handle.remove()
+    (want, n_want, g_want, run_want, tot_want), (got, n_got, g_got, run_got, tot_got) = results
+    assert tot_got == tot_want == [len(ss)] * len(tot_got)
+    assert run_got == run_want and 0 < sum(run_got) < sum(tot_got)  # some samples skipped
+    assert n_got == n_want
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name in g_want:
+        _close_grads(g_got[name], g_want[name], name)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...nn.layer_args import token_layer_args
+from ...nn.varlen import segments_of
 
 
 def unpatched_forward(layer: nn.Module, previous) -> Any:
@@ -59,7 +60,8 @@ def check_router_logits(kw: dict[str, Any], model: nn.Module) -> None:
 def draw_decisions(skipper: nn.Module, kw: dict[str, Any]) -> None:
     """The skipper's decisions for every decoder layer of this forward, drawn before it runs
     (`LayerDynamicSkipper.plan_step`): the LM's hidden states are `[B, T, D]` for the
-    (compressed) `input_ids` or `inputs_embeds` the model now runs on."""
+    (compressed) `input_ids` or `inputs_embeds` the model now runs on. On packed rows sample
+    mode decides per packed sample (segment), not per row."""
     tokens = kw.get("input_ids")
     tokens = kw.get("inputs_embeds") if tokens is None else tokens
     if tokens is None or tokens.dim() < 2:
@@ -67,7 +69,13 @@ def draw_decisions(skipper: nn.Module, kw: dict[str, Any]) -> None:
     # the gates' dtype follows the decoder's (fp64 layers get fp64 gates, all else fp32)
     weight = next(skipper.layers[0].layer.parameters(), None) if len(skipper.layers) else None
     dtype = weight.dtype if weight is not None else torch.float32
-    skipper.plan_step(tuple(tokens.shape[:2]), tokens.device, dtype)
+    shape = tuple(tokens.shape[:2])
+    segments = None
+    if skipper.mode == "sample":
+        segments = segments_of(
+            shape, tokens.device, kw.get("cu_seq_lens_q"), kw.get("position_ids")
+        )
+    skipper.plan_step(shape, tokens.device, dtype, segments=segments)
 
 
 __all__ = ["LayerCall", "check_router_logits", "draw_decisions", "token_layer_args"]
