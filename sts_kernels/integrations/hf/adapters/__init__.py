@@ -55,8 +55,8 @@ def support_table() -> str:
     """The README's support table (markdown), rendered from the registry."""
     yes = {True: "yes", False: "-"}
     rows = [
-        "| family | classes | VTC pool | VTC merge | LDS sample | LDS token | video |",
-        "|---|---|---|---|---|---|---|",
+        "| family | classes | VTC pool | VTC merge | LDS sample | LDS token | video | packed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for adapter in dict.fromkeys(ADAPTERS.values()):
         cells = [
@@ -67,6 +67,7 @@ def support_table() -> str:
             yes["sample" in adapter.lds_modes],
             yes["token" in adapter.lds_modes],
             yes[adapter.video],
+            yes[adapter.packs],
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

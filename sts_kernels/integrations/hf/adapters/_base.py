@@ -39,6 +39,7 @@ class Adapter:
     mode_reason: str = ""  # why a mode is missing (ValueError text)
     lds_modes: tuple[str, ...] = ("sample", "token")
     video: bool = False  # compresses video inputs too
+    packs: bool = False  # packed rows tested (packed == unpacked, tests/hf/test_packed.py)
     pixel_keys: tuple[str, ...] = ("pixel_values",)  # forward arguments that carry visual input
     # VTC only through `mm_encoder_outputs` (transformers 5.24 has it, 5.17 not): the feature
     # getters of older 5.x versions return other layouts for this family

@@ -13,6 +13,7 @@ class Gemma3Adapter(TiledAdapter):
 
     name = "Gemma 3"
     classes = ("Gemma3ForConditionalGeneration",)
+    packs = True
     lds_modes = ("sample",)
     type_ids = "token_type_ids"
 

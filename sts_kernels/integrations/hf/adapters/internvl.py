@@ -12,6 +12,7 @@ class InternVLAdapter(TiledAdapter):
 
     name = "InternVL"
     classes = ("InternVLForConditionalGeneration",)
+    packs = True
 
     def tokens_per_tile(self, model):
         config = model.config

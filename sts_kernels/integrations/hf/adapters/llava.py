@@ -15,6 +15,7 @@ class LlavaAdapter(Adapter):
 
     name = "LLaVA"
     classes = ("LlavaForConditionalGeneration",)
+    packs = True
 
     def compress(self, model, compressor, kw):
         config = model.config

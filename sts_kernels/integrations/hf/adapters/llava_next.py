@@ -21,6 +21,7 @@ class LlavaNextAdapter(Adapter):
 
     name = "LLaVA-NeXT"
     classes = ("LlavaNextForConditionalGeneration",)
+    packs = True
     modes = ("pool",)
     mode_reason = "image_newline ends every row of the crop grid; merged tokens have no rows"
     # the forward's keyword arguments that `get_image_features` takes too

@@ -21,6 +21,7 @@ class Qwen2VLAdapter(Adapter):
 
     name = "Qwen2-VL"
     classes = ("Qwen2VLForConditionalGeneration",)
+    packs = True
     modes = ("pool",)
     mode_reason = "M-RoPE positions need the output grid; merge mode has none"
     video = True

@@ -13,6 +13,7 @@ class SmolVLMAdapter(TiledAdapter):
 
     name = "SmolVLM / Idefics3"
     classes = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
+    packs = True
 
     def image_features(self, model, kw):
         return model.model.get_image_features(
