@@ -263,3 +263,54 @@ MAKERS = {
     "idefics3": make_idefics3,
     "mllama": make_mllama,
 }
+
+
+# ---- issue 18, group B: GLM-4V(-MoE), LLaVA-OneVision-1.5, LFM2-VL, Ovis2, Gemma 3n, Llama 4 ----
+
+GLM_VIDEO_START, GLM_VIDEO_END = 995, 994  # <|begin_of_video|> / <|end_of_video|>
+
+
+def make_glm4v(attn: str = "sdpa", moe: bool = False, vision=None, text=None, seed: int = 0, **extra):
+    """A tiny GLM-4.1V (GLM-4.5V with `moe`): Qwen-style tower (4 px patches, 2x2 merge), a
+    GLM LM with partial-rotary M-RoPE; the begin / end of image tokens are V_START / V_END."""
+    import transformers
+
+    tower = dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        image_size=16,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=128,
+    )
+    rope = MROPE | {"partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]}
+    lm = dict(rope_parameters=rope)
+    if moe:
+        lm |= dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+    ids = dict(
+        image_token_id=IMG,
+        video_token_id=VID,
+        image_start_token_id=V_START,
+        image_end_token_id=V_END,
+        video_start_token_id=GLM_VIDEO_START,
+        video_end_token_id=GLM_VIDEO_END,
+    )
+    family = "Glm4vMoe" if moe else "Glm4v"
+    config = getattr(transformers, f"{family}Config")(
+        vision_config=tower | (vision or {}),
+        text_config=text_config(**(lm | (text or {}))),
+        **(ids | extra),
+    )
+    return build(getattr(transformers, f"{family}ForConditionalGeneration"), config, attn, seed)
+
+
+MAKERS.update(
+    {
+        "glm4v": make_glm4v,
+        "glm4v_moe": lambda attn="sdpa", **kw: make_glm4v(attn, moe=True, **kw),
+    }
+)
+# ---- end of issue 18, group B ----

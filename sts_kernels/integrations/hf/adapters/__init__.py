@@ -27,6 +27,7 @@ _FAMILIES = (
     "gemma3",
     "smolvlm",
     "mllama",
+    "glm4v",
 )
 
 ADAPTERS: dict[str, Adapter] = {}  # class name -> adapter
