@@ -314,3 +314,40 @@ MAKERS.update(
     }
 )
 # ---- end of issue 18, group B ----
+
+
+# ---- issue 18, group A: Pixtral layouts, VipLlava, Aya Vision, Cohere2-Vision, FastVLM,
+# PerceptionLM, PaliGemma --------------------------------------------------------------------
+
+_PIXTRAL = _VISION | dict(model_type="pixtral", image_size=64, patch_size=4)
+
+
+def make_mistral3(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny Mistral 3: Pixtral tower (4 px patches), 2x2 patch merger (8 px a token),
+    Mistral LM; image sizes vary (`image_sizes`)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        vision_config=_PIXTRAL | (vision or {}),
+        text_config=text_config(**({"model_type": "mistral"} | (text or {}))),
+        **(dict(image_token_index=IMG, spatial_merge_size=2) | extra),
+    )
+    return build(Mistral3ForConditionalGeneration, config, attn, seed)
+
+
+def make_llava_pixtral(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny LLaVA with a Pixtral tower (8 px patches, no class token: strategy "full")."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    ids = dict(
+        image_token_index=IMG, vision_feature_select_strategy="full", vision_feature_layer=-1
+    )
+    config = LlavaConfig(
+        vision_config=_PIXTRAL | dict(patch_size=8) | (vision or {}),
+        text_config=text_config(**({"model_type": "llama"} | (text or {}))),
+        **(ids | extra),
+    )
+    return build(LlavaForConditionalGeneration, config, attn, seed)
+
+
+MAKERS.update({"mistral3": make_mistral3, "llava_pixtral": make_llava_pixtral})

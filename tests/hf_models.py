@@ -619,3 +619,51 @@ CASES.update(
     }
 )
 # ---- end of issue 18, group B ----
+
+
+# ---- issue 18, group A (tests/hf/test_hf_group_a.py: their oracle checks) ------------------
+
+from bench.models import make_llava_pixtral, make_mistral3  # noqa: E402, F401  (re-exported)
+
+# Pixtral layout (Mistral 3, LLaVA with a Pixtral tower): every row of an image's placeholders
+# ends with [IMG_BREAK], the last with [IMG_END] instead; (H, W) px of LLAVA_ROWS' images,
+# 8 px a token: grids 5x6, 4x4, 6x3 (pooled 2x2: 3x3, 2x2, 3x2)
+PIX_BREAK, PIX_END = 993, 992
+PIXTRAL_SIZES = [(40, 48), (32, 32), (48, 24)]
+
+
+def pixtral_block(h: int, w: int) -> list[int]:
+    """The Pixtral processor's tokens for an (h, w) grid of visual tokens."""
+    block = ([IMG] * w + [PIX_BREAK]) * h
+    block[-1] = PIX_END
+    return block
+
+
+def pixtral_batch(pad_left: bool, grids=None, sizes=PIXTRAL_SIZES, rows=LLAVA_ROWS) -> dict:
+    """LLAVA_ROWS with Pixtral blocks (`grids`, default the images' own at 8 px a token);
+    labels -100 on placeholders and markers; pixels padded to the largest size."""
+    blocks = iter(pixtral_block(*g) for g in grids or [(h // 8, w // 8) for h, w in sizes])
+    parts = [[next(blocks) if part == "image" else part for part in row] for row in rows]
+    batch = build_ids(parts, {}, pad_left)
+    del batch["mm_token_type_ids"]
+    marker = torch.isin(batch["input_ids"], torch.tensor([IMG, PIX_BREAK, PIX_END]))
+    batch["labels"] = batch["labels"].masked_fill(marker, -100)
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for k, (h, w) in enumerate(sizes):
+        pixels[k, :, :h, :w] = torch.randn(3, h, w, generator=gen)
+    return batch | {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+
+
+PIXTRAL_TRAIN = tuple(
+    Train(pad, {"compress": {"mode": "pool"}}, dict(image_tokens_in=64, image_tokens_kept=19))
+    for pad in (False, True)
+)
+
+CASES.update(
+    {
+        "Mistral3ForConditionalGeneration": Case(
+            make_mistral3, lambda m, pad_left: pixtral_batch(pad_left), PIXTRAL_TRAIN
+        ),
+    }
+)

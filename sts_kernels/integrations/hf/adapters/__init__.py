@@ -27,6 +27,7 @@ _FAMILIES = (
     "gemma3",
     "smolvlm",
     "mllama",
+    "mistral3",
     "glm4v",
 )
 

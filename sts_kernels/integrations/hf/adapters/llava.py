@@ -5,19 +5,28 @@ from __future__ import annotations
 import torch
 
 from ._base import Adapter, feed_features
+from .mistral3 import LLAVA_PIXTRAL
 
 
 class LlavaAdapter(Adapter):
     """Every image is `image_size / patch_size` squared patches (or `image_sizes // patch` with
     a variable-size tower), placeholders are one run per image, positions are 1-D: a plain
     renumbering after the shrink. With vision_feature_select_strategy="full" the CLS token
-    leads each image and is passed through uncompressed."""
+    leads each image and is passed through uncompressed. A Pixtral tower (no CLS, variable
+    sizes, row-break markers) is served by `mistral3.LLAVA_PIXTRAL`."""
 
     name = "LLaVA"
     classes = ("LlavaForConditionalGeneration",)
     packs = True
 
+    def check_compressor(self, compressor, model):
+        if _pixtral(model):
+            return LLAVA_PIXTRAL.check_compressor(compressor, model)
+        super().check_compressor(compressor, model)
+
     def compress(self, model, compressor, kw):
+        if _pixtral(model):
+            return LLAVA_PIXTRAL.compress(model, compressor, kw)
         config = model.config
         strategy = kw.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         image_sizes = kw.get("image_sizes")
@@ -42,6 +51,10 @@ class LlavaAdapter(Adapter):
             compressed = list(torch.cat(pieces).split([cls + c.shape[0] for c in compressed]))
         shrink = feed_features(model, kw, "image", features, compressed, config.image_token_id)
         return kw, {"image": shrink}
+
+
+def _pixtral(model) -> bool:
+    return model.config.vision_config.model_type == "pixtral"
 
 
 ADAPTER = LlavaAdapter()

@@ -1,0 +1,115 @@
+"""Issue 18, group A (one grid of visual tokens per image or tile, 1-D positions): Mistral 3 and
+LLaVA with a Pixtral tower (row-break / end markers), VipLlava, Aya Vision, Cohere2-Vision,
+FastVLM, PerceptionLM, PaliGemma. Oracle: what the patched model's LM receives at the image
+placeholders is the 2x2 average (torch's avg_pool2d on each grid) of the unpatched model's own
+projected features, in order, and the shrunk text is the processor's layout for the pooled
+grids. The checks every family passes: tests/hf/test_hf_families.py (CASES)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from hf_models import (  # noqa: E402
+    IMG,
+    LLAVA_ROWS,
+    PIXTRAL_SIZES,
+    build_ids,
+    check_eval_equals_unpatched,
+    check_remove_restores,
+    check_train_step_is_sparser,
+    make_llava_pixtral,
+    make_mistral3,
+    needs_encoder_outputs,
+    pixtral_batch,
+)
+
+from sts_kernels.integrations.hf import apply_sts  # noqa: E402
+
+
+def avg_pool_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[h*w, D] row-major on `grid` -> [ceil(h/2)*ceil(w/2), D]: 2x2 means, edge windows over
+    the tokens they cover."""
+    h, w = grid
+    x = features.T.reshape(1, -1, h, w)
+    return F.avg_pool2d(x, 2, ceil_mode=True).flatten(2)[0].T
+
+
+def lm_visual_inputs(model, batch: dict, token_id: int = IMG, **apply_kwargs):
+    """One patched training forward (VTC only): the embeddings the language model received at
+    the image placeholders (in order) and the inputs the patched model ran on."""
+    seen = {}
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    handle = apply_sts(model, skip=False, **apply_kwargs)
+    model.train()
+    try:
+        loss = model(**batch).loss
+    finally:
+        hook.remove()
+        inputs, report = handle.last_inputs, handle.report
+        handle.remove()
+    assert torch.isfinite(loss)
+    return seen["inputs_embeds"][inputs["input_ids"] == token_id], inputs, report
+
+
+def check_layout(inputs: dict, expected: dict, names=("input_ids", "attention_mask", "labels")):
+    for name in names:
+        assert torch.equal(inputs[name], expected[name]), name
+
+
+# ---- Pixtral layout: Mistral 3, LLaVA with a Pixtral tower --------------------------------
+
+PIXTRAL = {"mistral3": make_mistral3, "llava_pixtral": make_llava_pixtral}
+PIXTRAL_GRIDS = [(h // 8, w // 8) for h, w in PIXTRAL_SIZES]
+
+
+@needs_encoder_outputs
+@pytest.mark.parametrize("pad_left", [True, False])
+@pytest.mark.parametrize("family", PIXTRAL)
+def test_pixtral_rows_pooled_with_a_break_after_every_pooled_row(family, pad_left):
+    model = PIXTRAL[family]()
+    batch = pixtral_batch(pad_left)
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], return_dict=True
+        )
+        oracle = [avg_pool_grid(f, g) for f, g in zip(feats.pooler_output, PIXTRAL_GRIDS)]
+    fed, inputs, report = lm_visual_inputs(model, batch, compress={"mode": "pool"})
+    torch.testing.assert_close(fed, torch.cat(oracle), rtol=1e-5, atol=1e-6)
+    pooled = [(-(-h // 2), -(-w // 2)) for h, w in PIXTRAL_GRIDS]
+    check_layout(inputs, pixtral_batch(pad_left, grids=pooled))
+    assert (report.image_tokens_in, report.image_tokens_kept) == (30 + 16 + 18, 9 + 4 + 6)
+
+
+@pytest.mark.parametrize("family", PIXTRAL)
+def test_pixtral_merge_is_refused_saying_why(family):
+    with pytest.raises(ValueError, match=r"IMG_BREAK.*merged tokens have no rows"):
+        apply_sts(PIXTRAL[family](), compress={"mode": "merge"})
+
+
+def test_pixtral_rows_without_markers_are_refused():
+    """Placeholders as one plain run per image (LLaVA's layout) on a Pixtral model."""
+    model = make_mistral3()
+    plain = build_ids(LLAVA_ROWS, {"image": [h * w for h, w in PIXTRAL_GRIDS]}, True)
+    batch = pixtral_batch(True) | {k: plain[k] for k in ("input_ids", "attention_mask")}
+    del batch["labels"]
+    apply_sts(model, skip=False)
+    with pytest.raises(ValueError, match=r"followed by a marker"):
+        model(**batch)
+
+
+@needs_encoder_outputs
+def test_llava_pixtral_passes_the_shared_checks():
+    """LLaVA's class with a Pixtral tower (its CASES entry is the CLIP one): the checks of
+    tests/hf/test_hf_families.py, pool mode, sample and token LDS."""
+    model = make_llava_pixtral()
+    batch = pixtral_batch(True)
+    check_eval_equals_unpatched(model, batch)
+    check_remove_restores(model, batch)
+    for skip in ({"seed": 0, "p_max": 0.9}, {"mode": "token", "seed": 0}):
+        report = check_train_step_is_sparser(model, pixtral_batch(False), skip=skip)
+        assert (report.image_tokens_in, report.image_tokens_kept) == (64, 19)
