@@ -265,12 +265,51 @@ MAKERS = {
 }
 
 
+# ---- issue 18, group A: Pixtral layouts, VipLlava, Aya Vision, Cohere2-Vision, FastVLM,
+# PerceptionLM, PaliGemma --------------------------------------------------------------------
+
+_PIXTRAL = _VISION | dict(model_type="pixtral", image_size=64, patch_size=4)
+
+
+def make_mistral3(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny Mistral 3: Pixtral tower (4 px patches), 2x2 patch merger (8 px a token),
+    Mistral LM; image sizes vary (`image_sizes`)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        vision_config=_PIXTRAL | (vision or {}),
+        text_config=text_config(**({"model_type": "mistral"} | (text or {}))),
+        **(dict(image_token_index=IMG, spatial_merge_size=2) | extra),
+    )
+    return build(Mistral3ForConditionalGeneration, config, attn, seed)
+
+
+def make_llava_pixtral(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny LLaVA with a Pixtral tower (8 px patches, no class token: strategy "full")."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    ids = dict(
+        image_token_index=IMG, vision_feature_select_strategy="full", vision_feature_layer=-1
+    )
+    config = LlavaConfig(
+        vision_config=_PIXTRAL | dict(patch_size=8) | (vision or {}),
+        text_config=text_config(**({"model_type": "llama"} | (text or {}))),
+        **(ids | extra),
+    )
+    return build(LlavaForConditionalGeneration, config, attn, seed)
+
+
+MAKERS.update({"mistral3": make_mistral3, "llava_pixtral": make_llava_pixtral})
+
+
 # ---- issue 18, group B: GLM-4V(-MoE), LLaVA-OneVision-1.5, LFM2-VL, Ovis2, Gemma 3n, Llama 4 ----
 
 GLM_VIDEO_START, GLM_VIDEO_END = 995, 994  # <|begin_of_video|> / <|end_of_video|>
 
 
-def make_glm4v(attn: str = "sdpa", moe: bool = False, vision=None, text=None, seed: int = 0, **extra):
+def make_glm4v(
+    attn: str = "sdpa", moe: bool = False, vision=None, text=None, seed: int = 0, **extra
+):
     """A tiny GLM-4.1V (GLM-4.5V with `moe`): Qwen-style tower (4 px patches, 2x2 merge), a
     GLM LM with partial-rotary M-RoPE; the begin / end of image tokens are V_START / V_END."""
     import transformers
@@ -307,47 +346,32 @@ def make_glm4v(attn: str = "sdpa", moe: bool = False, vision=None, text=None, se
     return build(getattr(transformers, f"{family}ForConditionalGeneration"), config, attn, seed)
 
 
+def make_llava_onevision1_5(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny LLaVA-OneVision-1.5: Qwen-style tower without temporal patches (4 px patches, 2x2
+    merge), a Qwen3 LM with 1-D positions."""
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
+
+    tower = dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        patch_size=4,
+        spatial_merge_size=2,
+        out_hidden_size=128,
+    )
+    lm = text_config(**({"model_type": "qwen3", "head_dim": 32} | (text or {})))
+    config = LlavaOnevision15Config(
+        vision_config=tower | (vision or {}), text_config=lm, **(QWEN_IDS | extra)
+    )
+    return build(LlavaOnevision15ForConditionalGeneration, config, attn, seed)
+
+
 MAKERS.update(
     {
+        "llava_onevision1_5": make_llava_onevision1_5,
         "glm4v": make_glm4v,
         "glm4v_moe": lambda attn="sdpa", **kw: make_glm4v(attn, moe=True, **kw),
     }
 )
 # ---- end of issue 18, group B ----
-
-
-# ---- issue 18, group A: Pixtral layouts, VipLlava, Aya Vision, Cohere2-Vision, FastVLM,
-# PerceptionLM, PaliGemma --------------------------------------------------------------------
-
-_PIXTRAL = _VISION | dict(model_type="pixtral", image_size=64, patch_size=4)
-
-
-def make_mistral3(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
-    """A tiny Mistral 3: Pixtral tower (4 px patches), 2x2 patch merger (8 px a token),
-    Mistral LM; image sizes vary (`image_sizes`)."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
-
-    config = Mistral3Config(
-        vision_config=_PIXTRAL | (vision or {}),
-        text_config=text_config(**({"model_type": "mistral"} | (text or {}))),
-        **(dict(image_token_index=IMG, spatial_merge_size=2) | extra),
-    )
-    return build(Mistral3ForConditionalGeneration, config, attn, seed)
-
-
-def make_llava_pixtral(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
-    """A tiny LLaVA with a Pixtral tower (8 px patches, no class token: strategy "full")."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    ids = dict(
-        image_token_index=IMG, vision_feature_select_strategy="full", vision_feature_layer=-1
-    )
-    config = LlavaConfig(
-        vision_config=_PIXTRAL | dict(patch_size=8) | (vision or {}),
-        text_config=text_config(**({"model_type": "llama"} | (text or {}))),
-        **(ids | extra),
-    )
-    return build(LlavaForConditionalGeneration, config, attn, seed)
-
-
-MAKERS.update({"mistral3": make_mistral3, "llava_pixtral": make_llava_pixtral})

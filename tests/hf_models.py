@@ -568,59 +568,6 @@ CASES = {
 }
 
 
-# ---- issue 18, group B (tests/hf/test_hf_group_b.py: their oracle checks) ------------------
-
-from bench.models import GLM_VIDEO_END, GLM_VIDEO_START, make_glm4v  # noqa: E402
-
-# GLM-4V: images as Qwen's (`<|begin_of_image|>` tokens `<|end_of_image|>`); a video is 2
-# frames, each `<|begin_of_image|>` + its tokens + `<|end_of_image|>` + a timestamp, inside
-# `<|begin_of_video|>` ... `<|end_of_video|>`, its tokens the image token id typed 2 in
-# mm_token_type_ids (as the processor builds them). transformers 5.25's GLM-4V counts video
-# frames as image placeholders too, so images and videos never share a batch.
-GLM_ROWS = [
-    [[5], [V_START], "image", [V_END], [20, 21]],
-    [[6, 7], [V_START], "image", [V_END], [22]],
-    [[8, 9, 10, 11]],
-]
-GLM_VIDEO_ROWS = [
-    [[6, GLM_VIDEO_START, V_START], "video", [V_END, 30, V_START], "video"]
-    + [[V_END, 31, GLM_VIDEO_END, 22]],
-    [[8, 9, 10, 11]],
-]
-
-
-def glm4v_batch(pad_left: bool, images=QWEN_IMAGES, videos=()) -> dict:
-    """Images only, or (`videos`: raw-patch grids) videos only."""
-    if videos:
-        batch = qwen_batch(pad_left, [], list(videos), rows=GLM_VIDEO_ROWS, frame_runs=True)
-    else:
-        batch = qwen_batch(pad_left, images, [], rows=GLM_ROWS)
-    batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == VID, IMG)
-    return batch
-
-
-CASES.update(
-    {
-        "Glm4vForConditionalGeneration": Case(
-            make_glm4v,
-            lambda m, pad_left: glm4v_batch(pad_left),
-            tuple(
-                Train(pad, {}, {"image_tokens_in": 22, "image_tokens_kept": 6})
-                for pad in (False, True)
-            ),
-        ),
-        "Glm4vMoeForConditionalGeneration": Case(
-            lambda: make_glm4v(moe=True),
-            lambda m, pad_left: glm4v_batch(pad_left),
-            tuple(
-                Train(False, {"skip": {"mode": mode, "seed": 0}}) for mode in ("sample", "token")
-            ),
-        ),
-    }
-)
-# ---- end of issue 18, group B ----
-
-
 # ---- issue 18, group A (tests/hf/test_hf_group_a.py: their oracle checks) ------------------
 
 from bench.models import make_llava_pixtral, make_mistral3  # noqa: E402, F401  (re-exported)
@@ -667,3 +614,78 @@ CASES.update(
         ),
     }
 )
+
+
+# ---- issue 18, group B (tests/hf/test_hf_group_b.py: their oracle checks) ------------------
+
+from bench.models import (  # noqa: E402
+    GLM_VIDEO_END,
+    GLM_VIDEO_START,
+    make_glm4v,
+    make_llava_onevision1_5,
+)
+
+# GLM-4V: images as Qwen's (`<|begin_of_image|>` tokens `<|end_of_image|>`); a video is 2
+# frames, each `<|begin_of_image|>` + its tokens + `<|end_of_image|>` + a timestamp, inside
+# `<|begin_of_video|>` ... `<|end_of_video|>`, its tokens the image token id typed 2 in
+# mm_token_type_ids (as the processor builds them). transformers 5.25's GLM-4V counts video
+# frames as image placeholders too, so images and videos never share a batch.
+GLM_ROWS = [
+    [[5], [V_START], "image", [V_END], [20, 21]],
+    [[6, 7], [V_START], "image", [V_END], [22]],
+    [[8, 9, 10, 11]],
+]
+GLM_VIDEO_ROWS = [
+    [[6, GLM_VIDEO_START, V_START], "video", [V_END, 30, V_START], "video"]
+    + [[V_END, 31, GLM_VIDEO_END, 22]],
+    [[8, 9, 10, 11]],
+]
+
+
+def glm4v_batch(pad_left: bool, images=QWEN_IMAGES, videos=()) -> dict:
+    """Images only, or (`videos`: raw-patch grids) videos only."""
+    if videos:
+        batch = qwen_batch(pad_left, [], list(videos), rows=GLM_VIDEO_ROWS, frame_runs=True)
+    else:
+        batch = qwen_batch(pad_left, images, [], rows=GLM_ROWS)
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == VID, IMG)
+    return batch
+
+
+def llava_onevision1_5_batch(pad_left: bool, images=QWEN_IMAGES, videos=QWEN_VIDEOS) -> dict:
+    """Qwen's rows (`<|vision_start|>` placeholders `<|vision_end|>`), images and a video; the
+    tower takes 3 x 4 x 4 pixels a patch (no temporal patches); no mm_token_type_ids."""
+    batch = qwen_batch(pad_left, images, videos)
+    del batch["mm_token_type_ids"]
+    gen = torch.Generator().manual_seed(1)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in batch:
+            batch[key] = torch.randn(len(batch[key]), 3 * 4 * 4, generator=gen)
+    return batch
+
+
+CASES.update(
+    {
+        "LlavaOnevision15ForConditionalGeneration": Case(
+            make_llava_onevision1_5,
+            lambda m, pad_left: llava_onevision1_5_batch(pad_left),
+            tuple(Train(pad, {}, QWEN_COUNTS) for pad in (False, True)),
+        ),
+        "Glm4vForConditionalGeneration": Case(
+            make_glm4v,
+            lambda m, pad_left: glm4v_batch(pad_left),
+            tuple(
+                Train(pad, {}, {"image_tokens_in": 22, "image_tokens_kept": 6})
+                for pad in (False, True)
+            ),
+        ),
+        "Glm4vMoeForConditionalGeneration": Case(
+            lambda: make_glm4v(moe=True),
+            lambda m, pad_left: glm4v_batch(pad_left),
+            tuple(
+                Train(False, {"skip": {"mode": mode, "seed": 0}}) for mode in ("sample", "token")
+            ),
+        ),
+    }
+)
+# ---- end of issue 18, group B ----

@@ -14,7 +14,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import IMG, glm4v_batch, make_glm4v  # noqa: E402
+from hf_models import (  # noqa: E402
+    IMG,
+    VID,
+    glm4v_batch,
+    llava_onevision1_5_batch,
+    make_glm4v,
+    make_llava_onevision1_5,
+)
 
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 
@@ -129,3 +136,28 @@ def test_glm4v_refusals():
     with pytest.raises(ValueError, match="router logits"):
         model(**glm4v_batch(pad_left=False))
     handle.remove()
+
+
+# ---- LLaVA-OneVision-1.5: Qwen grids, 1-D positions ------------------------------------------
+
+
+def test_llava_onevision1_5_oracle():
+    """Images and a video (4 frames of 2x2 merged tokens): every image and frame pooled on its
+    own merged grid, in order; positions stay the model's own 1-D numbering."""
+    model = make_llava_onevision1_5()
+    ref = copy.deepcopy(model).eval()
+    batch = llava_onevision1_5_batch(pad_left=True)
+    lm_kw, last, report = run_patched(model, _glm_lm, batch)
+    with torch.no_grad():
+        image = ref.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        video = ref.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
+    images = [
+        hand_pool(f, h // 2, w // 2)
+        for f, (_, h, w) in zip(image.pooler_output, batch["image_grid_thw"].tolist())
+    ]
+    frames = [hand_pool(f, 2, 2) for f in video.pooler_output[0].view(4, 4, -1)]
+    assert_tokens(lm_kw, last["input_ids"], IMG, torch.cat(images))
+    assert_tokens(lm_kw, last["input_ids"], VID, torch.cat(frames))
+    length = last["input_ids"].shape[1]
+    assert torch.equal(lm_kw["position_ids"], torch.arange(length)[None])
+    assert (report.image_tokens_kept, report.video_tokens_kept) == (6, 4)

@@ -29,6 +29,7 @@ _FAMILIES = (
     "mllama",
     "mistral3",
     "glm4v",
+    "llava_onevision1_5",
 )
 
 ADAPTERS: dict[str, Adapter] = {}  # class name -> adapter
