@@ -367,8 +367,25 @@ def make_llava_onevision1_5(attn: str = "sdpa", vision=None, text=None, seed: in
     return build(LlavaOnevision15ForConditionalGeneration, config, attn, seed)
 
 
+def make_lfm2_vl(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny LFM2-VL: SigLIP2 NaFlex tower (4 px patches, up to 64 an entry), pixel unshuffle 2,
+    an LFM2 LM alternating short-convolution and attention layers."""
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
+
+    tower = _VISION | dict(model_type="siglip2_vision_model", patch_size=4, num_patches=64)
+    lm = dict(model_type="lfm2", layer_types=["conv", "full_attention"] * 2)
+    ids = dict(image_token_id=IMG, projector_hidden_size=64, downsample_factor=2)
+    config = Lfm2VlConfig(
+        vision_config=tower | (vision or {}),
+        text_config=text_config(**(lm | (text or {}))),
+        **(ids | extra),
+    )
+    return build(Lfm2VlForConditionalGeneration, config, attn, seed)
+
+
 MAKERS.update(
     {
+        "lfm2_vl": make_lfm2_vl,
         "llava_onevision1_5": make_llava_onevision1_5,
         "glm4v": make_glm4v,
         "glm4v_moe": lambda attn="sdpa", **kw: make_glm4v(attn, moe=True, **kw),

@@ -622,6 +622,7 @@ from bench.models import (  # noqa: E402
     GLM_VIDEO_END,
     GLM_VIDEO_START,
     make_glm4v,
+    make_lfm2_vl,
     make_llava_onevision1_5,
 )
 
@@ -664,8 +665,43 @@ def llava_onevision1_5_batch(pad_left: bool, images=QWEN_IMAGES, videos=QWEN_VID
     return batch
 
 
+# LFM2-VL: row 0 an image of 1x2 tiles (8x8 patches each) and its thumbnail (4x6), between
+# `<|image_start|>` / `<|image_end|>` with `<|img_row_1_col_j|>` / `<|img_thumbnail|>` markers;
+# row 1 one single-tile image (6x8 patches); row 2 text only. Tokens: (h/2) x (w/2) an entry.
+LFM2_START, LFM2_END, LFM2_THUMB, LFM2_R1C1, LFM2_R1C2 = 990, 989, 988, 987, 986
+LFM2_SHAPES = [(8, 8), (8, 8), (4, 6), (6, 8)]
+LFM2_ROWS = [
+    [[5, LFM2_START, LFM2_R1C1], "image", [LFM2_R1C2], "image", [LFM2_THUMB], "image"]
+    + [[LFM2_END, 6]],
+    [[7, LFM2_START], "image", [LFM2_END, 8, 9]],
+    [[12, 13, 14]],
+]
+
+
+def lfm2_vl_batch(pad_left: bool) -> dict:
+    batch = build_ids(LFM2_ROWS, {"image": [h * w // 4 for h, w in LFM2_SHAPES]}, pad_left)
+    del batch["mm_token_type_ids"]
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.zeros(len(LFM2_SHAPES), 64, dtype=torch.bool)  # patch rows padded to 64
+    for i, (h, w) in enumerate(LFM2_SHAPES):
+        mask[i, : h * w] = True
+    return batch | {
+        "pixel_values": torch.randn(len(LFM2_SHAPES), 64, 3 * 4 * 4, generator=gen),
+        "spatial_shapes": torch.tensor(LFM2_SHAPES),
+        "pixel_attention_mask": mask,
+    }
+
+
 CASES.update(
     {
+        "Lfm2VlForConditionalGeneration": Case(
+            make_lfm2_vl,
+            lambda m, pad_left: lfm2_vl_batch(pad_left),
+            tuple(
+                Train(pad, {"compress": {"mode": mode, "ratio": 0.5}}, {"image_tokens_in": 50})
+                for pad, mode in ((False, "pool"), (True, "merge"))
+            ),
+        ),
         "LlavaOnevision15ForConditionalGeneration": Case(
             make_llava_onevision1_5,
             lambda m, pad_left: llava_onevision1_5_batch(pad_left),

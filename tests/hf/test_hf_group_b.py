@@ -16,10 +16,13 @@ transformers = pytest.importorskip("transformers")
 
 from hf_models import (  # noqa: E402
     IMG,
+    LFM2_SHAPES,
     VID,
     glm4v_batch,
+    lfm2_vl_batch,
     llava_onevision1_5_batch,
     make_glm4v,
+    make_lfm2_vl,
     make_llava_onevision1_5,
 )
 
@@ -161,3 +164,26 @@ def test_llava_onevision1_5_oracle():
     length = last["input_ids"].shape[1]
     assert torch.equal(lm_kw["position_ids"], torch.arange(length)[None])
     assert (report.image_tokens_kept, report.video_tokens_kept) == (6, 4)
+
+
+# ---- LFM2-VL: NaFlex entries of any shape -----------------------------------------------------
+
+
+def test_lfm2_vl_oracle_and_token_mode_refused():
+    """Tiles, a thumbnail and a single image: each entry pooled on its own (h/2, w/2) grid, in
+    order, the markers between them kept; token-mode LDS refused (short convolutions)."""
+    model = make_lfm2_vl()
+    ref = copy.deepcopy(model).eval()
+    batch = lfm2_vl_batch(pad_left=True)
+    lm_kw, last, report = run_patched(model, _glm_lm, batch)
+    with torch.no_grad():
+        feats = ref.model.get_image_features(
+            batch["pixel_values"], batch["spatial_shapes"], batch["pixel_attention_mask"]
+        )
+    pooled = [hand_pool(f, h // 2, w // 2) for f, (h, w) in zip(feats.pooler_output, LFM2_SHAPES)]
+    assert_tokens(lm_kw, last["input_ids"], IMG, torch.cat(pooled))
+    assert (report.image_tokens_in, report.image_tokens_kept) == (50, 4 + 4 + 2 + 4)
+    for marker in (990, 989, 988, 987, 986):
+        assert int((last["input_ids"] == marker).sum()) == int((batch["input_ids"] == marker).sum())
+    with pytest.raises(ValueError, match="short-convolution"):
+        apply_sts(model, skip={"mode": "token"})

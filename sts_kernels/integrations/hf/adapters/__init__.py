@@ -30,6 +30,7 @@ _FAMILIES = (
     "mistral3",
     "glm4v",
     "llava_onevision1_5",
+    "lfm2_vl",
 )
 
 ADAPTERS: dict[str, Adapter] = {}  # class name -> adapter
