@@ -383,8 +383,28 @@ def make_lfm2_vl(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **ex
     return build(Lfm2VlForConditionalGeneration, config, attn, seed)
 
 
+# Ovis2's indicator tokens: <IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>
+OVIS_INDICATORS = [990, 989, 988, 987, 986]
+
+
+def make_ovis2(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny Ovis2: 8x8 patches a tile, hidden stride 2 (4x4 tokens), a 256-entry visual
+    vocabulary, a Qwen2 LM."""
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration
+
+    tower = _VISION | dict(image_size=32, patch_size=4, hidden_stride=2, vocab_size=256)
+    ids = dict(image_token_id=IMG, visual_indicator_token_ids=OVIS_INDICATORS, hidden_size=128)
+    config = Ovis2Config(
+        vision_config=tower | (vision or {}),
+        text_config=text_config(**({"model_type": "qwen2"} | (text or {}))),
+        **(ids | extra),
+    )
+    return build(Ovis2ForConditionalGeneration, config, attn, seed)
+
+
 MAKERS.update(
     {
+        "ovis2": make_ovis2,
         "lfm2_vl": make_lfm2_vl,
         "llava_onevision1_5": make_llava_onevision1_5,
         "glm4v": make_glm4v,

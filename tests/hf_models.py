@@ -621,9 +621,11 @@ CASES.update(
 from bench.models import (  # noqa: E402
     GLM_VIDEO_END,
     GLM_VIDEO_START,
+    OVIS_INDICATORS,
     make_glm4v,
     make_lfm2_vl,
     make_llava_onevision1_5,
+    make_ovis2,
 )
 
 # GLM-4V: images as Qwen's (`<|begin_of_image|>` tokens `<|end_of_image|>`); a video is 2
@@ -692,8 +694,34 @@ def lfm2_vl_batch(pad_left: bool) -> dict:
     }
 
 
+# Ovis2 (processor layout): `<IMG_START>`, the global view's atoms, `<IMG_GRID>`, then for a
+# multi-tile image every tile's atoms with `<IMG_COL>` between columns (`<IMG_ROW>` between
+# rows), `<IMG_END>`. Row 0: an image of 1x2 tiles (3 tiles); row 1: a one-tile image.
+_START, _GRID, _COL, _ROW, _END = OVIS_INDICATORS
+OVIS2_ROWS = [
+    [[5, _START], "image", [_GRID], "image", [_COL], "image", [_END, 6]],
+    [[7, _START], "image", [_GRID, _END, 8, 9]],
+    [[12, 13, 14]],
+]
+
+
+def ovis2_batch(pad_left: bool, tokens: int = 16) -> dict:
+    batch = build_ids(OVIS2_ROWS, {"image": [tokens] * 4}, pad_left)
+    del batch["mm_token_type_ids"]
+    gen = torch.Generator().manual_seed(1)
+    return batch | {"pixel_values": torch.randn(4, 3, 32, 32, generator=gen)}
+
+
 CASES.update(
     {
+        "Ovis2ForConditionalGeneration": Case(
+            make_ovis2,
+            lambda m, pad_left: ovis2_batch(pad_left),
+            tuple(
+                Train(pad, {"compress": {"mode": mode, "ratio": 0.5}}, {"image_tokens_kept": n})
+                for pad, mode, n in ((False, "pool", 16), (True, "merge", 32))
+            ),
+        ),
         "Lfm2VlForConditionalGeneration": Case(
             make_lfm2_vl,
             lambda m, pad_left: lfm2_vl_batch(pad_left),

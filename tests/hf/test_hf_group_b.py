@@ -24,8 +24,11 @@ from hf_models import (  # noqa: E402
     make_glm4v,
     make_lfm2_vl,
     make_llava_onevision1_5,
+    make_ovis2,
+    ovis2_batch,
 )
 
+from bench.models import OVIS_INDICATORS  # noqa: E402
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 
 
@@ -187,3 +190,22 @@ def test_lfm2_vl_oracle_and_token_mode_refused():
         assert int((last["input_ids"] == marker).sum()) == int((batch["input_ids"] == marker).sum())
     with pytest.raises(ValueError, match="short-convolution"):
         apply_sts(model, skip={"mode": "token"})
+
+
+# ---- Ovis2: tiles of visual-vocabulary embeddings, indicator tokens from the same table -------
+
+
+def test_ovis2_oracle():
+    model = make_ovis2()
+    ref = copy.deepcopy(model).eval()
+    batch = ovis2_batch(pad_left=False)
+    lm_kw, last, report = run_patched(model, _glm_lm, batch)
+    with torch.no_grad():
+        feats = ref.model.get_image_features(batch["pixel_values"])
+    pooled = [hand_pool(f, 4, 4) for f in feats.pooler_output]  # global view, tiles, in order
+    assert_tokens(lm_kw, last["input_ids"], IMG, torch.cat(pooled))
+    for i, marker in enumerate(OVIS_INDICATORS):  # embedded from the visual table, kept
+        at = last["input_ids"] == marker
+        expected = feats.visual_indicator_features[i].expand(int(at.sum()), -1)
+        assert_tokens(lm_kw, last["input_ids"], marker, expected)
+    assert (report.image_tokens_in, report.image_tokens_kept) == (64, 16)

@@ -31,6 +31,7 @@ _FAMILIES = (
     "glm4v",
     "llava_onevision1_5",
     "lfm2_vl",
+    "ovis2",
 )
 
 ADAPTERS: dict[str, Adapter] = {}  # class name -> adapter
