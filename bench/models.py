@@ -412,3 +412,58 @@ MAKERS.update(
     }
 )
 # ---- end of issue 18, group B ----
+
+
+_SIGLIP = _VISION | dict(model_type="siglip_vision_model", image_size=32, patch_size=4)
+
+
+def make_vipllava(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny VipLlava: CLIP tower (4x4 patches), features of its last two layers."""
+    layers = {"vision_feature_layer": [-1, -2]}
+    return _llava_family("VipLlava", attn, vision, text, seed, **(layers | extra))
+
+
+def _cohere_family(family: str, attn: str, vision, text, seed: int, **extra):
+    """A tiny Aya Vision / Cohere2-Vision: SigLIP tower (8x8 patches, pixel-shuffled to 4x4
+    tokens a tile), Cohere2 LM with sliding-window layers."""
+    import transformers
+
+    lm = dict(model_type="cohere2", head_dim=32, sliding_window=8)
+    ids = dict(downsample_factor=2, alignment_intermediate_size=128)
+    ids["image_token_index" if family == "AyaVision" else "image_token_id"] = IMG
+    config = getattr(transformers, f"{family}Config")(
+        vision_config=_SIGLIP | (vision or {}),
+        text_config=text_config(**(lm | (text or {}))),
+        **(ids | extra),
+    )
+    return build(getattr(transformers, f"{family}ForConditionalGeneration"), config, attn, seed)
+
+
+def make_aya_vision(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    return _cohere_family("AyaVision", attn, vision, text, seed, **extra)
+
+
+def make_cohere2_vision(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    return _cohere_family("Cohere2Vision", attn, vision, text, seed, **extra)
+
+
+def make_paligemma(attn: str = "eager", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny PaliGemma: SigLIP tower (8 px patches: 4x4 tokens an image), Gemma LM."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    config = PaliGemmaConfig(
+        vision_config=_SIGLIP | dict(patch_size=8) | (vision or {}),
+        text_config=text_config(**({"model_type": "gemma", "head_dim": 32} | (text or {}))),
+        **(dict(image_token_index=IMG, projection_dim=128, hidden_size=128) | extra),
+    )
+    return build(PaliGemmaForConditionalGeneration, config, attn, seed)
+
+
+MAKERS.update(
+    {
+        "vipllava": make_vipllava,
+        "aya_vision": make_aya_vision,
+        "cohere2_vision": make_cohere2_vision,
+        "paligemma": make_paligemma,
+    }
+)

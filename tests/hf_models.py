@@ -753,3 +753,83 @@ CASES.update(
     }
 )
 # ---- end of issue 18, group B ----
+
+
+from dataclasses import replace  # noqa: E402
+
+from bench.models import (  # noqa: E402, F401  (re-exported)
+    make_aya_vision,
+    make_cohere2_vision,
+    make_paligemma,
+    make_vipllava,
+)
+
+# Tiles with text markers: "tile" stands for a tile's 16 placeholders (4x4 tokens). Aya Vision:
+# <|START_OF_IMG|> TILE_1 tile ... TILE_GLOBAL tile <|END_OF_IMG|>; Cohere2-Vision:
+# <|START_OF_IMG|> (tile <|IMG_LINE_BREAK|>) per tile <|END_OF_IMG|>
+IMG_START, IMG_STOP, TILE_1, TILE_GLOBAL, LINE_BREAK = 991, 990, 989, 988, 987
+AYA_ROWS = [
+    [[5, IMG_START, TILE_1], "tile", [TILE_GLOBAL], "tile", [IMG_STOP, 6]],
+    [[7, IMG_START, TILE_GLOBAL], "tile", [IMG_STOP, 8, 9]],
+    [[12, 13, 14]],
+]
+COHERE2_ROWS = [
+    [[5, IMG_START], "tile", [LINE_BREAK], "tile", [LINE_BREAK, IMG_STOP, 6]],
+    [[7, IMG_START], "tile", [LINE_BREAK, IMG_STOP, 8, 9]],
+    [[12, 13, 14]],
+]
+MARKERS = [IMG, IMG_START, IMG_STOP, TILE_1, TILE_GLOBAL, LINE_BREAK]
+
+
+def marked_batch(rows, pad_left: bool, tokens: int = 16) -> dict:
+    """`rows` with `tokens` placeholders a tile, labels -100 on placeholders and markers, one
+    random 32 px image a tile (`pixel_values` [tiles, 3, 32, 32])."""
+    parts = [[[IMG] * tokens if part == "tile" else part for part in row] for row in rows]
+    batch = build_ids(parts, {}, pad_left)
+    del batch["mm_token_type_ids"]
+    marker = torch.isin(batch["input_ids"], torch.tensor(MARKERS))
+    batch["labels"] = batch["labels"].masked_fill(marker, -100)
+    tiles = sum(part == "tile" for row in rows for part in row)
+    gen = torch.Generator().manual_seed(1)
+    return batch | {"pixel_values": torch.randn(tiles, 3, 32, 32, generator=gen)}
+
+
+# PaliGemma: per sample (images, prompt, suffix); the processor's layout: every image's
+# placeholders first, then <bos> prompt "\n" (the prefix, token_type_ids 0), then suffix <eos>
+# (token_type_ids 1, the only labels)
+PALIGEMMA_ROWS = [(1, [5, 6], [20, 21]), (2, [7], [22]), (0, [8, 9], [23])]
+NEWLINE = 108
+
+
+def paligemma_batch(pad_left: bool, tokens: int = 16) -> dict:
+    prefix = [[IMG] * tokens * n + [1] + prompt + [NEWLINE] for n, prompt, _ in PALIGEMMA_ROWS]
+    suffix = [text + [2] for _, _, text in PALIGEMMA_ROWS]
+    batch = build_ids([[p, s] for p, s in zip(prefix, suffix)], {}, pad_left)
+    del batch["mm_token_type_ids"]
+    types = build_ids([[[0] * len(p), [1] * len(s)] for p, s in zip(prefix, suffix)], {}, pad_left)
+    batch["token_type_ids"] = types["input_ids"]
+    batch["labels"] = torch.where(batch["token_type_ids"] == 1, batch["input_ids"], -100)
+    images = sum(n for n, _, _ in PALIGEMMA_ROWS)
+    gen = torch.Generator().manual_seed(1)
+    return batch | {"pixel_values": torch.randn(images, 3, 32, 32, generator=gen)}
+
+
+CASES.update(
+    {
+        "VipLlavaForConditionalGeneration": replace(
+            CASES["LlavaForConditionalGeneration"], make=make_vipllava
+        ),
+        "AyaVisionForConditionalGeneration": replace(
+            _tiled(make_aya_vision, "aya_vision"),
+            batch=lambda m, pad_left: marked_batch(AYA_ROWS, pad_left),
+        ),
+        "Cohere2VisionForConditionalGeneration": replace(
+            _tiled(make_cohere2_vision, "cohere2_vision"),
+            batch=lambda m, pad_left: marked_batch(COHERE2_ROWS, pad_left),
+        ),
+        "PaliGemmaForConditionalGeneration": replace(
+            _tiled(make_paligemma, "paligemma"),
+            batch=lambda m, pad_left: paligemma_batch(pad_left),
+        ),
+    }
+)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from hf_models import (  # noqa: E402
+    AYA_ROWS,
+    COHERE2_ROWS,
     IMG,
     LLAVA_ROWS,
     PIXTRAL_SIZES,
@@ -21,9 +23,16 @@ from hf_models import (  # noqa: E402
     check_eval_equals_unpatched,
     check_remove_restores,
     check_train_step_is_sparser,
+    llava_batch,
+    make_aya_vision,
+    make_cohere2_vision,
     make_llava_pixtral,
     make_mistral3,
+    make_paligemma,
+    make_vipllava,
+    marked_batch,
     needs_encoder_outputs,
+    paligemma_batch,
     pixtral_batch,
 )
 
@@ -113,3 +122,65 @@ def test_llava_pixtral_passes_the_shared_checks():
     for skip in ({"seed": 0, "p_max": 0.9}, {"mode": "token", "seed": 0}):
         report = check_train_step_is_sparser(model, pixtral_batch(False), skip=skip)
         assert (report.image_tokens_in, report.image_tokens_kept) == (64, 19)
+
+
+# ---- one square grid per image or tile: VipLlava, Aya Vision, Cohere2-Vision, PaliGemma ---
+
+
+TILED = {
+    # family: (maker, batch(pad_left, tokens), names of the shrunk inputs to compare)
+    "vipllava": (make_vipllava, lambda p, tokens=16: llava_batch(p, tokens=tokens), ()),
+    "aya_vision": (make_aya_vision, lambda p, tokens=16: marked_batch(AYA_ROWS, p, tokens), ()),
+    "cohere2_vision": (
+        make_cohere2_vision,
+        lambda p, tokens=16: marked_batch(COHERE2_ROWS, p, tokens),
+        (),
+    ),
+    "paligemma": (make_paligemma, paligemma_batch, ("token_type_ids",)),
+}
+
+
+@needs_encoder_outputs
+@pytest.mark.parametrize("pad_left", [True, False])
+@pytest.mark.parametrize("family", TILED)
+def test_tiles_pooled_in_place_markers_kept(family, pad_left):
+    """Every tile (image) pooled 2x2 on its own 4x4 grid, in order; the markers around each
+    tile stay (PaliGemma: the prefix types shrink with the placeholders)."""
+    make, make_batch, extra = TILED[family]
+    model = make()
+    batch = make_batch(pad_left)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=batch["pixel_values"])
+        oracle = [avg_pool_grid(f, (4, 4)) for f in feats.pooler_output]
+    fed, inputs, report = lm_visual_inputs(model, batch, compress={"mode": "pool"})
+    torch.testing.assert_close(fed, torch.cat(oracle), rtol=1e-5, atol=1e-6)
+    names = ("input_ids", "attention_mask", "labels", *extra)
+    check_layout(inputs, make_batch(pad_left, tokens=4), names)
+    assert (report.image_tokens_in, report.image_tokens_kept) == (48, 12)
+
+
+@needs_encoder_outputs
+def test_paligemma_prefix_attends_both_ways_after_the_shrink():
+    """Fed the patched model's shrunk inputs, PaliGemma's mask still lets every kept image
+    token see the prompt after it (the prefix), and the suffix stays causal: the patched loss
+    equals the unpatched model's on the pooled batch with the oracle's features."""
+    model = make_paligemma()
+    batch = paligemma_batch(True)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=batch["pixel_values"])
+        pooled = torch.stack([avg_pool_grid(f, (4, 4)) for f in feats.pooler_output])
+    handle = apply_sts(model, compress={"mode": "pool"}, skip=False)
+    model.train()
+    loss = model(**batch).loss
+    handle.remove()
+    shrunk = paligemma_batch(True, tokens=4)
+    del shrunk["pixel_values"]
+    feats.pooler_output = pooled
+    expected = model(**shrunk, mm_encoder_outputs={"image": feats}).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # the bidirectional prefix matters: the same inputs typed all-suffix give another loss
+    causal = model(
+        **(shrunk | {"token_type_ids": torch.ones_like(shrunk["token_type_ids"])}),
+        mm_encoder_outputs={"image": feats},
+    ).loss
+    assert not torch.allclose(causal, expected)
