@@ -10,7 +10,7 @@ from torch import Tensor
 from .varlen import segments_of, varlen_kwargs
 
 
-def token_layer_args(args: tuple, kwargs: dict, plan) -> tuple[tuple, dict]:
+def token_layer_args(args: tuple, kwargs: dict, plan, windowed: bool = False) -> tuple[tuple, dict]:
     """`token_arg_builder` for Llama / Qwen2-VL decoder layers.
 
     The layer runs on `[B, Kmax, D]` (each sample's kept tokens, padded). Rotary embeddings and
@@ -19,7 +19,8 @@ def token_layer_args(args: tuple, kwargs: dict, plan) -> tuple[tuple, dict]:
     query/key pairs, padding keys masked. Padding query rows may attend to themselves only
     (their output is discarded) so no row is fully masked. Packed rows under flash-attention
     varlen (no mask; `cu_seq_lens_q/k` or position-id restarts) get the varlen arguments of the
-    kept layout instead: each packed sample's kept tokens one segment.
+    kept layout instead: each packed sample's kept tokens one segment; `windowed` (layers with
+    a sliding window, which varlen would apply over the kept tokens) refuses that path.
     """
     kwargs = dict(kwargs)
     pos = plan.positions  # [B, Kmax] original t of each kept token
@@ -43,6 +44,12 @@ def token_layer_args(args: tuple, kwargs: dict, plan) -> tuple[tuple, dict]:
     kwargs["position_embeddings"] = (gather_t(cos, 0), gather_t(sin, 0))
     mask = kwargs.get("attention_mask")
     varlen = mask is None and _kept_varlen(kwargs, plan)  # packed rows, flash-attention style
+    if varlen and windowed:
+        raise ValueError(
+            "LDS token mode: flash-attention varlen would apply this model's sliding window "
+            "over the kept tokens rather than their original positions; use eager or sdpa "
+            "attention (a 4-D mask, gathered at the original positions) or sample mode"
+        )
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = gather_t(kwargs["position_ids"], kwargs["position_ids"].dim() - 2)
     kwargs["cache"] = None

@@ -8,9 +8,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import llava_batch, make_gemma3, make_llava, make_qwen2_5_vl, qwen_batch  # noqa: E402
+from hf_models import (  # noqa: E402
+    llava_batch,
+    make_gemma3,
+    make_llava,
+    make_qwen2_5_vl,
+    qwen_batch,
+    tiled_batch,
+)
 
-from sts_kernels import apply_sts  # noqa: E402
+from sts_kernels import apply_sts, route  # noqa: E402
 from sts_kernels.nn import LayerDynamicSkipper, VisualTokenCompressor  # noqa: E402
 
 
@@ -80,3 +87,72 @@ def test_bad_arguments_are_refused_before_any_forward():
         VisualTokenCompressor(window=(8, 8))(torch.randn(1, 16, 4), grid=(4, 4))
     with pytest.raises(ValueError, match="not a square grid"):
         apply_sts(make_gemma3(mm_tokens_per_image=8), compress=True)
+
+
+def test_gemma3_token_mode_windows_on_original_positions():
+    """Gemma 3 token mode: a sliding-window layer over the kept tokens equals the layer run on
+    each sample's kept tokens alone with the window computed on their ORIGINAL positions (the
+    oracle builds that mask itself; the patch gathers the model's own 4-D mask)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
+
+    from sts_kernels.nn.layer_args import token_layer_args
+
+    model = make_gemma3()
+    config = model.config.text_config
+    config.sliding_window = 3
+    idx = config.layer_types.index("sliding_attention")
+    torch.manual_seed(0)
+    layer = Gemma3DecoderLayer(config, idx).eval()
+    b, t, d = 2, 9, config.hidden_size
+    x = torch.randn(b, t, d)
+    pos = torch.arange(t)
+    rotary = model.model.language_model.rotary_emb
+    cos, sin = rotary(x, pos[None], "sliding_attention")
+
+    def window_mask(p: torch.Tensor) -> torch.Tensor:  # [len, len] additive, on positions p
+        allowed = (p[None, :] <= p[:, None]) & (p[:, None] - p[None, :] < 3)
+        return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(x.dtype).min)
+
+    skipper = LayerDynamicSkipper(
+        torch.nn.ModuleList([layer]),
+        d,
+        mode="token",
+        p_max=0.6,
+        keep_first_last=False,
+        seed=2,
+        token_arg_builder=lambda a, k, plan: token_layer_args(a, k, plan, windowed=True),
+    ).train()
+    mask = window_mask(pos)[None, None].expand(b, 1, t, t)
+    out = skipper(x, position_embeddings=(cos, sin), attention_mask=mask, position_ids=pos[None])
+    keep, gate = skipper.report.keep_masks[0], skipper.report.gates[0]
+    assert 0 < keep.sum() < keep.numel()
+    expected, k = x.clone(), 0
+    for row in range(b):
+        kept = keep[row].nonzero().squeeze(1)
+        y = layer(
+            x[row, kept][None],
+            position_embeddings=(cos[:, kept], sin[:, kept]),
+            attention_mask=window_mask(kept)[None, None],
+            position_ids=kept[None],
+        )
+        y = y[0] if isinstance(y, tuple) else y
+        expected[row, kept] = x[row, kept] + gate[k : k + len(kept), None] * (y[0] - x[row, kept])
+        k += len(kept)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3_token_mode_trains_and_refuses_varlen_windows():
+    model = make_gemma3().train()
+    batch = tiled_batch("gemma3", False)
+    handle = apply_sts(model, compress=False, skip={"mode": "token", "p_max": 0.5, "seed": 0})
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and 0 < handle.report.layer_fraction < 1
+    handle.remove()
+    from sts_kernels.nn.layer_args import token_layer_args
+
+    plan = route(torch.tensor([[True, False, True, True]]))
+    kwargs = {"position_embeddings": (torch.zeros(1, 4, 2), torch.zeros(1, 4, 2))}
+    kwargs |= {"attention_mask": None, "cu_seq_lens_q": torch.tensor([0, 2, 4])}
+    with pytest.raises(ValueError, match="sliding window"):
+        token_layer_args((), kwargs, plan, windowed=True)

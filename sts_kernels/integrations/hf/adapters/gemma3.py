@@ -3,19 +3,26 @@ image, image tokens attending to each other bidirectionally."""
 
 from __future__ import annotations
 
+import functools
+
+from ....nn.layer_args import token_layer_args
 from ._base import TiledAdapter
 
 
 class Gemma3Adapter(TiledAdapter):
     """The bidirectional mask over each image is built from `token_type_ids` (1 on image
-    tokens), so those are shrunk with the placeholders. Token-mode LDS is not offered: its
-    layers take a mask per layer type (sliding / full) that token mode does not rebuild."""
+    tokens), so those are shrunk with the placeholders. Token-mode LDS: every layer gets its
+    own 4-D mask (sliding or full), which token mode gathers at the kept tokens' original
+    positions, so a kept token's window is the one of its original position; flash-attention
+    varlen would apply the window over the kept tokens instead and is refused."""
 
     name = "Gemma 3"
     classes = ("Gemma3ForConditionalGeneration",)
     packs = True
-    lds_modes = ("sample",)
     type_ids = "token_type_ids"
+
+    def skipper_arguments(self):
+        return {"token_arg_builder": functools.partial(token_layer_args, windowed=True)}
 
     def tokens_per_tile(self, model):
         return model.config.mm_tokens_per_image
