@@ -467,3 +467,40 @@ MAKERS.update(
         "paligemma": make_paligemma,
     }
 )
+
+
+def make_fast_vlm(attn: str = "eager", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny FastVLM. Its released tower (FastViTHD) is timm's; here a 2-stage ConvNeXt of
+    transformers gives the same kind of output, a `[B, C, 4, 4]` map (eager: ConvNeXt has no
+    SDPA)."""
+    from transformers import ConvNextConfig, FastVlmConfig, FastVlmForConditionalGeneration
+
+    tower = dict(patch_size=4, num_stages=2, hidden_sizes=[32, 64], depths=[1, 1], image_size=32)
+    vision_config = ConvNextConfig(**(tower | (vision or {})))
+    vision_config.hidden_size = vision_config.hidden_sizes[-1]  # what the projector reads
+    config = FastVlmConfig(
+        vision_config=vision_config,
+        text_config=text_config(**({"model_type": "qwen2"} | (text or {}))),
+        **(dict(image_token_index=IMG, image_seq_length=16) | extra),
+    )
+    return build(FastVlmForConditionalGeneration, config, attn, seed)
+
+
+def make_perception_lm(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny PerceptionLM. Its released tower is timm's Perception Encoder; here a CLIP tower
+    (8x8 patches and a class token, as the PE ViT) stands in, the projector pooling 2x2 to 4x4
+    tokens a tile."""
+    from transformers import PerceptionLMConfig, PerceptionLMForConditionalGeneration
+
+    vision_config = clip_config(**({"patch_size": 4} | (vision or {})))
+    vision_config.model_args = {"embed_dim": vision_config.hidden_size}  # the projector reads it
+    ids = dict(image_token_id=IMG, video_token_id=VID, projector_pooling_ratio=2)
+    config = PerceptionLMConfig(
+        vision_config=vision_config,
+        text_config=text_config(**({"model_type": "llama"} | (text or {}))),
+        **(ids | extra),
+    )
+    return build(PerceptionLMForConditionalGeneration, config, attn, seed)
+
+
+MAKERS.update({"fast_vlm": make_fast_vlm, "perception_lm": make_perception_lm})

@@ -833,3 +833,28 @@ CASES.update(
         ),
     }
 )
+
+
+from bench.models import make_fast_vlm, make_perception_lm  # noqa: E402, F401  (re-exported)
+
+
+def perception_lm_batch(pad_left: bool, tiles: int = 1, tokens: int = 16) -> dict:
+    """LLAVA_ROWS' 3 images of `tiles` tiles each: one run of tiles * tokens placeholders an
+    image, `pixel_values` [images, tiles, 3, 32, 32]."""
+    batch = llava_batch(pad_left, tokens=tiles * tokens)
+    gen = torch.Generator().manual_seed(1)
+    return batch | {"pixel_values": torch.randn(3, tiles, 3, 32, 32, generator=gen)}
+
+
+CASES.update(
+    {
+        "FastVlmForConditionalGeneration": replace(
+            CASES["LlavaForConditionalGeneration"], make=make_fast_vlm
+        ),
+        "PerceptionLMForConditionalGeneration": replace(
+            CASES["LlavaForConditionalGeneration"],
+            make=make_perception_lm,
+            batch=lambda m, pad_left: perception_lm_batch(pad_left),
+        ),
+    }
+)

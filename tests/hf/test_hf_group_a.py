@@ -26,13 +26,16 @@ from hf_models import (  # noqa: E402
     llava_batch,
     make_aya_vision,
     make_cohere2_vision,
+    make_fast_vlm,
     make_llava_pixtral,
     make_mistral3,
     make_paligemma,
+    make_perception_lm,
     make_vipllava,
     marked_batch,
     needs_encoder_outputs,
     paligemma_batch,
+    perception_lm_batch,
     pixtral_batch,
 )
 
@@ -124,7 +127,8 @@ def test_llava_pixtral_passes_the_shared_checks():
         assert (report.image_tokens_in, report.image_tokens_kept) == (64, 19)
 
 
-# ---- one square grid per image or tile: VipLlava, Aya Vision, Cohere2-Vision, PaliGemma ---
+# ---- one square grid per image or tile: VipLlava, Aya Vision, Cohere2-Vision, PaliGemma,
+# FastVLM, PerceptionLM ------------------------------------------------------------------------
 
 
 TILED = {
@@ -137,6 +141,13 @@ TILED = {
         (),
     ),
     "paligemma": (make_paligemma, paligemma_batch, ("token_type_ids",)),
+    "fast_vlm": (make_fast_vlm, lambda p, tokens=16: llava_batch(p, tokens=tokens), ()),
+    # 2 tiles an image, one placeholder run of 2 * 16 each (pooled: 2 * 4)
+    "perception_lm": (
+        make_perception_lm,
+        lambda p, tokens=16: perception_lm_batch(p, tiles=2, tokens=tokens),
+        (),
+    ),
 }
 
 
@@ -156,7 +167,8 @@ def test_tiles_pooled_in_place_markers_kept(family, pad_left):
     torch.testing.assert_close(fed, torch.cat(oracle), rtol=1e-5, atol=1e-6)
     names = ("input_ids", "attention_mask", "labels", *extra)
     check_layout(inputs, make_batch(pad_left, tokens=4), names)
-    assert (report.image_tokens_in, report.image_tokens_kept) == (48, 12)
+    tiles = len(oracle)
+    assert (report.image_tokens_in, report.image_tokens_kept) == (16 * tiles, 4 * tiles)
 
 
 @needs_encoder_outputs

@@ -32,6 +32,8 @@ _FAMILIES = (
     "aya_vision",
     "cohere2_vision",
     "paligemma",
+    "fast_vlm",
+    "perception_lm",
     "glm4v",
     "llava_onevision1_5",
     "lfm2_vl",
