@@ -20,6 +20,9 @@ class CompressedTokens(NamedTuple):
     size: Tensor  # [B, N_out] fp32 original tokens per output token
     grid: tuple[int, int] | None  # output grid in pool mode, None in merge mode
     kept: Tensor  # [B] int64 tokens kept per sample (== N_out for all)
+    # merge mode: [B, N_out] int64 the input token each output token stands at (the
+    # destination its sources merged into, or itself); None in pool mode
+    anchors: Tensor | None = None
 
 
 def _window_sums(size: Tensor, grid: tuple[int, int], window: tuple[int, int]) -> Tensor:
@@ -28,6 +31,20 @@ def _window_sums(size: Tensor, grid: tuple[int, int], window: tuple[int, int]) -
     oh, ow = -(-h // kh), -(-w // kw)
     padded = F.pad(size.float().view(-1, h, w), (0, ow * kw - w, 0, oh * kh - h))
     return padded.view(-1, oh, kh, ow, kw).sum(dim=(2, 4)).reshape(-1, oh * ow)
+
+
+def merge_anchors(index: Tensor, n_out: int, protected: int) -> Tensor:
+    """[B, N_out] the input token every merged output token stands at: the destination its
+    sources merged into (STS_SPEC §1: destinations are the odd unprotected positions), or the
+    token itself when nothing merged into it. `index` [B, N]: output slot of every input."""
+    b, n = index.shape
+    pos = torch.arange(n, device=index.device)
+    first_dst = protected + 1 - protected % 2
+    is_anchor = (pos < protected) | ((pos >= first_dst) & ((pos - first_dst) % 2 == 0))
+    key = pos + is_anchor.long() * (n + 1)  # destinations outrank the sources merged into them
+    best = torch.full((b, n_out), -1, dtype=torch.long, device=index.device)
+    best.scatter_reduce_(1, index, key.expand(b, n), reduce="amax")
+    return best % (n + 1)
 
 
 class VisualTokenCompressor(nn.Module):
@@ -161,7 +178,10 @@ class VisualTokenCompressor(nn.Module):
         else:
             merged = bipartite_merge(x, self._merge_r(n, r), metric, size.float(), self.protected)
             out_x, out_size, out_grid = merged.x, merged.size, None
+            anchors = merge_anchors(merged.index, out_x.shape[1], self.protected)
         kept = torch.full((b,), out_x.shape[1], dtype=torch.int64, device=x.device)
+        if self.mode == "merge" and self.active:
+            return CompressedTokens(out_x, out_size, out_grid, kept, anchors)
         return CompressedTokens(out_x, out_size, out_grid, kept)
 
     def compress_many(
@@ -198,8 +218,9 @@ class VisualTokenCompressor(nn.Module):
                 res = self._pool_frames(res, len(parts), frames[0])
                 frames = [res.x.shape[0] // len(parts)] * len(parts)
             xs_out, sizes, kept = (t.split(frames) for t in (res.x, res.size, res.kept))
-            for i, x, size, k in zip(members, xs_out, sizes, kept):
-                out[i] = CompressedTokens(x, size, res.grid, k)
+            anchors = res.anchors.split(frames) if res.anchors is not None else [None] * len(frames)
+            for i, x, size, k, a in zip(members, xs_out, sizes, kept, anchors):
+                out[i] = CompressedTokens(x, size, res.grid, k, a)
         return out
 
     def _pool_frames(self, res: CompressedTokens, items: int, frames: int) -> CompressedTokens:

@@ -156,3 +156,79 @@ def test_gemma3_token_mode_trains_and_refuses_varlen_windows():
     kwargs |= {"attention_mask": None, "cu_seq_lens_q": torch.tensor([0, 2, 4])}
     with pytest.raises(ValueError, match="sliding window"):
         token_layer_args((), kwargs, plan, windowed=True)
+
+
+def _anchors_by_hand(index: torch.Tensor, n_out: int) -> list[int]:
+    """Per output token, the input it stands at: the destination (odd position) among the
+    inputs merged into it, else its only input (STS_SPEC §1's split, protected=0)."""
+    anchors = []
+    for j in range(n_out):
+        members = (index == j).nonzero().squeeze(1).tolist()
+        odd = [n for n in members if n % 2 == 1]
+        assert len(odd) <= 1 and (odd or len(members) == 1)
+        anchors.append(odd[0] if odd else members[0])
+    return anchors
+
+
+def test_qwen_merge_keeps_the_anchor_positions():
+    """Qwen2.5-VL merge mode: every kept visual placeholder carries the M-RoPE position of the
+    token its merged token stands at, text keeps the unmerged layout's positions. Oracle: the
+    unpatched get_rope_index, the merge run by hand on the unpatched features per frame."""
+    from sts_kernels import bipartite_merge
+
+    model = make_qwen2_5_vl().train()
+    batch = qwen_batch(False)
+    inner = model.model
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    full, _ = inner.get_rope_index(
+        ids,
+        batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        video_grid_thw=batch["video_grid_thw"],
+        attention_mask=mask,
+    )
+    m = model.config.vision_config.spatial_merge_size
+    expected_cols = {}  # (row, original column of a kept placeholder) -> column of its anchor
+    for key, token, getter, pixels in (
+        ("image_grid_thw", model.config.image_token_id, "get_image_features", "pixel_values"),
+        (
+            "video_grid_thw",
+            model.config.video_token_id,
+            "get_video_features",
+            "pixel_values_videos",
+        ),
+    ):
+        with torch.no_grad():
+            feats = getattr(inner, getter)(batch[pixels], batch[key], return_dict=True)
+        slots = (ids == token).reshape(-1).nonzero().squeeze(1).tolist()
+        start = 0
+        for f, (t, h, w) in zip(feats.pooler_output, batch[key].tolist()):
+            n = (h // m) * (w // m)
+            merged = bipartite_merge(f.view(t, n, -1), round(n * 0.5))
+            n_out = merged.x.shape[1]
+            for frame in range(t):
+                anchors = _anchors_by_hand(merged.index[frame], n_out)
+                for j, a in enumerate(anchors):
+                    kept = slots[start + frame * n_out + j]  # the item's placeholders, in order
+                    expected_cols[divmod(kept, ids.shape[1])] = slots[start + frame * n + a]
+            start += t * n
+    handle = apply_sts(model, compress={"mode": "merge", "ratio": 0.5}, skip=False)
+    loss = model(**batch).loss
+    got, cols = handle.last_inputs["position_ids"], handle.report.columns
+    handle.remove()
+    assert torch.isfinite(loss)
+    new_mask = handle.last_inputs["attention_mask"]
+    for row in range(ids.shape[0]):
+        dropped = set(range(ids.shape[1])) - {c for c in range(ids.shape[1]) if mask[row, c]}
+        kept_cols = [c for c in range(ids.shape[1]) if c not in dropped]
+        kept_cols = [
+            c
+            for c in kept_cols
+            if ids[row, c] not in (model.config.image_token_id, model.config.video_token_id)
+            or (row, c) in expected_cols
+        ]
+        assert int(new_mask[row].sum()) == len(kept_cols)
+        for new, c in enumerate(kept_cols):
+            source = expected_cols.get((row, c), row * ids.shape[1] + c) % ids.shape[1]
+            assert torch.equal(got[:, row, new], full[:, row, source]), (row, c)
+    assert cols is not None

@@ -17,13 +17,14 @@ class Qwen2VLAdapter(Adapter):
     M-RoPE `position_ids` the caller passed ([3 or 4, B, T], e.g. packed rows) are rebuilt the
     same way, segment by segment (`mrope.py`); 1-D ones are renumbered like any family's.
     Pooled video frames are `time_window` times as far apart (`second_per_grid_ts`, default
-    1 s). Merge mode has no output grid: pool only."""
+    1 s). Merge mode (each frame merged on its own) has no output grid: a merged token keeps
+    the M-RoPE position of the token it stands at (the destination its sources merged into,
+    STS_SPEC §3), and text keeps the positions of the unmerged layout."""
 
     name = "Qwen2-VL"
     classes = ("Qwen2VLForConditionalGeneration",)
     packs = True
-    modes = ("pool",)
-    mode_reason = "M-RoPE positions need the output grid; merge mode has none"
+    modes = ("pool", "merge")
     video = True
     pixel_keys = ("pixel_values", "pixel_values_videos")
     # modality -> (pixel argument, grid argument, token id attribute, feature getter)
@@ -37,6 +38,9 @@ class Qwen2VLAdapter(Adapter):
     def compress(self, model, compressor, kw):
         given = kw.get("position_ids")
         rebuild = given is not None and given.dim() == 3  # the caller's M-RoPE positions
+        merge = compressor.mode == "merge" and compressor.active
+        if merge:  # the unmerged layout's positions: merged tokens take their anchors'
+            kw["position_ids"] = rebuild_mrope(model, kw, text_row=rebuild and given.shape[0] == 4)
         shrinks = {}
         m = model.config.vision_config.spatial_merge_size
         for modality, (pixels, grid_key, token_attr, getter) in self._INPUTS.items():
@@ -55,15 +59,19 @@ class Qwen2VLAdapter(Adapter):
                 )
             self._compress_extra(compressor, features, grids)
             token_id = getattr(model.config, token_attr)
+            if merge:
+                kw["position_ids"] = _anchor_positions(kw, token_id, outs, grids)
             shrinks[modality] = feed_features(
                 model, kw, modality, features, compressed, token_id, pixels, runs=runs
             )
+            if merge:
+                continue
             # get_rope_index divides the grid by the merge size again
             rope_grid = [(o.x.shape[0], o.grid[0] * m, o.grid[1] * m) for o in outs]
             kw[grid_key] = torch.tensor(rope_grid, dtype=thw.dtype, device=thw.device)
             if modality == "video":
                 self._space_frames(model, kw, len(grids), compressor.time_window)
-        if rebuild:
+        if rebuild and not merge:
             kw["position_ids"] = rebuild_mrope(model, kw, text_row=given.shape[0] == 4)
         return kw, shrinks
 
@@ -81,6 +89,25 @@ class Qwen2VLAdapter(Adapter):
 
     def _compress_extra(self, compressor, features, grids) -> None:
         """Compress any further per-token features consistently (Qwen3-VL's DeepStack)."""
+
+
+def _anchor_positions(kw, token_id: int, outs, grids) -> torch.Tensor:
+    """`kw["position_ids"]` [3 or 4, B, T] with the M-RoPE rows of item k's j-th placeholder set
+    to those of the placeholder its j-th merged token stands at (`CompressedTokens.anchors`,
+    per frame); the shrink then keeps the first placeholders of every item."""
+    pos = kw["position_ids"]
+    rows = pos.shape[0]
+    flat = pos.reshape(rows, -1).clone()  # [R, B * T]
+    slots = (kw["input_ids"] == token_id).reshape(-1).nonzero().squeeze(1)  # row-major
+    start = 0
+    for out, (t, h, w) in zip(outs, grids):
+        frame_start = torch.arange(t, device=slots.device)[:, None] * (h * w)
+        anchors = (out.anchors + frame_start).reshape(-1)  # [t * n_out] within the item
+        item = slots[start : start + t * h * w]
+        first = rows - 3  # the M-RoPE rows (after the text row of a [4, B, T] layout)
+        flat[first:, item[: anchors.numel()]] = pos.reshape(rows, -1)[first:, item[anchors]]
+        start += t * h * w
+    return flat.view_as(pos)
 
 
 def _compress_items(compressor, items, grids):

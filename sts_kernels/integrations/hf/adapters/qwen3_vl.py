@@ -17,6 +17,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     name = "Qwen3-VL"
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     frame_runs = True
+    modes = ("pool",)
+    mode_reason = "DeepStack features would need the same merge at every level"
 
     needs_encoder_outputs = True
 
