@@ -265,43 +265,6 @@ MAKERS = {
 }
 
 
-# ---- issue 18, group A: Pixtral layouts, VipLlava, Aya Vision, Cohere2-Vision, FastVLM,
-# PerceptionLM, PaliGemma --------------------------------------------------------------------
-
-_PIXTRAL = _VISION | dict(model_type="pixtral", image_size=64, patch_size=4)
-
-
-def make_mistral3(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
-    """A tiny Mistral 3: Pixtral tower (4 px patches), 2x2 patch merger (8 px a token),
-    Mistral LM; image sizes vary (`image_sizes`)."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
-
-    config = Mistral3Config(
-        vision_config=_PIXTRAL | (vision or {}),
-        text_config=text_config(**({"model_type": "mistral"} | (text or {}))),
-        **(dict(image_token_index=IMG, spatial_merge_size=2) | extra),
-    )
-    return build(Mistral3ForConditionalGeneration, config, attn, seed)
-
-
-def make_llava_pixtral(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
-    """A tiny LLaVA with a Pixtral tower (8 px patches, no class token: strategy "full")."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    ids = dict(
-        image_token_index=IMG, vision_feature_select_strategy="full", vision_feature_layer=-1
-    )
-    config = LlavaConfig(
-        vision_config=_PIXTRAL | dict(patch_size=8) | (vision or {}),
-        text_config=text_config(**({"model_type": "llama"} | (text or {}))),
-        **(ids | extra),
-    )
-    return build(LlavaForConditionalGeneration, config, attn, seed)
-
-
-MAKERS.update({"mistral3": make_mistral3, "llava_pixtral": make_llava_pixtral})
-
-
 # ---- issue 18, group B: GLM-4V(-MoE), LLaVA-OneVision-1.5, LFM2-VL, Ovis2, Gemma 3n, Llama 4 ----
 
 GLM_VIDEO_START, GLM_VIDEO_END = 995, 994  # <|begin_of_video|> / <|end_of_video|>
@@ -402,8 +365,50 @@ def make_ovis2(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extr
     return build(Ovis2ForConditionalGeneration, config, attn, seed)
 
 
+# the convention fallback (adapters/generic.py) serves these two: no adapter file of their own
+
+
+def make_deepseek_vl(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny DeepSeek-VL: SigLIP tower (4x4 patches of 8 px), Llama LM."""
+    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration
+
+    tower = _VISION | dict(model_type="siglip_vision_model", image_size=32, patch_size=8)
+    config = DeepseekVLConfig(
+        vision_config=tower | (vision or {}),
+        text_config=text_config(**({"model_type": "llama"} | (text or {}))),
+        **({"image_token_id": IMG} | extra),
+    )
+    return build(DeepseekVLForConditionalGeneration, config, attn, seed)
+
+
+def make_got_ocr2(attn: str = "eager", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny GOT-OCR2 (eager: its SAM tower has no SDPA): 8x8 patches of 16 px, the
+    projector's convolutions down to 2x2 tokens an image, Qwen2 LM."""
+    from transformers import GotOcr2Config, GotOcr2ForConditionalGeneration
+
+    tower = dict(
+        hidden_size=32,
+        output_channels=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=128,
+        patch_size=16,
+        window_size=4,
+        global_attn_indexes=[1],
+        mlp_dim=64,
+    )
+    config = GotOcr2Config(
+        vision_config=tower | (vision or {}),
+        text_config=text_config(**({"model_type": "qwen2"} | (text or {}))),
+        **({"image_token_index": IMG} | extra),
+    )
+    return build(GotOcr2ForConditionalGeneration, config, attn, seed)
+
+
 MAKERS.update(
     {
+        "deepseek_vl": make_deepseek_vl,
+        "got_ocr2": make_got_ocr2,
         "ovis2": make_ovis2,
         "lfm2_vl": make_lfm2_vl,
         "llava_onevision1_5": make_llava_onevision1_5,
@@ -412,6 +417,42 @@ MAKERS.update(
     }
 )
 # ---- end of issue 18, group B ----
+
+# ---- issue 18, group A: Pixtral layouts, VipLlava, Aya Vision, Cohere2-Vision, FastVLM,
+# PerceptionLM, PaliGemma --------------------------------------------------------------------
+
+_PIXTRAL = _VISION | dict(model_type="pixtral", image_size=64, patch_size=4)
+
+
+def make_mistral3(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny Mistral 3: Pixtral tower (4 px patches), 2x2 patch merger (8 px a token),
+    Mistral LM; image sizes vary (`image_sizes`)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        vision_config=_PIXTRAL | (vision or {}),
+        text_config=text_config(**({"model_type": "mistral"} | (text or {}))),
+        **(dict(image_token_index=IMG, spatial_merge_size=2) | extra),
+    )
+    return build(Mistral3ForConditionalGeneration, config, attn, seed)
+
+
+def make_llava_pixtral(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny LLaVA with a Pixtral tower (8 px patches, no class token: strategy "full")."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    ids = dict(
+        image_token_index=IMG, vision_feature_select_strategy="full", vision_feature_layer=-1
+    )
+    config = LlavaConfig(
+        vision_config=_PIXTRAL | dict(patch_size=8) | (vision or {}),
+        text_config=text_config(**({"model_type": "llama"} | (text or {}))),
+        **(ids | extra),
+    )
+    return build(LlavaForConditionalGeneration, config, attn, seed)
+
+
+MAKERS.update({"mistral3": make_mistral3, "llava_pixtral": make_llava_pixtral})
 
 
 _SIGLIP = _VISION | dict(model_type="siglip_vision_model", image_size=32, patch_size=4)

@@ -568,61 +568,15 @@ CASES = {
 }
 
 
-# ---- issue 18, group A (tests/hf/test_hf_group_a.py: their oracle checks) ------------------
-
-from bench.models import make_llava_pixtral, make_mistral3  # noqa: E402, F401  (re-exported)
-
-# Pixtral layout (Mistral 3, LLaVA with a Pixtral tower): every row of an image's placeholders
-# ends with [IMG_BREAK], the last with [IMG_END] instead; (H, W) px of LLAVA_ROWS' images,
-# 8 px a token: grids 5x6, 4x4, 6x3 (pooled 2x2: 3x3, 2x2, 3x2)
-PIX_BREAK, PIX_END = 993, 992
-PIXTRAL_SIZES = [(40, 48), (32, 32), (48, 24)]
-
-
-def pixtral_block(h: int, w: int) -> list[int]:
-    """The Pixtral processor's tokens for an (h, w) grid of visual tokens."""
-    block = ([IMG] * w + [PIX_BREAK]) * h
-    block[-1] = PIX_END
-    return block
-
-
-def pixtral_batch(pad_left: bool, grids=None, sizes=PIXTRAL_SIZES, rows=LLAVA_ROWS) -> dict:
-    """LLAVA_ROWS with Pixtral blocks (`grids`, default the images' own at 8 px a token);
-    labels -100 on placeholders and markers; pixels padded to the largest size."""
-    blocks = iter(pixtral_block(*g) for g in grids or [(h // 8, w // 8) for h, w in sizes])
-    parts = [[next(blocks) if part == "image" else part for part in row] for row in rows]
-    batch = build_ids(parts, {}, pad_left)
-    del batch["mm_token_type_ids"]
-    marker = torch.isin(batch["input_ids"], torch.tensor([IMG, PIX_BREAK, PIX_END]))
-    batch["labels"] = batch["labels"].masked_fill(marker, -100)
-    gen = torch.Generator().manual_seed(1)
-    pixels = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
-    for k, (h, w) in enumerate(sizes):
-        pixels[k, :, :h, :w] = torch.randn(3, h, w, generator=gen)
-    return batch | {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
-
-
-PIXTRAL_TRAIN = tuple(
-    Train(pad, {"compress": {"mode": "pool"}}, dict(image_tokens_in=64, image_tokens_kept=19))
-    for pad in (False, True)
-)
-
-CASES.update(
-    {
-        "Mistral3ForConditionalGeneration": Case(
-            make_mistral3, lambda m, pad_left: pixtral_batch(pad_left), PIXTRAL_TRAIN
-        ),
-    }
-)
-
-
 # ---- issue 18, group B (tests/hf/test_hf_group_b.py: their oracle checks) ------------------
 
 from bench.models import (  # noqa: E402
     GLM_VIDEO_END,
     GLM_VIDEO_START,
     OVIS_INDICATORS,
+    make_deepseek_vl,
     make_glm4v,
+    make_got_ocr2,
     make_lfm2_vl,
     make_llava_onevision1_5,
     make_ovis2,
@@ -712,8 +666,27 @@ def ovis2_batch(pad_left: bool, tokens: int = 16) -> dict:
     return batch | {"pixel_values": torch.randn(4, 3, 32, 32, generator=gen)}
 
 
+def generic_batch(pad_left: bool, tokens: int = 16, size: int = 32) -> dict:
+    """LLAVA_ROWS (3 images, one placeholder run each) for the convention fallback's families:
+    DeepSeek-VL (4x4 tokens of a 32 px image), GOT-OCR2 (2x2 of a 128 px one)."""
+    batch = build_ids(LLAVA_ROWS, {"image": [tokens] * 3}, pad_left)
+    del batch["mm_token_type_ids"]
+    gen = torch.Generator().manual_seed(1)
+    return batch | {"pixel_values": torch.randn(3, 3, size, size, generator=gen)}
+
+
+def _generic(make, tokens: int, size: int, kept: int) -> Case:
+    return Case(
+        make,
+        lambda m, pad_left: generic_batch(pad_left, tokens, size),
+        (Train(False, {}, {"image_tokens_in": 3 * tokens, "image_tokens_kept": kept}),),
+    )
+
+
 CASES.update(
     {
+        "DeepseekVLForConditionalGeneration": _generic(make_deepseek_vl, 16, 32, 12),
+        "GotOcr2ForConditionalGeneration": _generic(make_got_ocr2, 4, 128, 3),
         "Ovis2ForConditionalGeneration": Case(
             make_ovis2,
             lambda m, pad_left: ovis2_batch(pad_left),
@@ -753,6 +726,53 @@ CASES.update(
     }
 )
 # ---- end of issue 18, group B ----
+
+# ---- issue 18, group A (tests/hf/test_hf_group_a.py: their oracle checks) ------------------
+
+from bench.models import make_llava_pixtral, make_mistral3  # noqa: E402, F401  (re-exported)
+
+# Pixtral layout (Mistral 3, LLaVA with a Pixtral tower): every row of an image's placeholders
+# ends with [IMG_BREAK], the last with [IMG_END] instead; (H, W) px of LLAVA_ROWS' images,
+# 8 px a token: grids 5x6, 4x4, 6x3 (pooled 2x2: 3x3, 2x2, 3x2)
+PIX_BREAK, PIX_END = 993, 992
+PIXTRAL_SIZES = [(40, 48), (32, 32), (48, 24)]
+
+
+def pixtral_block(h: int, w: int) -> list[int]:
+    """The Pixtral processor's tokens for an (h, w) grid of visual tokens."""
+    block = ([IMG] * w + [PIX_BREAK]) * h
+    block[-1] = PIX_END
+    return block
+
+
+def pixtral_batch(pad_left: bool, grids=None, sizes=PIXTRAL_SIZES, rows=LLAVA_ROWS) -> dict:
+    """LLAVA_ROWS with Pixtral blocks (`grids`, default the images' own at 8 px a token);
+    labels -100 on placeholders and markers; pixels padded to the largest size."""
+    blocks = iter(pixtral_block(*g) for g in grids or [(h // 8, w // 8) for h, w in sizes])
+    parts = [[next(blocks) if part == "image" else part for part in row] for row in rows]
+    batch = build_ids(parts, {}, pad_left)
+    del batch["mm_token_type_ids"]
+    marker = torch.isin(batch["input_ids"], torch.tensor([IMG, PIX_BREAK, PIX_END]))
+    batch["labels"] = batch["labels"].masked_fill(marker, -100)
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for k, (h, w) in enumerate(sizes):
+        pixels[k, :, :h, :w] = torch.randn(3, h, w, generator=gen)
+    return batch | {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+
+
+PIXTRAL_TRAIN = tuple(
+    Train(pad, {"compress": {"mode": "pool"}}, dict(image_tokens_in=64, image_tokens_kept=19))
+    for pad in (False, True)
+)
+
+CASES.update(
+    {
+        "Mistral3ForConditionalGeneration": Case(
+            make_mistral3, lambda m, pad_left: pixtral_batch(pad_left), PIXTRAL_TRAIN
+        ),
+    }
+)
 
 
 from dataclasses import replace  # noqa: E402

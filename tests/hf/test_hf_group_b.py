@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,9 +19,12 @@ from hf_models import (  # noqa: E402
     IMG,
     LFM2_SHAPES,
     VID,
+    generic_batch,
     glm4v_batch,
     lfm2_vl_batch,
+    llama_config,
     llava_onevision1_5_batch,
+    make_deepseek_vl,
     make_glm4v,
     make_lfm2_vl,
     make_llava_onevision1_5,
@@ -209,3 +213,35 @@ def test_ovis2_oracle():
         expected = feats.visual_indicator_features[i].expand(int(at.sum()), -1)
         assert_tokens(lm_kw, last["input_ids"], marker, expected)
     assert (report.image_tokens_in, report.image_tokens_kept) == (64, 16)
+
+
+# ---- the convention fallback (adapters/generic.py) ---------------------------------------------
+
+
+def test_convention_fallback_oracle_warning_and_refusal():
+    """DeepSeek-VL has no adapter file: served by the convention with one warning naming the
+    class, its images pooled 2x2 on their 4x4 grids; a class without the convention's shape
+    still gets the TypeError."""
+    from sts_kernels.integrations.hf.adapters import adapter_for, generic
+
+    model = make_deepseek_vl()
+    ref = copy.deepcopy(model).eval()
+    generic._WARNED.discard(type(model).__name__)
+    with pytest.warns(UserWarning, match="DeepseekVLForConditionalGeneration has no adapter"):
+        assert adapter_for(model) is generic.ADAPTER
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per class
+        adapter_for(model)
+    batch = generic_batch(pad_left=True)
+    lm_kw, last, report = run_patched(model, _glm_lm, batch)
+    with torch.no_grad():
+        feats = ref.model.get_image_features(batch["pixel_values"])
+    assert_tokens(
+        lm_kw, last["input_ids"], IMG, torch.cat([hand_pool(f, 4, 4) for f in feats.pooler_output])
+    )
+    assert (report.image_tokens_in, report.image_tokens_kept) == (48, 12)
+
+    from transformers import LlamaForCausalLM
+
+    with pytest.raises(TypeError, match="got LlamaForCausalLM"):
+        apply_sts(LlamaForCausalLM(llama_config()))

@@ -12,6 +12,7 @@ from importlib import import_module
 from torch import nn
 
 from ._base import Adapter, Shrink, feed_features
+from .generic import convention_adapter
 
 __all__ = ["Adapter", "Shrink", "adapter_for", "feed_features", "supported_models", "support_table"]
 
@@ -56,6 +57,9 @@ def adapter_for(model: nn.Module) -> Adapter:
     for cls in type(model).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__]
+    generic = convention_adapter(model)  # the common VLM shape, with a one-time warning
+    if generic is not None:
+        return generic
     raise TypeError(
         f"apply_sts: model must be one of {', '.join(ADAPTERS)} (transformers 5.x), "
         f"got {type(model).__name__}"

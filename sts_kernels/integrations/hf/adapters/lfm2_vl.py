@@ -3,7 +3,8 @@ unshuffled into tokens; an LM that mixes short convolutions with attention."""
 
 from __future__ import annotations
 
-from ._base import Adapter, feed_features
+from ._base import Adapter
+from .generic import compress_on_grids
 
 
 class Lfm2VlAdapter(Adapter):
@@ -35,12 +36,8 @@ class Lfm2VlAdapter(Adapter):
             kw["pixel_values"], shapes, kw.get("pixel_attention_mask"), return_dict=True
         )
         grids = [(h // factor, w // factor) for h, w in shapes.tolist()]
-        outs = compressor.compress_many([f[None] for f in features.pooler_output], grids)
-        compressed = [o.x[0] for o in outs]
-        shrink = feed_features(
-            model, kw, "image", features, compressed, model.config.image_token_id
-        )
-        return kw, {"image": shrink}
+        token_id = model.config.image_token_id
+        return kw, {"image": compress_on_grids(model, compressor, kw, features, grids, token_id)}
 
 
 ADAPTER = Lfm2VlAdapter()
