@@ -138,7 +138,7 @@ class SkippableLayer(nn.Module):
         return args, {**kwargs, **{name: plan.positions for name in self._position_kwargs}}
 
     @torch.compiler.disable
-    def _plan(self, hidden_states: Tensor) -> LayerStep:
+    def _decide_now(self, hidden_states: Tensor) -> LayerStep:
         """This step's decision for the layer, drawn now (when the skipper was not handed the
         step's decisions ahead, `LayerDynamicSkipper.plan_step`). Eager under torch.compile
         (its random draw and host counts): a graph break per layer."""
@@ -158,7 +158,7 @@ class SkippableLayer(nn.Module):
         if step is None or (
             step.plan is not None and step.plan.shape != self.skipper.layout_of(hidden_states)
         ):
-            return self._plan(hidden_states)
+            return self._decide_now(hidden_states)
         return step
 
     def _run_one_sample(self, hidden_states: Tensor, args: tuple, kwargs: dict) -> Tensor:
