@@ -176,7 +176,7 @@ class SkippableLayer(nn.Module):
 
     @torch.compiler.disable
     def _observe(self, cos: Tensor) -> None:
-        """The importance policy's measurement after a decision drawn now: eager, like `_plan`
+        """The importance policy's measurement after a decision drawn now: eager, like `_decide_now`
         (traced, reading the layer index would make each layer's frame a recompile)."""
         self.skipper.observe_change(self.idx, 1.0 - cos.mean())
 
