@@ -61,9 +61,48 @@ def test_vtc_equals_unpatched_on_reference_packed_features(pad_left):
     handle.remove()
 
 
-def test_merge_is_refused():
-    with pytest.raises(ValueError, match="mode='pool'.*image_newline"):
-        apply_sts(make_llava_next(), compress={"mode": "merge"})
+def _merge_reference_pack(packed, newline, crop_grid, ratio: float = 0.5):
+    """One LLaVA-NeXT image merged plainly: the 4x4 base as one item, every crop row on its
+    own, a newline after every merged row."""
+    from sts_kernels import bipartite_merge
+
+    hc, wc = crop_grid
+    base = bipartite_merge(packed[None, :16], round(16 * (1 - ratio))).x[0]
+    rows = packed[16:].view(hc, wc + 1, -1)[:, :wc]  # [H, W, D]
+    rows = bipartite_merge(rows, round(wc * (1 - ratio))).x  # [H, W', D]
+    rows = torch.cat([rows, newline.expand(hc, 1, -1)], 1).reshape(-1, packed.shape[-1])
+    return torch.cat([base, rows])
+
+
+@needs_encoder_outputs
+def test_merge_keeps_every_crop_row_and_its_newline():
+    """Merge mode: the LM receives the merged base then every crop row merged on its own and
+    ended by the newline (oracle: bipartite_merge run by hand on the unpatched features, fed
+    to the unpatched model with the shrunk ids the patch used)."""
+    model = make_llava_next("eager")
+    ref = copy.deepcopy(model)
+    batch = llava_next_batch(model, False)
+    handle = apply_sts(model, compress={"mode": "merge", "ratio": 0.5}, skip=False)
+    out = model(**batch)
+    grids = [(4, 8), (8, 4), (6, 8)]  # unpadded crop grids of LLAVA_NEXT_SIZES
+    with torch.no_grad():
+        feats = ref.model.get_image_features(
+            batch["pixel_values"], batch["image_sizes"], return_dict=True
+        )
+        newline = ref.model.image_newline
+        packed = [_merge_reference_pack(f, newline, g) for f, g in zip(feats.pooler_output, grids)]
+    feats.pooler_output = packed
+    shrunk = handle.last_inputs
+    expected = ref(
+        input_ids=shrunk["input_ids"],
+        attention_mask=shrunk["attention_mask"],
+        labels=shrunk["labels"],
+        mm_encoder_outputs={"image": feats},
+    )
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    kept = [8 + h * (w // 2 + 1) for h, w in grids]
+    assert handle.report.image_tokens_kept == sum(kept)
+    handle.remove()
 
 
 @needs_encoder_outputs

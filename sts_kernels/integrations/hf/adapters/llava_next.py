@@ -15,15 +15,14 @@ class LlavaNextAdapter(Adapter):
     (h, w) the tile's patch grid and (H, W) the unpadded crop grid. VTC pools the base on
     (h, w) and the crops on (H, W) (all bases in one call, crops one call per distinct grid),
     then re-packs `[base'] + [H' rows of (W' tokens + newline)]`, so every pooled row still
-    ends in a newline. Two index gathers over the whole batch move tokens in and out of that
-    layout: the cost does not grow with the number of images. Merge mode would leave no rows
-    for the newlines: pool only."""
+    ends in a newline. Merge mode merges the base as a whole and every crop row on its own
+    (all rows of one width in one call): `[base'] + [H rows of (W' tokens + newline)]`, the
+    newlines kept. Two index gathers over the whole batch move tokens in and out of that
+    layout: the cost does not grow with the number of images."""
 
     name = "LLaVA-NeXT"
     classes = ("LlavaNextForConditionalGeneration",)
     packs = True
-    modes = ("pool",)
-    mode_reason = "image_newline ends every row of the crop grid; merged tokens have no rows"
     # the forward's keyword arguments that `get_image_features` takes too
     feature_options = ("vision_feature_layer", "vision_feature_select_strategy")
 
@@ -49,7 +48,10 @@ class LlavaNextAdapter(Adapter):
         bases = compressor.compress_many(
             [f[None, : side * side] for f in packed], [(side, side)] * len(packed)
         )
-        crops = compressor.compress_many(*_gather_crops(flat, packed, grids, side))
+        items, crop_grids = _gather_crops(flat, packed, grids, side)
+        if compressor.mode == "merge":  # every crop row its own item: the rows stay rows
+            items = [c.view(h, w, -1) for c, (h, w) in zip(items, crop_grids)]
+        crops = compressor.compress_many(items, crop_grids)
         newline = model.model.image_newline.to(flat.dtype)[None]
         compressed = _repack(bases, crops, grids, newline)
         return feed_features(model, kw, "image", features, compressed, model.config.image_token_id)
@@ -93,12 +95,14 @@ def _repack(bases, crops, grids, newline) -> list:
     pooled pieces and one newline put in a pool, then one gather in each image's layout."""
     import numpy as np
 
-    pool = torch.cat([*(b.x[0] for b in bases), *(c.x[0] for c in crops), newline])
+    width = newline.shape[-1]
+    pool = torch.cat([*(b.x[0] for b in bases), *(c.x.reshape(-1, width) for c in crops), newline])
     newline_at = len(pool) - 1
     base_len = [b.x.shape[1] for b in bases]
     base_at = [0, *itertools.accumulate(base_len)]
-    crop_at = itertools.accumulate([base_at[-1], *(c.x.shape[1] for c in crops)])
-    crop_grids = iter(c.grid for c in crops)
+    crop_at = itertools.accumulate([base_at[-1], *(c.x.shape[0] * c.x.shape[1] for c in crops)])
+    # pooled: (H', W') of the pooled grid; merged: every row kept, W' tokens each
+    crop_grids = iter(c.grid or tuple(c.x.shape[:2]) for c in crops)
     layout, out_len = [], []
     for i, grid in enumerate(grids):
         if grid is None:

@@ -18,6 +18,8 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
     name = "LLaVA-NeXT-Video"
     classes = ("LlavaNextVideoForConditionalGeneration",)
+    modes = ("pool",)
+    mode_reason = "merging video frames is not built for this family yet"
     packs = False  # packed rows not tested for this family yet
     video = True
     pixel_keys = ("pixel_values", "pixel_values_videos")
