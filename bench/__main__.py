@@ -1,4 +1,5 @@
-"""`python -m bench`: the end-to-end STS training demo; `python -m bench --ops`: op benchmarks."""
+"""`python -m bench`: the end-to-end STS training demo; `python -m bench --scheme`: the two-stage
+scheme (bench/scheme.py); `python -m bench --ops`: op benchmarks."""
 
 import importlib.util
 import sys
@@ -10,6 +11,10 @@ if "--ops" in sys.argv[1:]:
 
     sys.argv.remove("--ops")
     ops_main()
+elif "--scheme" in sys.argv[1:]:
+    from .scheme import main as scheme_main
+
+    scheme_main()
 else:
     from .demo import main
 

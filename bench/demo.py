@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import flops, models
+from . import detail_task, flops, models
 from .task import VOCAB_SIZE, Batch, TaskConfig, answer_accuracy, make_batch
 from .timing import peak_memory_mb
 
@@ -44,6 +44,11 @@ MODELS = ("llava", "qwen2_5_vl")
 _STAGE = {"vtc": "align", "lds": "instruct", "vtc+lds": None}
 # Qwen2.5-VL: vision start / end and placeholder ids inside the task's vocabulary (unused by it)
 QWEN_START, QWEN_END, QWEN_IMAGE = 60, 61, 62
+# --task: (config class, batch maker); both tasks share the vocabulary and the sequence layout
+TASKS = {
+    "default": (TaskConfig, make_batch),
+    "detail": (detail_task.DetailConfig, detail_task.make_batch),
+}
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,17 @@ def model_inputs(kind: str, batch: Batch, task: TaskConfig) -> dict[str, torch.T
     }
 
 
+def pack_rows(inputs: dict[str, torch.Tensor], model) -> dict:
+    """The batch as ONE packed row, laid out as `DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)` builds it (bench/packing.py: positions restarting per
+    sample, cu_seq_lens_q/k, max_length_q/k, each sample's first label -100, no attention
+    mask; Qwen: [4, 1, T] M-RoPE positions), with use_cache=False."""
+    from .packing import pack, split_rows
+
+    packed = pack(split_rows(inputs), model)
+    return {**packed, "use_cache": False}
+
+
 def ideal_ratio(model, task: TaskConfig, batch: int, visual_tokens: float, layer_frac: float):
     """Step FLOPs over dense's (bench/flops.py; every part trained, no checkpointing) with
     `visual_tokens` per image reaching the LM and `layer_frac` of the LM's layer rows run."""
@@ -170,8 +186,8 @@ class Result:
     visual_tokens_per_image: float = 0.0  # what the LM saw, mean over steps
     layer_fraction: float = 1.0  # skipper's executed fraction (mean over steps)
     final_loss: float = 0.0  # mean of the last 10% of steps
-    accuracy: float = 0.0  # held-out answer accuracy, model used as trained
-    accuracy_dense_eval: float | None = None  # VTC settings: accuracy with VTC off at eval
+    accuracy: float = 0.0  # held-out answer accuracy, model served dense (unpatched)
+    accuracy_compressed_eval: float | None = None  # VTC settings: with the VTC on at eval
     accuracy_by_question: dict = field(default_factory=dict)
     ideal_ratio: float = 1.0  # FLOP ratio vs dense (bench/flops.py)
     measured_ratio: float = 1.0  # median over rounds of step time / dense's in that round
@@ -207,7 +223,7 @@ class Run:
         rank, world = _world()
         if setting != "dense":
             # explicit arguments override the stage preset, so pass False for the part left out
-            compress = {"mode": "pool", "window": (2, 2), "enabled_in_eval": True}
+            compress = {"mode": "pool", "window": (2, 2)}
             skip = {"policy": "schedule", "p_max": args.p_max, "seed": args.seed + rank}
             self.handle = apply_sts(
                 self.model,
@@ -236,19 +252,21 @@ class Run:
         default DDP waits for every trainable one."""
         self.model.requires_grad_(True)
         with _handle_off(self.handle):
-            probe = self.inputs(make_batch(task, self.args.seed, [0]))
+            probe = self.inputs(TASKS[self.args.task][1](task, self.args.seed, [0]))
             self.model(**probe).loss.backward()
         for param in self.model.parameters():
             param.requires_grad_(param.grad is not None)
         self.model.zero_grad(set_to_none=True)
         return torch.nn.parallel.DistributedDataParallel(self.model)
 
-    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return model_inputs(self.args.model, batch.to(self.device), self.task)
+    def inputs(self, batch: Batch, packed: bool = False) -> dict[str, torch.Tensor]:
+        """The model's arguments; `packed`: the batch's rows packed into one row (--packed)."""
+        inputs = model_inputs(self.args.model, batch.to(self.device), self.task)
+        return pack_rows(inputs, self.model) if packed else inputs
 
     def step(self, batch: Batch) -> None:
         """One timed training step."""
-        inputs = self.inputs(batch)
+        inputs = self.inputs(batch, self.args.packed)
         _sync(self.device)
         start = time.perf_counter()
         loss = self.trained(**inputs).loss
@@ -267,30 +285,17 @@ class Run:
             n_img = batch.pixel_values.shape[0]
             self.kept.append((report.visual_tokens_kept or self.task.image_tokens * n_img) / n_img)
 
-    @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> tuple[float, dict]:
-        """Held-out answer accuracy, overall and per question type."""
-        self.model.eval()
-        correct, kinds = [], []
-        for b in batches:
-            inputs = self.inputs(b)
-            logits = self.model(**inputs).logits
-            labels = self.handle.last_inputs["labels"] if self.handle else inputs["labels"]
-            correct.append(answer_accuracy(logits, labels).cpu())
-            kinds.append(b.question_type)
-        self.model.train()
-        correct, kinds = torch.cat(correct).float(), torch.cat(kinds)
-        by_q = {
-            q: correct[kinds == i].mean().item()
-            for i, q in enumerate(self.task.questions)
-            if (kinds == i).any()
-        }
-        return correct.mean().item(), by_q
+    def evaluate(self, batches: list[Batch], compressed: bool = False) -> tuple[float, dict]:
+        """Held-out answer accuracy, overall and per question type, of the model as served
+        (unpatched); `compressed`: with the VTC on at eval instead."""
+        return held_out_accuracy(
+            self.model, self.handle, batches, self.inputs, self.task.questions, compressed
+        )
 
     def finish(self, probe: Batch, held_out: list[Batch]) -> Result:
         """Peak memory of one forward+backward, held-out accuracy, means over the steps."""
         result, task, args = self.result, self.task, self.args
-        inputs = self.inputs(probe)
+        inputs = self.inputs(probe, self.args.packed)
         with _quiet():  # the CPU profiler's warnings
             result.peak_memory_mb = peak_memory_mb(
                 lambda: self.trained(**inputs).loss.backward(), self.device
@@ -299,8 +304,7 @@ class Run:
         result.accuracy, result.accuracy_by_question = self.evaluate(held_out)
         result.eval_curve.append((args.steps, result.accuracy))
         if self.handle is not None and self.handle.compressor is not None:
-            self.handle.compressor.enabled_in_eval = False
-            result.accuracy_dense_eval, _ = self.evaluate(held_out)
+            result.accuracy_compressed_eval, _ = self.evaluate(held_out, compressed=True)
         result.step_time_ms = statistics.median(result.step_times_ms[args.warmup_steps :])
         result.tokens_per_s = args.batch_size * task.seq_len / (result.step_time_ms / 1e3)
         result.executed_fraction = statistics.fmean(self.fractions) if self.fractions else 1.0
@@ -315,6 +319,40 @@ class Run:
             self.model, task, args.batch_size, result.visual_tokens_per_image, result.layer_fraction
         )
         return result
+
+
+@torch.no_grad()
+def held_out_accuracy(model, handle, batches, inputs_fn, questions, compressed=False):
+    """(accuracy, {question type: accuracy}) on `batches`. Served: `model.eval()` with the
+    patch disabled (the model runs exactly as unpatched); `compressed`: the patch on and its
+    compressor enabled in eval (answers read against the shrunk labels the model ran on)."""
+    model.eval()
+    compressor = handle.compressor if handle is not None else None
+    if compressed and compressor is None:
+        raise ValueError("compressed eval needs a patch with a compressor")
+    if handle is not None:
+        handle.enabled = compressed
+        if compressed:
+            compressor.enabled_in_eval = True
+    try:
+        correct, kinds = [], []
+        for b in batches:
+            inputs = inputs_fn(b)
+            logits = model(**inputs).logits
+            labels = handle.last_inputs["labels"] if compressed else inputs["labels"]
+            correct.append(answer_accuracy(logits, labels).cpu())
+            kinds.append(b.question_type)
+    finally:
+        if handle is not None:
+            handle.enabled = True
+            if compressed:
+                compressor.enabled_in_eval = False
+        model.train()
+    correct, kinds = torch.cat(correct).float(), torch.cat(kinds)
+    by_q = {
+        q: correct[kinds == i].mean().item() for i, q in enumerate(questions) if (kinds == i).any()
+    }
+    return correct.mean().item(), by_q
 
 
 @contextlib.contextmanager
@@ -388,15 +426,18 @@ def device_tag(device: torch.device) -> str:
 def format_table(results: list[Result]) -> str:
     head = (
         f"{'setting':<9}{'step ms':>9}{'tok/s':>9}{'peak MB':>9}{'vis tok':>8}{'LM FLOP':>9}"
-        f"{'loss':>8}{'acc %':>7}{'ideal':>7}{'meas.':>7}{'IQR':>12}"
+        f"{'loss':>8}{'acc %':>7}{'VTC-on':>7}{'ideal':>7}{'meas.':>7}{'IQR':>12}"
     )
     rows = [head, "-" * len(head)]
     for r in results:
         mem = "n/a" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}"
+        on = (
+            "-" if r.accuracy_compressed_eval is None else f"{100 * r.accuracy_compressed_eval:.1f}"
+        )
         rows.append(
             f"{r.setting:<9}{r.step_time_ms:>9.1f}{r.tokens_per_s:>9.0f}{mem:>9}"
             f"{r.visual_tokens_per_image:>8.0f}{r.executed_fraction:>9.2f}{r.final_loss:>8.3f}"
-            f"{100 * r.accuracy:>7.1f}{r.ideal_ratio:>7.2f}{r.measured_ratio:>7.2f}"
+            f"{100 * r.accuracy:>7.1f}{on:>7}{r.ideal_ratio:>7.2f}{r.measured_ratio:>7.2f}"
             f"{f'{r.ratio_iqr[0]:.2f}-{r.ratio_iqr[1]:.2f}':>12}"
         )
     return "\n".join(rows)
@@ -443,7 +484,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150, help="training steps per setting")
     p.add_argument("--model", choices=MODELS, default="llava")
     p.add_argument(
-        "--threads", type=int, default=0, help="CPU threads per process (0: cores / ranks)"
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per process (0: cores / ranks); fixed so results reproduce",
+    )
+    p.add_argument("--task", choices=sorted(TASKS), default="default")
+    p.add_argument(
+        "--packed",
+        action="store_true",
+        help="train on packed rows (DataCollatorWithFlattening layout); eval unpacked",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {SETTINGS}")
@@ -483,7 +533,8 @@ def main(argv=None) -> dict:
     rank, world = _world()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     device = torch.device(args.device)
-    task = TaskConfig(image_size=args.image_size)
+    task_cls, make_batch = TASKS[args.task]
+    task = task_cls(image_size=args.image_size)
     say = print if rank == 0 else lambda *a, **k: None
     say(
         f"generating data: {args.steps} x {args.batch_size} train x {world} ranks, "
@@ -521,7 +572,10 @@ def main(argv=None) -> dict:
         f"STS demo: {name} {args.model_size} ({tower} {size.vision_layers}x{size.vision_hidden}, "
         f"{lm} {size.text_layers}x{size.text_hidden}), {task.image_tokens} image tokens, batch "
         f"{args.batch_size}{f' per rank x {world}' if world > 1 else ''}, {args.steps} steps, "
-        f"{tag}; {args.steps - args.warmup_steps} timed rounds, settings interleaved"
+        f"{tag}, {torch.get_num_threads()} thread(s); {args.steps - args.warmup_steps} timed "
+        "rounds, settings interleaved"
+        + (f"; task {args.task}" if args.task != "default" else "")
+        + ("; packed rows" if args.packed else "")
     )
     table = format_table(results)
     say()
@@ -530,8 +584,9 @@ def main(argv=None) -> dict:
     say(
         "ideal = FLOP ratio vs dense (bench/flops.py: vision + projector + LM, fwd+bwd); meas. = "
         "median over rounds of step time / dense's in the same round, IQR its 25-75th "
-        "percentiles; LM FLOP = executed LM layer-FLOP fraction; acc on held-out samples (VTC "
-        "settings evaluated with VTC on)."
+        "percentiles; LM FLOP = executed LM layer-FLOP fraction; acc % = held-out answers of the "
+        "model as served (eval, patch disabled: unpatched); VTC-on = the same with the VTC on "
+        "at eval (VTC settings)."
     )
     from sts_kernels.env import collect
 
