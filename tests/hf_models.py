@@ -727,6 +727,7 @@ CASES.update(
 )
 # ---- end of issue 18, group B ----
 
+
 # ---- issue 18, group A (tests/hf/test_hf_group_a.py: their oracle checks) ------------------
 
 from bench.models import make_llava_pixtral, make_mistral3  # noqa: E402, F401  (re-exported)
@@ -834,10 +835,13 @@ def paligemma_batch(pad_left: bool, tokens: int = 16) -> dict:
     return batch | {"pixel_values": torch.randn(images, 3, 32, 32, generator=gen)}
 
 
+# LLaVA's layout (VipLlava, FastVLM, PerceptionLM): pooled right-padded, merged left-padded
+LLAVA_LIKE_TRAIN = _tiled(make_vipllava, "vipllava").train
+
 CASES.update(
     {
         "VipLlavaForConditionalGeneration": replace(
-            CASES["LlavaForConditionalGeneration"], make=make_vipllava
+            CASES["LlavaForConditionalGeneration"], make=make_vipllava, train=LLAVA_LIKE_TRAIN
         ),
         "AyaVisionForConditionalGeneration": replace(
             _tiled(make_aya_vision, "aya_vision"),
@@ -869,11 +873,12 @@ def perception_lm_batch(pad_left: bool, tiles: int = 1, tokens: int = 16) -> dic
 CASES.update(
     {
         "FastVlmForConditionalGeneration": replace(
-            CASES["LlavaForConditionalGeneration"], make=make_fast_vlm
+            CASES["LlavaForConditionalGeneration"], make=make_fast_vlm, train=LLAVA_LIKE_TRAIN
         ),
         "PerceptionLMForConditionalGeneration": replace(
             CASES["LlavaForConditionalGeneration"],
             make=make_perception_lm,
+            train=LLAVA_LIKE_TRAIN,
             batch=lambda m, pad_left: perception_lm_batch(pad_left),
         ),
     }
