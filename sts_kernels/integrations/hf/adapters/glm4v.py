@@ -22,6 +22,9 @@ class Glm4vAdapter(Qwen2VLAdapter):
     name = "GLM-4V"
     classes = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration")
     frame_runs = True
+    packs = False  # packed rows not tested for this family yet
+    modes = ("pool",)
+    mode_reason = "merge mode's M-RoPE positions are not yet checked against GLM's get_rope_index"
 
     def check_compressor(self, compressor, model):
         if getattr(compressor, "time_window", 1) > 1:
