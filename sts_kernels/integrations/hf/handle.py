@@ -80,7 +80,7 @@ class StsHandle:
             model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             model.register_forward_hook(self._post_hook),
             # even when the forward raises: decisions drawn for it must not serve a later call
-            model.register_forward_hook(self._drop_plan, always_call=True),
+            model.register_forward_hook(self._end_forward, always_call=True),
         ]
         model.generate = self._generate
         model.__dict__[HANDLE_ATTR] = self
@@ -217,12 +217,13 @@ class StsHandle:
         output.logits = expand_columns(logits, report.columns, length)
         return output
 
-    def _drop_plan(self, module, args, output) -> None:
-        """The decisions drawn for this forward (`draw_decisions`) end with it: a later call that
-        does not pass through the model's pre-hook (e.g. of its inner language model) draws its
-        own."""
+    def _end_forward(self, module, args, output) -> None:
+        """What was set up for this forward ends with it (also when it raised): the decisions
+        drawn ahead (`draw_decisions`; a later call that does not pass through the model's
+        pre-hook, e.g. of its inner language model, draws its own) and the adapter's state."""
         if self.skipper is not None:
             self.skipper.clear_plan()
+        self.adapter.end_forward(self.model)
 
     # ---- decoder layers and generate ----------------------------------------------------
 

@@ -119,7 +119,9 @@ def _column_map(keep: Tensor, dest: Tensor, new_len: int, slots, surplus) -> Ten
 
 
 def compose_columns(maps: list[Tensor]) -> Tensor | None:
-    """One column map from the successive shrinks of one forward (images, then videos)."""
+    """One column map from the successive shrinks of one forward (images, then videos); None
+    entries (a modality that shrank no sequence) are skipped."""
+    maps = [m for m in maps if m is not None]
     if not maps:
         return None
     cols = maps[0]

@@ -18,7 +18,9 @@ class Shrink(NamedTuple):
 
     tokens_in: int  # visual tokens the projector produced
     tokens_kept: int  # visual tokens the LM receives
-    columns: Tensor  # [B, T'] the shrink's column map (`sequence.shrink_placeholders`)
+    # [B, T'] the shrink's column map (`sequence.shrink_placeholders`); None: the sequence kept
+    # its length (visual tokens outside it, e.g. cross-attention states)
+    columns: Tensor | None
 
 
 class Adapter:
@@ -40,6 +42,7 @@ class Adapter:
     lds_modes: tuple[str, ...] = ("sample", "token")
     video: bool = False  # compresses video inputs too
     packs: bool = False  # packed rows tested (packed == unpacked, tests/hf/test_packed.py)
+    tokens_in_sequence: bool = True  # visual tokens are placeholders (else cross-attention)
     pixel_keys: tuple[str, ...] = ("pixel_values",)  # forward arguments that carry visual input
     # VTC only through `mm_encoder_outputs` (transformers 5.24 has it, 5.17 not): the feature
     # getters of older 5.x versions return other layouts for this family
@@ -84,6 +87,10 @@ class Adapter:
 
     def has_visual(self, kw: dict[str, Any]) -> bool:
         return any(kw.get(key) is not None for key in self.pixel_keys)
+
+    def end_forward(self, model: nn.Module) -> None:
+        """Undo what `compress` set on the model for one forward (called when it ends, even
+        when it raised)."""
 
     def placeholder_ids(self, model: nn.Module) -> dict[str, int]:
         """{modality: the token id of its placeholders in `input_ids`} from the config."""
