@@ -11,6 +11,7 @@ from importlib import import_module
 
 from torch import nn
 
+from . import generic
 from ._base import Adapter, Shrink, feed_features
 from .generic import convention_adapter
 
@@ -73,10 +74,11 @@ def support_table() -> str:
         "| family | classes | VTC pool | VTC merge | LDS sample | LDS token | video | packed |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for adapter in dict.fromkeys(ADAPTERS.values()):
+    for adapter in [*dict.fromkeys(ADAPTERS.values()), generic.ADAPTER]:
+        classes = ", ".join(f"`{c}`" for c in adapter.classes)
         cells = [
             adapter.name,
-            ", ".join(f"`{c}`" for c in adapter.classes),
+            classes or "any other class of the common shape (VTC: square grids; warns once)",
             yes["pool" in adapter.modes],
             yes["merge" in adapter.modes],
             yes["sample" in adapter.lds_modes],

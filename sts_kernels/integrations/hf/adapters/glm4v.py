@@ -21,18 +21,11 @@ class Glm4vAdapter(Qwen2VLAdapter):
 
     name = "GLM-4V"
     classes = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration")
+    timestamped_frames = True
     frame_runs = True
     packs = False  # packed rows not tested for this family yet
     modes = ("pool",)
     mode_reason = "merge mode's M-RoPE positions are not yet checked against GLM's get_rope_index"
-
-    def check_compressor(self, compressor, model):
-        if getattr(compressor, "time_window", 1) > 1:
-            raise ValueError(
-                "compress: GLM-4V needs time_window=1 (timestamp text separates video frames; "
-                f"averaging frames would orphan it), got {compressor.time_window}"
-            )
-        super().check_compressor(compressor, model)
 
     def placeholder_ids(self, model):
         return {"image": model.config.image_token_id}  # video frames are image tokens too

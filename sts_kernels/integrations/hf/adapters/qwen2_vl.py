@@ -34,6 +34,16 @@ class Qwen2VLAdapter(Adapter):
     }
 
     frame_runs = False  # video placeholders split per frame (Qwen3-VL's timestamps)
+    # timestamp text between video frames: averaging frames (time_window) would orphan it
+    timestamped_frames = False
+
+    def check_compressor(self, compressor, model):
+        if self.timestamped_frames and getattr(compressor, "time_window", 1) > 1:
+            raise ValueError(
+                f"compress: {self.name} needs time_window=1 (timestamp text separates video "
+                f"frames; averaging frames would orphan it), got {compressor.time_window}"
+            )
+        super().check_compressor(compressor, model)
 
     def compress(self, model, compressor, kw):
         given = kw.get("position_ids")

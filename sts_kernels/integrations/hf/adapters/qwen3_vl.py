@@ -16,19 +16,12 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     name = "Qwen3-VL"
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    timestamped_frames = True
     frame_runs = True
     modes = ("pool",)
     mode_reason = "DeepStack features would need the same merge at every level"
 
     needs_encoder_outputs = True
-
-    def check_compressor(self, compressor, model):
-        if getattr(compressor, "time_window", 1) > 1:
-            raise ValueError(
-                "compress: Qwen3-VL needs time_window=1 (timestamp text separates video "
-                f"frames; averaging frames would orphan it), got {compressor.time_window}"
-            )
-        super().check_compressor(compressor, model)
 
     def _compress_extra(self, compressor, features, grids):
         levels = getattr(features, "deepstack_features", None) or []
