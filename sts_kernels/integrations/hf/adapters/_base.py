@@ -212,7 +212,8 @@ class TiledAdapter(Adapter):
 
 def takes_encoder_outputs(model: nn.Module) -> bool:
     """Whether the model's forward takes precomputed visual features (`mm_encoder_outputs`)."""
-    return "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters
+    inner = getattr(model, "model", model)  # Llama 4 keeps its parts on the model itself
+    return "mm_encoder_outputs" in inspect.signature(type(inner).forward).parameters
 
 
 def forward_parameters(model: nn.Module) -> frozenset[str]:
