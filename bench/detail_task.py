@@ -65,6 +65,12 @@ class DetailConfig:
     questions_per_image: int = 4  # at most 4
     questions: tuple[str, ...] = SCENES  # question types (= scene kinds), in index order
 
+    def __post_init__(self):
+        if self.image_size < 32 or self.image_size < 15 * self.font_scale + 2:
+            raise ValueError(
+                f"the detail task needs images of 32 px or more, got {self.image_size}"
+            )
+
     @property
     def image_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2

@@ -75,3 +75,37 @@ def test_model_inputs_match_the_qwen_processor_layout():
     assert int((ids == demo.QWEN_IMAGE).sum()) == task.image_tokens
     assert inputs["labels"].shape == ids[None].shape
     assert os.environ.get("LOCAL_RANK") is None  # main() ran single-process
+
+
+@pytest.mark.parametrize("model", ["llava", "qwen2_5_vl"])
+def test_packed_rows_give_the_unpacked_loss_and_train(model):
+    """--packed: the batch as one row (DataCollatorWithFlattening layout, bench/packing.py);
+    the dense model's loss on it is the loss of the rows unpacked (every sample has the same
+    number of answers), and a short packed demo trains under VTC + LDS."""
+    task = demo.TaskConfig(image_size=16)
+    net = demo.build_model(model, demo.MODEL_SIZES["tiny"], task, 0).eval()
+    inputs = demo.model_inputs(model, demo.make_batch(task, 0, [0, 1, 2]), task)
+    packed = demo.pack_rows(inputs, net)
+    assert packed["input_ids"].shape == (1, 3 * inputs["input_ids"].shape[1])
+    assert packed["cu_seq_lens_q"].tolist() == [
+        0,
+        *(inputs["input_ids"].shape[1] * k for k in (1, 2, 3)),
+    ]
+    assert "attention_mask" not in packed and packed["use_cache"] is False
+    with torch.no_grad():
+        torch.testing.assert_close(net(**packed).loss, net(**inputs).loss, rtol=1e-5, atol=1e-5)
+    record = run("--model", model, "--packed", "--settings", "dense,vtc+lds")
+    assert record["title"].endswith("packed rows")
+    sts = record["results"][1]
+    assert sts["visual_tokens_per_image"] == 4 and sts["layer_fraction"] <= 1.0
+    assert all(map(torch.isfinite, torch.tensor(sts["losses"])))
+
+
+def test_detail_task_and_served_accuracy():
+    """--task detail trains; accuracy is the model served unpatched, the VTC-on one apart."""
+    record = run("--task", "detail", "--image-size", "32", "--settings", "dense,vtc")
+    dense, vtc = record["results"]
+    assert set(dense["accuracy_by_question"]) <= {"digits", "count", "cell", "pair"}
+    assert dense["accuracy_compressed_eval"] is None
+    assert vtc["accuracy_compressed_eval"] is not None
+    assert "task detail" in record["title"]
