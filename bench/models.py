@@ -545,3 +545,46 @@ def make_perception_lm(attn: str = "sdpa", vision=None, text=None, seed: int = 0
 
 
 MAKERS.update({"fast_vlm": make_fast_vlm, "perception_lm": make_perception_lm})
+
+
+# ---- issue 18, group C: Llama 4, Janus, Idefics2 ---------------------------------------------
+
+
+def make_llama4(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny Llama 4: 8x8 patches of 4 px a tile, pixel-shuffled (ratio 0.5) to 4x4 tokens;
+    a Llama 4 LM of 4 layers (chunked attention in chunks of 8 tokens on layers 0-2, full
+    NoPE attention on layer 3; 4-expert MoE on layers 1 and 3). The begin / end of image
+    tokens are V_START / V_END, the `<|patch|>` placeholder IMG."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    rope = {"rope_type": "default", "rope_theta": 1e4}
+    tower = _VISION | dict(
+        intermediate_size=256,  # the pixel-shuffled width (64 / 0.5^2) the adapter MLP reads
+        image_size=32,
+        patch_size=4,
+        pixel_shuffle_ratio=0.5,
+        vision_output_dim=64,
+        projector_input_dim=64,
+        projector_output_dim=64,
+        rope_parameters=rope,
+    )
+    lm = dict(
+        model_type="llama4_text",
+        head_dim=32,
+        intermediate_size_mlp=256,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=8,
+        rope_parameters=rope,
+    )
+    ids = dict(image_token_index=IMG, boi_token_index=V_START, eoi_token_index=V_END)
+    config = Llama4Config(
+        vision_config=tower | (vision or {}),
+        text_config=text_config(**(lm | (text or {}))),
+        **(ids | extra),
+    )
+    return build(Llama4ForConditionalGeneration, config, attn, seed)
+
+
+MAKERS.update({"llama4": make_llama4})

@@ -888,3 +888,46 @@ CASES.update(
         ),
     }
 )
+
+
+# ---- issue 18, group C (tests/hf/test_hf_group_c.py: their oracle checks) ------------------
+
+from bench.models import make_llama4  # noqa: E402, F401  (re-exported)
+
+# Llama 4 (processor layout): <|image_start|>, per tile row its tiles' <|patch|> runs with
+# <|tile_x_separator|> between them and <|tile_y_separator|> after the row, then <|image|> and
+# the global view's run, <|image_end|>. Row 0: an image of 1x2 tiles + global view (3 tiles);
+# row 1: a one-tile image (its global view only); row 2: text only. 16 placeholders a tile.
+L4_X, L4_Y, L4_IMAGE = 985, 984, 983
+LLAMA4_ROWS = [
+    [[5, V_START], "tile", [L4_X], "tile", [L4_Y, L4_IMAGE], "tile", [V_END, 6]],
+    [[7, V_START, L4_IMAGE], "tile", [V_END, 8, 9]],
+    [[12, 13, 14]],
+]
+
+
+def llama4_batch(pad_left: bool, tokens: int = 16) -> dict:
+    """LLAMA4_ROWS, `tokens` placeholders a tile, labels -100 on them and on the markers;
+    `pixel_values` the flat tile list [4, 3, 32, 32] (image 0's tiles, its global view, image 1)."""
+    batch = marked_batch(LLAMA4_ROWS, pad_left, tokens)
+    markers = torch.isin(batch["input_ids"], torch.tensor([V_START, V_END, L4_X, L4_Y, L4_IMAGE]))
+    batch["labels"] = batch["labels"].masked_fill(markers, -100)
+    return batch
+
+
+def _pool_and_merge(tiles: int, merged: int) -> tuple[Train, Train]:
+    """`tiles` tiles of 16 tokens: pooled 2x2 right-padded, merged (`merged` kept) left-padded."""
+    counts = {"image_tokens_in": 16 * tiles}
+    return (
+        Train(False, {"compress": {"mode": "pool"}}, counts | {"image_tokens_kept": 4 * tiles}),
+        Train(True, {"compress": {"mode": "merge"}}, counts | {"image_tokens_kept": merged}),
+    )
+
+
+CASES.update(
+    {
+        "Llama4ForConditionalGeneration": Case(
+            make_llama4, lambda m, pad_left: llama4_batch(pad_left), _pool_and_merge(4, 32), False
+        ),
+    }
+)

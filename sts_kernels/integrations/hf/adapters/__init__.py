@@ -40,6 +40,7 @@ _FAMILIES = (
     "llava_onevision1_5",
     "lfm2_vl",
     "ovis2",
+    "llama4",
 )
 
 ADAPTERS: dict[str, Adapter] = {}  # class name -> adapter
