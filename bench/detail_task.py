@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .task import ANSWER, BOS, IMAGE, VOCAB_SIZE, Batch, answer_accuracy
+from .task import ANSWER, BOS, IMAGE, VOCAB_SIZE, Batch, Layout, answer_accuracy, collate, offset
 
 Q_DIGIT, Q_COUNT, Q_CELL, Q_PAIR = 4, 5, 6, 7
 DIGITS = tuple(range(10, 20))  # 0..9
@@ -52,12 +52,11 @@ _FONT = (  # 3x5, rows top to bottom, 3 bits each (left = 4)
     (7, 5, 7, 5, 7),
     (7, 5, 7, 1, 7),
 )
-_TRAIN_OFFSET, _EVAL_OFFSET = 0, 1 << 30
 DOT = 3  # side of a dot, pixels
 
 
 @dataclass(frozen=True)
-class DetailConfig:
+class DetailConfig(Layout):
     image_size: int = 64  # pixels per side (>= 32)
     patch_size: int = 4
     noise: float = 0.05
@@ -70,14 +69,6 @@ class DetailConfig:
             raise ValueError(
                 f"the detail task needs images of 32 px or more, got {self.image_size}"
             )
-
-    @property
-    def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def seq_len(self) -> int:
-        return 1 + self.image_tokens + 4 * self.questions_per_image
 
 
 def _rand(gen: torch.Generator, high: int) -> int:
@@ -170,19 +161,7 @@ def sample(cfg: DetailConfig, seed: int, index: int) -> tuple[Tensor, list[int],
 
 def make_batch(cfg: DetailConfig, seed: int, indices: list[int], split: str = "train") -> Batch:
     """Collate samples; `split` "eval" draws from an index range disjoint from "train"."""
-    offset = _EVAL_OFFSET if split == "eval" else _TRAIN_OFFSET
-    imgs, ids, kinds = zip(*(sample(cfg, seed, offset + i) for i in indices))
-    input_ids = torch.tensor(ids)
-    labels = torch.full_like(input_ids, -100)
-    answers = input_ids.shape[1] - 1 - 4 * torch.arange(cfg.questions_per_image)
-    labels[:, answers] = input_ids[:, answers]
-    return Batch(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        labels=labels,
-        pixel_values=torch.stack(imgs),
-        question_type=torch.tensor(kinds),
-    )
+    return collate(cfg, [sample(cfg, seed, offset(split) + i) for i in indices])
 
 
 __all__ = ["DetailConfig", "SCENES", "answer_accuracy", "make_batch", "sample"]

@@ -520,6 +520,56 @@ def vtc_arguments(name: str) -> dict:
     raise ValueError(f"--vtc: poolN or mergeR, got {name!r}")
 
 
+def run_all(args, task, device, specs, kind: str, record: dict) -> list[StageRecord]:
+    """Every seed of `args` for the arms `specs`, with progress lines and `record` (completed
+    with the environment, the records and their summary) rewritten as JSON after every stage
+    to `<args.out>/<kind>_<model>_<task>_<device>_<date>.json` (record["stem"]); record["table"]
+    at the end."""
+    from sts_kernels.env import collect
+
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    tag = demo.device_tag(device)
+    stem = None
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        date = dt.datetime.now().strftime("%Y%m%d-%H%M")
+        stem = out / f"{kind}_{args.model}_{args.task}_{tag}_{date}"
+        record["stem"] = str(stem)
+    record.update(
+        arms=[asdict(s) for s in specs],
+        task=asdict(task),
+        device=tag,
+        platform=platform.platform(),
+        load_average_start=os.getloadavg(),
+        env={k: str(v) for k, v in collect().items()},
+        complete=False,
+    )
+
+    def write(records):
+        record["records"] = [asdict(r) for r in records]
+        record["summary"] = summarize(records)
+        if stem is not None:
+            stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
+
+    rounds = len(seeds) * (args.align_steps + args.instruct_steps)
+    print(f"{rounds} rounds of {len(specs)} steps; the first rounds set the ETA", flush=True)
+    progress = Progress(rounds, print)
+    everything: list[StageRecord] = []
+    start = time.perf_counter()
+    for seed in seeds:
+        prior = list(everything)
+        everything += run_seed(
+            args, task, device, seed, specs, progress, lambda rs, prior=prior: write(prior + rs)
+        )
+    record["complete"] = True
+    record["wall_s"] = time.perf_counter() - start
+    record["load_average_end"] = os.getloadavg()
+    record["table"] = format_tables(summarize(everything), task.questions, arm_names(everything))
+    write(everything)
+    return everything
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -539,50 +589,9 @@ def main(argv=None) -> dict:
         f"sts = VTC {args.vtc} / LDS {args.lds_mode} {args.policy} p_max {args.p_max}"
     )
     print(title, flush=True)
-    rounds = len(seeds) * (args.align_steps + args.instruct_steps)
-    print(f"{rounds} rounds of {len(specs)} steps; the first rounds set the ETA", flush=True)
-    out = Path(args.out) if args.out else None
-    stem = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        date = dt.datetime.now().strftime("%Y%m%d-%H%M")
-        stem = out / f"scheme_{args.model}_{args.task}_{tag}_{date}"
-    from sts_kernels.env import collect
-
-    record = {
-        "title": title,
-        "args": {k: v for k, v in vars(args).items()},
-        "task": asdict(task),
-        "model": asdict(size),
-        "device": tag,
-        "platform": platform.platform(),
-        "load_average_start": os.getloadavg(),
-        "env": {k: str(v) for k, v in collect().items()},
-        "complete": False,
-        "records": [],
-    }
-
-    def write(records):
-        record["records"] = [asdict(r) for r in records]
-        record["summary"] = summarize(records)
-        if stem is not None:
-            stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
-
-    progress = Progress(rounds, print)
-    everything: list[StageRecord] = []
-    start = time.perf_counter()
-    for seed in seeds:
-        prior = list(everything)
-        everything += run_seed(
-            args, task, device, seed, specs, progress, lambda rs, prior=prior: write(prior + rs)
-        )
-    record["complete"] = True
-    record["wall_s"] = time.perf_counter() - start
-    record["load_average_end"] = os.getloadavg()
-    summary = summarize(everything)
-    table = format_tables(summary, task.questions, arm_names(everything))
-    record["table"] = table
-    write(everything)
+    record = {"title": title, "args": dict(vars(args)), "model": asdict(size)}
+    everything = run_all(args, task, device, specs, "scheme", record)
+    table = record["table"]
     print()
     print(title)
     print(table)
@@ -594,7 +603,8 @@ def main(argv=None) -> dict:
         f"difference per seed. Wall {record['wall_s'] / 60:.1f} min, load average "
         f"{record['load_average_start'][0]:.1f} -> {record['load_average_end'][0]:.1f}."
     )
+    stem = record.get("stem")
     if stem is not None:
-        drew = plot(everything, stem.with_suffix(".png"), title)
+        drew = plot(everything, Path(stem + ".png"), title)
         print(f"wrote {stem}.json" + (f" and {stem}.png" if drew else ""))
     return record

@@ -23,12 +23,7 @@ per stage too).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -168,57 +163,21 @@ def main(argv=None) -> dict:
         "(every arm at dense's cost).",
         flush=True,
     )
-    out = Path(args.out) if args.out else None
-    stem = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        date = dt.datetime.now().strftime("%Y%m%d-%H%M")
-        stem = out / f"sweep_{args.model}_{args.task}_{tag}_{date}"
-    record = {
-        "title": title,
-        "args": vars(args),
-        "arms": [asdict(s) for s in specs],
-        "task": asdict(task),
-        "device": tag,
-        "platform": platform.platform(),
-        "load_average_start": os.getloadavg(),
-        "estimate_s": upper,
-        "complete": False,
-    }
-
-    def write(records):
-        record["records"] = [asdict(r) for r in records]
-        record["summary"] = scheme.summarize(records)
-        if stem is not None:
-            stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
-
-    rounds = len(seeds) * (args.align_steps + args.instruct_steps)
-    progress = scheme.Progress(rounds, print)
-    everything = []
-    start = time.perf_counter()
-    for seed in seeds:
-        prior = list(everything)
-        everything += scheme.run_seed(
-            args, task, device, seed, specs, progress, lambda rs, prior=prior: write(prior + rs)
-        )
-    record["complete"] = True
-    record["wall_s"] = time.perf_counter() - start
-    record["load_average_end"] = os.getloadavg()
+    record = {"title": title, "args": dict(vars(args)), "estimate_s": upper}
+    everything = scheme.run_all(args, task, device, specs, "sweep", record)
     names = scheme.arm_names(everything)
-    summary = scheme.summarize(everything)
-    table = scheme.format_tables(summary, task.questions, names)
-    record["table"] = table
-    write(everything)
+    summary = record["summary"]
     print()
     print(title)
-    print(table)
+    print(record["table"])
     print(
         f"Wall {record['wall_s'] / 60:.1f} min, load average "
         f"{record['load_average_start'][0]:.1f} -> {record['load_average_end'][0]:.1f}. "
         "LDS arms forked from pool2 after stage 1 share its stage-1 row."
     )
+    stem = record.get("stem")
     if stem is not None:
-        drew = plot(summary, names, stem.with_suffix(".png"), title)
+        drew = plot(summary, names, Path(stem + ".png"), title)
         print(f"wrote {stem}.json" + (f" and {stem}.png" if drew else ""))
     return record
 

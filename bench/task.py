@@ -39,15 +39,9 @@ _RGB = torch.tensor([[0.9, 0.15, 0.1], [0.1, 0.8, 0.2], [0.15, 0.3, 0.95], [0.95
 _TRAIN_OFFSET, _EVAL_OFFSET = 0, 1 << 30  # disjoint index ranges for the two splits
 
 
-@dataclass(frozen=True)
-class TaskConfig:
-    image_size: int = 64  # pixels per side
-    patch_size: int = 4  # the vision tower's patch: image tokens = (image_size / patch_size)^2
-    questions: tuple[str, ...] = ("colour", "size")
-    shapes: int = 1  # quadrants holding a shape (1..4); the others stay empty
-    extents: tuple[float, float] = (0.3, 1.0)  # small / big shape side, fraction of a quadrant
-    noise: float = 0.05  # pixel noise std
-    questions_per_image: int = 4
+class Layout:
+    """The sequence both tasks share: [BOS], one placeholder per image token ((image_size /
+    patch_size)^2), then 4 tokens per question (`questions_per_image`)."""
 
     @property
     def image_tokens(self) -> int:
@@ -56,6 +50,17 @@ class TaskConfig:
     @property
     def seq_len(self) -> int:
         return 1 + self.image_tokens + 4 * self.questions_per_image
+
+
+@dataclass(frozen=True)
+class TaskConfig(Layout):
+    image_size: int = 64  # pixels per side
+    patch_size: int = 4  # the vision tower's patch: image tokens = (image_size / patch_size)^2
+    questions: tuple[str, ...] = ("colour", "size")
+    shapes: int = 1  # quadrants holding a shape (1..4); the others stay empty
+    extents: tuple[float, float] = (0.3, 1.0)  # small / big shape side, fraction of a quadrant
+    noise: float = 0.05  # pixel noise std
+    questions_per_image: int = 4
 
 
 @dataclass
@@ -150,8 +155,17 @@ def sample(cfg: TaskConfig, seed: int, index: int) -> tuple[Tensor, list[int], l
 
 def make_batch(cfg: TaskConfig, seed: int, indices: list[int], split: str = "train") -> Batch:
     """Collate samples; `split` "eval" draws from an index range disjoint from "train"."""
-    offset = _EVAL_OFFSET if split == "eval" else _TRAIN_OFFSET
-    imgs, ids, kinds = zip(*(sample(cfg, seed, offset + i) for i in indices))
+    return collate(cfg, [sample(cfg, seed, offset(split) + i) for i in indices])
+
+
+def offset(split: str) -> int:
+    """First sample index of a split: "eval" is disjoint from "train"."""
+    return _EVAL_OFFSET if split == "eval" else _TRAIN_OFFSET
+
+
+def collate(cfg: Layout, samples: list[tuple[Tensor, list[int], list[int]]]) -> Batch:
+    """(image, ids, question types) samples -> Batch; labels only on the answers."""
+    imgs, ids, kinds = zip(*samples)
     input_ids = torch.tensor(ids)  # [B, T]
     labels = torch.full_like(input_ids, -100)
     answers = input_ids.shape[1] - 1 - 4 * torch.arange(cfg.questions_per_image)  # positions

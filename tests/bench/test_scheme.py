@@ -13,6 +13,8 @@ pytest.importorskip("transformers")
 
 from bench import demo, scheme, sweep  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 SHORT = ["--align-steps", "3", "--instruct-steps", "3", "--warmup-steps", "1"]
 SHORT += ["--image-size", "16", "--batch-size", "2", "--eval-samples", "8", "--threads", "1"]
 
