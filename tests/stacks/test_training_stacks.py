@@ -217,7 +217,7 @@ class _Recorder:
             self.logs.append(dict(logs))
 
 
-def run_trainer(tmp_path, label_smoothing: float, **callback_kwargs):
+def run_trainer(tmp_path, label_smoothing: float, logging_steps: int = 1, **callback_kwargs):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from sts_kernels.integrations.hf import StsCallback
@@ -229,7 +229,7 @@ def run_trainer(tmp_path, label_smoothing: float, **callback_kwargs):
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         max_steps=4,
-        logging_steps=1,
+        logging_steps=logging_steps,
         learning_rate=1e-3,
         label_smoothing_factor=label_smoothing,
         report_to=[],
@@ -244,6 +244,16 @@ def run_trainer(tmp_path, label_smoothing: float, **callback_kwargs):
     StsCallback.install(trainer, **callback_kwargs)
     trainer.train()
     return model, [log for log in recorder.logs if "loss" in log]
+
+
+def test_callback_counts_a_log_window_spanning_the_switch(tmp_path):
+    """Visual tokens are counted in every stage: a log window of one align step (2x2 pooling:
+    64 in, 16 kept) and one instruct step (no VTC: 64 in, 64 kept) logs 128 / 80."""
+    _, logs = run_trainer(tmp_path, label_smoothing=0.0, logging_steps=2, switch_step=1)
+    assert len(logs) == 2
+    assert logs[0]["sts/visual_tokens_in"] == 2 * 64
+    assert logs[0]["sts/visual_tokens_kept"] == 16 + 64
+    assert logs[1]["sts/visual_tokens_in"] == logs[1]["sts/visual_tokens_kept"] == 2 * 64
 
 
 def test_trainer_with_label_smoothing_and_callback(tmp_path):
