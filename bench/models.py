@@ -588,3 +588,54 @@ def make_llama4(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **ext
 
 
 MAKERS.update({"llama4": make_llama4})
+
+
+def make_janus(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny Janus: SigLIP-style tower (4x4 patches of 8 px, 16 tokens an image), Llama LM,
+    a small VQ-VAE (built by the model for image generation; unused here)."""
+    from transformers import JanusConfig, JanusForConditionalGeneration
+
+    tower = _VISION | dict(image_size=32, patch_size=8, projection_dim=128, num_image_tokens=16)
+    vq = dict(
+        embed_dim=8,
+        num_embeddings=64,
+        latent_channels=32,  # GroupNorm's 32 groups
+        base_channels=32,
+        channel_multiplier=[1, 2],
+        num_res_blocks=1,
+        num_patches=4,
+        projection_dim=128,
+        image_token_embed_dim=128,
+    )
+    config = JanusConfig(
+        vision_config=tower | (vision or {}),
+        vq_config=vq,
+        text_config=text_config(**({"model_type": "llama"} | (text or {}))),
+        **({"image_token_id": IMG} | extra),
+    )
+    return build(JanusForConditionalGeneration, config, attn, seed)
+
+
+def make_idefics2(attn: str = "sdpa", vision=None, text=None, seed: int = 0, **extra):
+    """A tiny Idefics2: SigLIP tower (8x8 patches of 4 px), a perceiver resampling them into 16
+    latents an image, Mistral LM."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    perceiver = dict(
+        hidden_size=128,
+        resampler_n_latents=16,
+        resampler_depth=1,
+        resampler_n_heads=4,
+        resampler_head_dim=32,
+        num_key_value_heads=2,
+    )
+    config = Idefics2Config(
+        vision_config=_VISION | dict(image_size=32, patch_size=4) | (vision or {}),
+        perceiver_config=perceiver,
+        text_config=text_config(**({"model_type": "mistral"} | (text or {}))),
+        **({"image_token_id": IMG} | extra),
+    )
+    return build(Idefics2ForConditionalGeneration, config, attn, seed)
+
+
+MAKERS.update({"janus": make_janus, "idefics2": make_idefics2})

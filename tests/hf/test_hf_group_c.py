@@ -5,6 +5,9 @@ processor's markers around every tile."""
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 from hf_models import (  # noqa: E402
     IMG,
+    idefics2_batch,
+    janus_batch,
     llama4_batch,
+    make_idefics2,
+    make_janus,
     make_llama4,
     needs_encoder_outputs,
 )
@@ -22,6 +29,7 @@ from test_hf_group_b import assert_tokens, run_patched  # noqa: E402
 
 import sts_kernels as sts  # noqa: E402
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
+from sts_kernels.integrations.hf.adapters import ADAPTERS, adapter_for  # noqa: E402
 from sts_kernels.integrations.hf.adapters.llama4 import token_args  # noqa: E402
 
 
@@ -39,24 +47,44 @@ def merge_tile(f: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
 # ---- Llama 4: tiles + global view, chunked attention, MoE ------------------------------------
 
 
-@needs_encoder_outputs
-@pytest.mark.parametrize("mode", ["pool", "merge"])
-def test_llama4_every_tile_compressed_in_place(mode):
-    """The 1x2 tiles and the global view of image 0 and image 1's single view: each tile's run
-    pooled 2x2 (merged by half) on its own, in order; separators, <|image|> and begin / end
-    stay (pool: the processor's layout at 4 tokens a tile)."""
-    model = make_llama4()
-    pad_left = mode == "merge"
-    batch = llama4_batch(pad_left)
+# family: (maker, batch(pad_left, tokens), its language model, VTC modes)
+FAMILIES = {
+    "llama4": (make_llama4, llama4_batch, lambda m: m.language_model, ("pool", "merge")),
+    "janus": (make_janus, janus_batch, lambda m: m.model.language_model, ("pool", "merge")),
+    "idefics2": (make_idefics2, idefics2_batch, lambda m: m.model.text_model, ("merge",)),
+}
+
+
+def tile_features(model, batch) -> torch.Tensor:
+    """The unpatched model's projected features, `[tiles, 16, D]` in placeholder order."""
+    inner = getattr(model, "model", model)  # Llama 4 keeps its parts on the model itself
     with torch.no_grad():
-        feats = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
-        one = avg_pool_tile if mode == "pool" else merge_tile
-        oracle = torch.cat([one(f) for f in feats])
-    lm_kw, inputs, report = run_patched(model, lambda m: m.language_model, batch, mode=mode)
+        feats = inner.get_image_features(batch["pixel_values"]).pooler_output
+    return torch.cat(list(feats)).view(-1, 16, feats[0].shape[-1])
+
+
+@needs_encoder_outputs
+@pytest.mark.parametrize(
+    ("family", "mode"), [(f, mode) for f, (*_, modes) in FAMILIES.items() for mode in modes]
+)
+def test_every_tile_compressed_in_place(family, mode, request):
+    """Every tile (Llama 4: image 0's 1x2 tiles and global view, image 1's single view) pooled
+    2x2 (merged by half, by hand) on its own run, in order; the markers around each run stay:
+    the shrunk text is the processor's layout at the kept count a tile."""
+    make, make_batch, lm_of, _ = FAMILIES[family]
+    if family == "idefics2":
+        request.getfixturevalue("idefics2_merges")
+    model = make()
+    pad_left = mode == "merge"
+    batch = make_batch(pad_left)
+    one = avg_pool_tile if mode == "pool" else merge_tile
+    oracle = torch.cat([one(f) for f in tile_features(model, batch)])
+    lm_kw, inputs, report = run_patched(model, lm_of, batch, mode=mode)
     assert_tokens(lm_kw, inputs["input_ids"], IMG, oracle)
     kept = 4 if mode == "pool" else 8
-    check_layout(inputs, llama4_batch(pad_left, tokens=kept))
-    assert (report.image_tokens_in, report.image_tokens_kept) == (64, 4 * kept)
+    check_layout(inputs, make_batch(pad_left, tokens=kept))
+    tiles = len(oracle) // kept
+    assert (report.image_tokens_in, report.image_tokens_kept) == (16 * tiles, kept * tiles)
 
 
 def _layer_call(model, batch, idx: int):
@@ -127,3 +155,28 @@ def test_llama4_router_logits_refused_under_lds():
     with pytest.raises(ValueError, match="router logits"):
         model(**llama4_batch(True), output_router_logits=True)
     handle.remove()
+
+
+# ---- Idefics2: perceiver latents, no grid ------------------------------------------------------
+
+
+def test_idefics2_vtc_is_refused_saying_why():
+    with pytest.raises(ValueError, match="perceiver resampler's latents are learned queries"):
+        apply_sts(make_idefics2(), compress={"mode": "pool"})
+
+
+@pytest.fixture
+def idefics2_merges(monkeypatch):
+    """The Idefics2 adapter with merge claimed (what it will claim once apply_sts's default
+    compressor follows the family's mode): its inherited compress path, checked by the oracle."""
+    merging = copy.copy(ADAPTERS["Idefics2ForConditionalGeneration"])
+    merging.modes = ("merge",)
+    monkeypatch.setitem(ADAPTERS, "Idefics2ForConditionalGeneration", merging)
+
+
+def test_janus_and_idefics2_have_adapters_of_their_own():
+    """No convention warning: each is served by its own row of the support table."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert adapter_for(make_janus()).name == "Janus"
+        assert adapter_for(make_idefics2()).name == "Idefics2"

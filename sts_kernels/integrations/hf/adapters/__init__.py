@@ -41,6 +41,8 @@ _FAMILIES = (
     "lfm2_vl",
     "ovis2",
     "llama4",
+    "janus",
+    "idefics2",
 )
 
 ADAPTERS: dict[str, Adapter] = {}  # class name -> adapter
