@@ -86,20 +86,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
   return {index, counts, offsets, row_to_k, padded_index};
 }
 
+// Raises naming `op` and the first malformed id of the 1-D `rows` (flat ids: outside
+// [0, bound); padded: outside [0, bound) and not -1), if any: on the host, before any
+// parallel region (an exception thrown inside at::parallel_for terminates the process). One
+// serial min/max pass over 8-byte ids, cheap next to the copy.
+void check_ids(const char* op, const at::Tensor& rows, int64_t bound, bool padded) {
+  const int64_t* ids = rows.data_ptr<int64_t>();
+  const int64_t count = rows.numel();
+  const int64_t lowest = padded ? -1 : 0;
+  if (count == 0) return;
+  const auto [min_id, max_id] = std::minmax_element(ids, ids + count);
+  if (*min_id >= lowest && *max_id < bound) return;
+  const int64_t k =
+      std::find_if(ids, ids + count, [&](int64_t id) { return id < lowest || id >= bound; }) - ids;
+  if (padded) {
+    TORCH_CHECK(false, op, ": rows[", k, "] = ", ids[k], " (flat position in the padded layout) ",
+                "is neither a row id in [0, ", bound, ") nor -1 (a padding slot)");
+  }
+  TORCH_CHECK(false, op, ": rows[", k, "] = ", ids[k], " is not a row id in [0, ", bound,
+              ") (1-D rows: every id names a row; -1 marks padding only in the 2-D padded "
+              "layout)");
+}
+
+// Row copy through 1-D `rows`. kPadded: the ids of the padded layout, where -1 marks a
+// padding slot (a zero row in the gather, nothing in the scatter); otherwise every id must
+// name a row. Any other id raises, before anything is written.
+template <bool kPadded>
 void copy_rows_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows, bool scatter) {
   const int64_t bytes = row_bytes(src);
   const int64_t bound = scatter ? dst.size(0) : src.size(0);
   const char* from = static_cast<const char*>(src.data_ptr());
   char* to = static_cast<char*>(dst.data_ptr());
   const int64_t* ids = rows.data_ptr<int64_t>();
-  // Validate every id before the parallel region: an exception thrown inside at::parallel_for
-  // terminates the process. One serial min/max pass over 8-byte ids is cheap next to the copy.
-  const auto [lowest, highest] = std::minmax_element(ids, ids + rows.numel());
-  if (rows.numel() > 0) {
-    const int64_t bad = *lowest < -1 ? *lowest : *highest;
-    TORCH_CHECK(*lowest >= -1 && *highest < bound, "sts::", scatter ? "scatter_rows" : "gather_rows",
-                ": row id ", bad, " out of range [-1, ", bound, ")");
-  }
+  check_ids(scatter ? "sts::scatter_rows" : "sts::gather_rows", rows, bound, kPadded);
   const int64_t grain = std::max<int64_t>(1, kCopyGrainBytes / std::max<int64_t>(bytes, 1));
   at::parallel_for(0, rows.numel(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
@@ -115,12 +134,50 @@ void copy_rows_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& row
   });
 }
 
+// `rows` of sts::gather_rows / sts::scatter_rows: 1-D (a plan's index) or 2-D (its
+// padded_index [B, Kmax]), int64.
+void check_rows_layout(const char* op, const at::Tensor& rows) {
+  TORCH_CHECK((rows.dim() == 1 || rows.dim() == 2) && rows.scalar_type() == at::kLong, op,
+              ": rows must be a 1-D int64 tensor of row ids or a 2-D one (the padded layout "
+              "[B, Kmax], -1 = padding), got ",
+              rows.scalar_type(), " of shape ", rows.sizes());
+}
+
+}  // namespace
+
+// sts::gather_rows / sts::scatter_rows on a device, for both layouts of `rows`: 1-D ids
+// through `flat`, the 2-D padded layout flattened through `padded` (out / src
+// [*rows.shape, ...]). Shared with routing_cuda.cu (declared there).
+at::Tensor gather_rows_by_layout(CopyRowsFn flat, CopyRowsFn padded, const at::Tensor& x,
+                                 const at::Tensor& rows) {
+  check_rows_layout("sts::gather_rows", rows);
+  if (rows.dim() == 1) return gather_rows_with(flat, x, rows);
+  auto out = gather_rows_with(padded, x, rows.reshape({-1}));
+  auto sizes = rows.sizes().vec();
+  sizes.insert(sizes.end(), out.sizes().begin() + 1, out.sizes().end());
+  return out.view(sizes);
+}
+
+at::Tensor scatter_rows_by_layout(CopyRowsFn flat, CopyRowsFn padded, const at::Tensor& src,
+                                  const at::Tensor& rows, int64_t num_rows) {
+  check_rows_layout("sts::scatter_rows", rows);
+  if (rows.dim() == 1) return scatter_rows_with(flat, src, rows, num_rows);
+  TORCH_CHECK(src.dim() >= 2 && src.sizes().slice(0, 2) == rows.sizes(),
+              "sts::scatter_rows: src must start with rows' shape ", rows.sizes(), ", got ",
+              src.sizes());
+  auto sizes = src.sizes().slice(1).vec();
+  sizes[0] = rows.numel();
+  return scatter_rows_with(padded, src.reshape(sizes), rows.reshape({-1}), num_rows);
+}
+
+namespace {
+
 at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& rows) {
-  return gather_rows_with(copy_rows_cpu, x, rows);
+  return gather_rows_by_layout(copy_rows_cpu<false>, copy_rows_cpu<true>, x, rows);
 }
 
 at::Tensor scatter_rows_cpu(const at::Tensor& src, const at::Tensor& rows, int64_t num_rows) {
-  return scatter_rows_with(copy_rows_cpu, src, rows, num_rows);
+  return scatter_rows_by_layout(copy_rows_cpu<false>, copy_rows_cpu<true>, src, rows, num_rows);
 }
 
 // dst[ids[k]] += src[k] for every id in [0, R); other ids (-1: a padding slot) are skipped,

@@ -10,12 +10,21 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <mutex>
 #include <unordered_map>
 
 #include "sts.h"
 
 namespace sts {
+
+// Defined in routing_cpu.cpp (compiled in every build): sts::gather_rows / sts::scatter_rows
+// for both layouts of `rows`, 1-D ids through `flat`, the 2-D padded layout through `padded`.
+at::Tensor gather_rows_by_layout(CopyRowsFn flat, CopyRowsFn padded, const at::Tensor& x,
+                                 const at::Tensor& rows);
+at::Tensor scatter_rows_by_layout(CopyRowsFn flat, CopyRowsFn padded, const at::Tensor& src,
+                                  const at::Tensor& rows, int64_t num_rows);
 
 std::vector<std::string> cuda_archs() {
   std::vector<std::string> archs;
@@ -152,26 +161,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cud
 
 // Row copy in units of `Vec` (16 bytes when rows and pointers allow): threadIdx.x walks a
 // row's vectors, threadIdx.y picks one of the block's rows, blocks stride over the rows.
-// An id outside [0, bound) counts as -1 (no row): no device-side assert, which would kill
-// the CUDA context; the Python ops validate ids on the host under STS_DEBUG=1.
-template <typename Vec, bool kScatter>
+// An id outside [0, bound) is never read through or written to (no device-side assert,
+// which would kill the CUDA context; the Python ops validate ids on the host under
+// STS_DEBUG=1): the scatter skips it, the gather fills its row with `poison` (NaN bytes for
+// floats), except -1 in the padded layout (kPadded), a padding slot, which gets a zero row.
+template <typename Vec, bool kScatter, bool kPadded>
 __global__ void copy_rows_kernel(const Vec* __restrict__ src, Vec* __restrict__ dst,
                                  const int64_t* __restrict__ rows, int64_t num_ids,
-                                 int64_t row_vecs, int64_t bound) {
+                                 int64_t row_vecs, int64_t bound, Vec poison) {
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; k < num_ids;
        k += row_stride) {
-    const int64_t id = rows[k];
-    const int64_t row = id < bound ? id : -1;
+    const int64_t row = rows[k];
+    const bool valid = row >= 0 && row < bound;
     if (kScatter) {
-      if (row < 0) continue;
+      if (!valid) continue;
       const Vec* from = src + k * row_vecs;
       Vec* to = dst + row * row_vecs;
       for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) to[j] = from[j];
     } else {
       Vec* to = dst + k * row_vecs;
-      if (row < 0) {
-        for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) to[j] = Vec{};
+      if (!valid) {
+        const Vec fill = kPadded && row == -1 ? Vec{} : poison;
+        for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) to[j] = fill;
       } else {
         const Vec* from = src + row * row_vecs;
         for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) to[j] = from[j];
@@ -180,7 +192,21 @@ __global__ void copy_rows_kernel(const Vec* __restrict__ src, Vec* __restrict__ 
   }
 }
 
-template <typename Vec>
+// The byte that fills a gathered row whose id is malformed: all bits set, a NaN in every
+// floating dtype of 2 or more bytes (complex too), -1 in signed integers, the maximum in
+// unsigned ones; a float8 dtype's own NaN byte; 1 (True) for bool. The same byte everywhere,
+// so a vector of any width holds the pattern wherever it starts (as the Triton kernel's
+// `_poison_byte` in sts_kernels/ops/routing.py).
+uint8_t poison_byte(at::ScalarType dtype) {
+  if (dtype == at::kBool) return 1;
+  if (at::isFloatingType(dtype) && at::elementSize(dtype) == 1) {  // float8: its own NaN byte
+    const auto nan = at::scalar_tensor(std::numeric_limits<float>::quiet_NaN()).to(dtype);
+    return *static_cast<const uint8_t*>(nan.data_ptr());
+  }
+  return 0xFF;
+}
+
+template <typename Vec, bool kPadded>
 void launch_copy_rows(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows,
                       bool scatter, int64_t bytes) {
   const int64_t row_vecs = bytes / static_cast<int64_t>(sizeof(Vec));
@@ -195,13 +221,20 @@ void launch_copy_rows(const at::Tensor& src, at::Tensor& dst, const at::Tensor& 
   auto* to = static_cast<Vec*>(dst.data_ptr());
   const auto* ids = rows.data_ptr<int64_t>();
   if (scatter) {
-    copy_rows_kernel<Vec, true><<<grid, block, 0, stream>>>(from, to, ids, num_ids, row_vecs, bound);
+    // the scatter writes nothing for any id outside [0, bound): one kernel for both layouts
+    copy_rows_kernel<Vec, true, false>
+        <<<grid, block, 0, stream>>>(from, to, ids, num_ids, row_vecs, bound, Vec{});
   } else {
-    copy_rows_kernel<Vec, false><<<grid, block, 0, stream>>>(from, to, ids, num_ids, row_vecs, bound);
+    Vec poison;
+    std::memset(&poison, poison_byte(src.scalar_type()), sizeof(Vec));
+    copy_rows_kernel<Vec, false, kPadded>
+        <<<grid, block, 0, stream>>>(from, to, ids, num_ids, row_vecs, bound, poison);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// kPadded: `rows` are the padded layout's (-1: a padding slot), else a plan's index.
+template <bool kPadded>
 void copy_rows_cuda(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows, bool scatter) {
   const int64_t bytes = row_bytes(src);
   if (rows.numel() == 0 || bytes == 0) return;
@@ -213,24 +246,24 @@ void copy_rows_cuda(const at::Tensor& src, at::Tensor& dst, const at::Tensor& ro
     return bytes % width == 0 && src_addr % width == 0 && dst_addr % width == 0;
   };
   if (fits(16)) {
-    launch_copy_rows<uint4>(src, dst, rows, scatter, bytes);
+    launch_copy_rows<uint4, kPadded>(src, dst, rows, scatter, bytes);
   } else if (fits(8)) {
-    launch_copy_rows<uint2>(src, dst, rows, scatter, bytes);
+    launch_copy_rows<uint2, kPadded>(src, dst, rows, scatter, bytes);
   } else if (fits(4)) {
-    launch_copy_rows<uint32_t>(src, dst, rows, scatter, bytes);
+    launch_copy_rows<uint32_t, kPadded>(src, dst, rows, scatter, bytes);
   } else if (fits(2)) {
-    launch_copy_rows<uint16_t>(src, dst, rows, scatter, bytes);
+    launch_copy_rows<uint16_t, kPadded>(src, dst, rows, scatter, bytes);
   } else {
-    launch_copy_rows<uint8_t>(src, dst, rows, scatter, bytes);
+    launch_copy_rows<uint8_t, kPadded>(src, dst, rows, scatter, bytes);
   }
 }
 
 at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& rows) {
-  return gather_rows_with(copy_rows_cuda, x, rows);
+  return gather_rows_by_layout(copy_rows_cuda<false>, copy_rows_cuda<true>, x, rows);
 }
 
 at::Tensor scatter_rows_cuda(const at::Tensor& src, const at::Tensor& rows, int64_t num_rows) {
-  return scatter_rows_with(copy_rows_cuda, src, rows, num_rows);
+  return scatter_rows_by_layout(copy_rows_cuda<false>, copy_rows_cuda<true>, src, rows, num_rows);
 }
 
 }  // namespace

@@ -228,7 +228,8 @@ def raw_cases():
         "negative": torch.tensor([-7, 1]),
         "just_out": torch.tensor([6]),
         "float": torch.tensor([0.0, 1.0]),
-        "2d": rows[None],
+        "3d": rows[None, None],
+        "padded_out": torch.tensor([[0, 6], [-1, -5]]),  # the padded layout, ids past both ends
         "int32": rows.int(),
         "meta": rows.to("meta"),
     }

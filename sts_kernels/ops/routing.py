@@ -5,18 +5,28 @@ and one host read of (K, Kmax), and the row kernels `sts::gather_rows_triton`,
 `sts::scatter_rows_triton`), "cpp" (the extension's `sts::route`, `sts::gather_rows`,
 `sts::scatter_rows`: C++/OpenMP on the CPU, CUDA kernels in a CUDA build, where its gather
 and scatter come before Triton's) and "reference". Gather and scatter copy whole rows as raw
-words, so they work for every dtype; row id -1 means "a zero row" (gather) or "no row"
-(scatter), which is how the padded layout marks the slots past a sample's count. Each is the
-other's backward.
+words, so they work for every dtype; each is the other's backward. Their `rows` come in two
+layouts, told apart by their shape:
+
+- 1-D `[K]`, a plan's `index`: every id must name a row (-1 included, an id outside [0, R) is
+  a malformed plan). The C++ ops raise (RuntimeError naming the op and the id, checked on the
+  host before any copy); the Triton and CUDA kernels cannot raise without a host sync, so the
+  gather writes a poison row (NaN for floating dtypes, all bits set for integers, True for
+  bool; never a silent zero row and never an out-of-bounds read) and the scatter writes
+  nothing for such an id.
+- 2-D `[B, Kmax]`, a plan's `padded_index`: -1 marks a padding slot, a zero row (gather) or
+  nothing (scatter); any other id outside [0, R) is malformed, as above. The gather's output
+  is `[B, Kmax, ...]` and the scatter's `src` must be.
 
 Also here, for the skipper's gather backward (`ops.skip_glue`): the row add
 `dst[ids[k]] += src[k]` as `sts::add_rows_triton` (the extension's `sts::add_rows` is CPU
-only), touching only the rows of valid ids (the padded layout's -1 slots are neither read nor
-written).
+only), touching only the rows of valid ids (the padded layout's -1 slots and any out-of-range
+id are neither read nor written, on both backends).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,21 +50,24 @@ _MAX_BLOCK_COLS = 1024
 def _copy_rows_kernel(
     SRC_ptr,  # [R_src, num_cols] integer words
     DST_ptr,  # [R_dst, num_cols] integer words
-    ROWS_ptr,  # [num_ids] int64 row ids, -1 for none
+    ROWS_ptr,  # [num_ids] int64 row ids
     num_ids,
     num_rows,  # rows of the tensor the ids index (src for gather, dst for scatter)
     num_cols,
     stride_src_row,
     stride_dst_row,
+    poison,  # gather: the word a malformed id's row is filled with (NaN bytes for floats)
     SCATTER: tl.constexpr,
+    PADDED: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
     """Row copy through a list of row ids, on rows of `num_cols` words.
 
-    gather:  dst[k, :] = src[rows[k], :]    (zeros where rows[k] = -1)
-    scatter: dst[rows[k], :] = src[k, :]    (nothing where rows[k] = -1)
-    An id outside [0, num_rows) counts as -1: a bad plan never reads or writes out of bounds.
+    gather:  dst[k, :] = src[rows[k], :]    scatter: dst[rows[k], :] = src[k, :]
+    An id outside [0, num_rows) is never read through or written to. In the gather it gives a
+    row of `poison` words, or with PADDED (the padded layout) a zero row for -1, its padding
+    slots; in the scatter it writes nothing.
     """
     pid_ids = tl.program_id(0).to(tl.int64)
     pid_cols = tl.program_id(1).to(tl.int64)
@@ -62,20 +75,25 @@ def _copy_rows_kernel(
     k = pid_ids * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     k_in = k < num_ids
     row = tl.load(ROWS_ptr + k, mask=k_in, other=-1)
-    row = tl.where(row < num_rows, row, -1)
+    valid = (row >= 0) & (row < num_rows)
     # this program's block of words within a row
     cols = pid_cols * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     cols_in = (cols < num_cols)[None, :]
-    has_row = (row >= 0)[:, None] & cols_in
+    has_row = valid[:, None] & cols_in
     if SCATTER:
-        # packed row k lands on row `row`; ids of -1 write nothing
+        # packed row k lands on row `row`; other ids write nothing
         words = tl.load(SRC_ptr + k[:, None] * stride_src_row + cols[None, :], mask=has_row)
         tl.store(DST_ptr + row[:, None] * stride_dst_row + cols[None, :], words, mask=has_row)
     else:
-        # row `row` lands on packed row k; ids of -1 give a zero row
+        # row `row` lands on packed row k; a malformed id gives a poison row, a padding slot
+        # (-1 in the padded layout) a zero row
         words = tl.load(
             SRC_ptr + row[:, None] * stride_src_row + cols[None, :], mask=has_row, other=0
         )
+        bad = ~valid
+        if PADDED:
+            bad = bad & (row != -1)
+        words = tl.where(bad[:, None], poison.to(words.dtype), words)
         tl.store(
             DST_ptr + k[:, None] * stride_dst_row + cols[None, :],
             words,
@@ -214,9 +232,26 @@ def _row_tiles(num_ids: int, num_cols: int) -> tuple[tuple[int, int], dict]:
     return grid, dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
 
 
-def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> None:
+@functools.cache
+def _poison_byte(dtype: torch.dtype) -> int:
+    """The byte that fills a gathered row whose id is malformed: all bits set, a NaN in every
+    floating dtype of 2 or more bytes (complex ones too), -1 in signed integers, the maximum
+    in unsigned ones; a float8 dtype's own NaN byte; 1 (True) for bool. The same byte for every
+    byte of a row, so a word of any width holds the same pattern wherever it starts and the
+    row copy keeps its wide words (as the CUDA kernel's `poison_byte`)."""
+    if dtype == torch.bool:
+        return 1
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return int(torch.tensor(float("nan")).to(dtype).view(torch.uint8).item())
+    return 0xFF
+
+
+def _launch_copy_rows(
+    src: Tensor, dst: Tensor, rows: Tensor, scatter: bool, padded: bool = False
+) -> None:
     """Gather (`dst[k] = src[rows[k]]`) or scatter (`dst[rows[k]] = src[k]`) whole rows of the
-    contiguous `src` and `dst`."""
+    contiguous `src` and `dst` through the 1-D `rows`; `padded`: -1 is a padding slot (a zero
+    row in the gather), not a malformed id (a poison row)."""
     if src.numel() == 0 or dst.numel() == 0 or rows.numel() == 0:
         return
     row_bytes = math.prod(src.shape[1:]) * src.element_size()
@@ -227,6 +262,9 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
         t.as_strided((t.shape[0], t[0].numel()), (t[0].numel(), 1)).view(torch.uint8).view(word)
         for t in (src, dst)
     )
+    # the poison word as an int the kernel truncates to the word: at least 2 bytes of the
+    # pattern, so it is never 1 (bool's byte), which Triton would turn into a constant
+    poison = bytes([_poison_byte(src.dtype)]) * max(word.itemsize, 2)
     num_cols = src_words.shape[1]
     grid, tiles = _row_tiles(rows.numel(), num_cols)
     _copy_rows_kernel[grid](
@@ -238,7 +276,9 @@ def _launch_copy_rows(src: Tensor, dst: Tensor, rows: Tensor, scatter: bool) -> 
         num_cols,
         src_words.stride(0),
         dst_words.stride(0),
+        int.from_bytes(poison, "little", signed=True),
         SCATTER=scatter,
+        PADDED=padded,
         **tiles,
     )
 
@@ -284,15 +324,18 @@ def _launch_route(mask: Tensor, outputs: tuple[Tensor, ...]) -> None:
 # torch.library registration
 
 
-def _check_rows(op: str, data: Tensor, rows: Tensor) -> None:
+def _check_rows(op: str, data: Tensor, rows: Tensor, layouts: tuple[int, ...] = (1, 2)) -> None:
     """The C++ ops' argument checks, for their Triton twins, which are callable directly as
-    `torch.ops.sts.*`: rows of another shape or dtype would make the kernel write past its
-    output (out-of-range ids are safe: the kernel skips them)."""
+    `torch.ops.sts.*`: rows of another shape or dtype would make the kernel read or write past
+    its tensors (out-of-range ids are safe: the kernel never reads or writes through them).
+    `layouts`: the dims rows may have, 1 (ids) and 2 (the padded layout) for gather/scatter."""
     if data.dim() < 1:
         raise ValueError(f"{op}: the row tensor needs at least 1 dim, got a 0-dim tensor")
-    if rows.dim() != 1 or rows.dtype != torch.int64:
+    if rows.dim() not in layouts or rows.dtype != torch.int64:
+        padded = " or a 2-D one (the padded layout [B, Kmax], -1 = padding)" if 2 in layouts else ""
         raise ValueError(
-            f"{op}: rows must be a 1-D int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}"
+            f"{op}: rows must be a 1-D int64 tensor of row ids{padded}, got {rows.dtype} of "
+            f"shape {tuple(rows.shape)}"
         )
     if rows.device != data.device:
         raise ValueError(f"{op}: rows is on {rows.device} but the data is on {data.device}")
@@ -301,31 +344,42 @@ def _check_rows(op: str, data: Tensor, rows: Tensor) -> None:
 @torch.library.custom_op("sts::gather_rows_triton", mutates_args=())
 @on_input_device
 def _gather_rows_triton(x: Tensor, rows: Tensor) -> Tensor:
-    """Triton twin of `sts::gather_rows`: `out[k] = x[rows[k]]`, a zero row for -1."""
+    """Triton twin of `sts::gather_rows`: `out[k] = x[rows[k]]`, `[*rows.shape, *x.shape[1:]]`.
+    1-D rows: an id outside [0, len(x)) gives a poison row (NaN for floats); 2-D rows (the
+    padded layout): -1 gives a zero row, any other such id a poison row."""
     _check_rows("sts::gather_rows_triton", x, rows)
     src = x.contiguous()
-    shape = (rows.shape[0], *src.shape[1:])
-    # With no source rows every id is -1 and the kernel has nothing to read: all zeros.
-    out = src.new_zeros(shape) if src.numel() == 0 else src.new_empty(shape)
-    _launch_copy_rows(src, out, rows.contiguous(), scatter=False)
-    return out
+    ids = rows.contiguous().view(-1)  # [K] or [B * Kmax]
+    out = src.new_empty((ids.shape[0], *src.shape[1:]))
+    padded = rows.dim() == 2
+    if src.shape[0] == 0 and out.numel() > 0:
+        # no rows to read: every id is malformed (poison) or a padding slot (zeros)
+        out.view(-1).view(torch.uint8).fill_(_poison_byte(src.dtype))
+        if padded:
+            out[ids == -1] = 0
+    else:
+        _launch_copy_rows(src, out, ids, scatter=False, padded=padded)
+    return out.view(*rows.shape, *src.shape[1:])
 
 
 @torch.library.custom_op("sts::scatter_rows_triton", mutates_args=())
 @on_input_device
 def _scatter_rows_triton(src: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-    """Triton twin of `sts::scatter_rows`: zeros with `out[rows[k]] = src[k]`, -1 skipped."""
-    _check_rows("sts::scatter_rows_triton", src, rows)
-    if src.shape[0] != rows.shape[0]:
+    """Triton twin of `sts::scatter_rows`: zeros `[num_rows, *src.shape[rows.dim():]]` with
+    `out[rows[k]] = src[k]`; ids outside [0, num_rows) (the padded layout's -1 too) write
+    nothing. `src` is `[*rows.shape, ...]`."""
+    op = "sts::scatter_rows_triton"
+    _check_rows(op, src, rows)
+    if tuple(src.shape[: rows.dim()]) != tuple(rows.shape):
         raise ValueError(
-            f"sts::scatter_rows_triton: src has {src.shape[0]} rows but rows has "
-            f"{rows.shape[0]} entries"
+            f"{op}: src must start with rows' shape {tuple(rows.shape)}, got {tuple(src.shape)}"
         )
     if num_rows < 0:
-        raise ValueError(f"sts::scatter_rows_triton: num_rows must be >= 0, got {num_rows}")
-    packed = src.contiguous()
-    out = packed.new_zeros((num_rows, *packed.shape[1:]))
-    _launch_copy_rows(packed, out, rows.contiguous(), scatter=True)
+        raise ValueError(f"{op}: num_rows must be >= 0, got {num_rows}")
+    feat = src.shape[rows.dim() :]
+    packed = src.contiguous().view(rows.numel(), *feat)
+    out = packed.new_zeros((num_rows, *feat))
+    _launch_copy_rows(packed, out, rows.contiguous().view(-1), scatter=True)
     return out
 
 
@@ -333,7 +387,7 @@ def _check_add_rows(dst: Tensor, ids: Tensor, src: Tensor) -> None:
     """The checks of the C++ `sts::add_rows`, for its Triton twin: everything the kernel
     relies on to stay inside dst and src (out-of-range ids are safe: it skips them)."""
     op = "sts::add_rows_triton"
-    _check_rows(op, src, ids)
+    _check_rows(op, src, ids, layouts=(1,))
     if dst.dim() < 1 or not dst.is_contiguous():
         raise ValueError(
             f"{op}: dst must be a contiguous tensor of at least 1 dim (it is updated in place), "
@@ -418,15 +472,16 @@ torch.library.register_fake("sts::route_triton")(_route_fake)
 
 
 def _register(gather: str, scatter: str) -> None:
-    """Fake (meta) kernels and autograd for a gather/scatter pair over dim 0."""
+    """Fake (meta) kernels and autograd for a gather/scatter pair over dim 0 (rows 1-D, or
+    2-D in the padded layout: the gather's output and the scatter's src `[*rows.shape, ...]`)."""
 
     @torch.library.register_fake(gather)
     def _gather_fake(x: Tensor, rows: Tensor) -> Tensor:
-        return x.new_empty((rows.shape[0], *x.shape[1:]))
+        return x.new_empty((*rows.shape, *x.shape[1:]))
 
     @torch.library.register_fake(scatter)
     def _scatter_fake(src: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-        return src.new_empty((num_rows, *src.shape[1:]))
+        return src.new_empty((num_rows, *src.shape[rows.dim() :]))
 
     register_adjoint_autograd(gather, scatter, row_dim=0)
 
@@ -465,6 +520,6 @@ def gather_rows(x: Tensor, plan: RoutePlan, padded: bool = False) -> Tensor:
         return reference.gather_rows(x, plan, padded)
     feat = tuple(x.shape[len(plan.shape) :])
     flat = x.reshape(plan.num_rows, *feat)  # [R, ...]
-    rows = plan.padded_index.reshape(-1) if padded else plan.index  # [B * Kmax] or [K]
-    out = kernel("gather_rows", impl)(flat, rows)
-    return out.view(*plan.padded_index.shape, *feat) if padded else out
+    # [B, Kmax] (the padded layout: -1 marks padding) or [K] (every id a row)
+    rows = plan.padded_index if padded else plan.index
+    return kernel("gather_rows", impl)(flat, rows)

@@ -65,36 +65,40 @@ class _GatherPassthrough(torch.autograd.Function):
     derivatives stay exact; without a grad(x_pass) it starts from zeros."""
 
     @staticmethod
-    def forward(
-        ctx, x: Tensor, ids: Tensor, lead: int, slots: tuple[int, ...], gather: str, add: str
-    ):
-        # x [*plan.shape, *feat]; ids [K] or [B * Kmax] flat row ids (-1: a padding slot)
+    def forward(ctx, x: Tensor, ids: Tensor, lead: int, gather: str, add: str):
+        # x [*plan.shape, *feat]; ids: plan.index [K] or plan.padded_index [B, Kmax] (its -1
+        # slots are padding), the gather's two layouts
         ctx.save_for_backward(ids)
-        ctx.shape, ctx.lead, ctx.padded, ctx.add = x.shape, lead, len(slots) == 2, add
+        ctx.shape, ctx.lead, ctx.add = x.shape, lead, add
         ctx.set_materialize_grads(False)
         flat = x.reshape(math.prod(x.shape[:lead]), *x.shape[lead:])  # [R, *feat]
-        rows = kernel("gather_rows", gather)(flat, ids)  # [K or B * Kmax, *feat]
-        return rows.view(*slots, *x.shape[lead:]), x.view_as(x)
+        rows = kernel("gather_rows", gather)(flat, ids)  # [K or B, Kmax, *feat]
+        return rows, x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor | None, grad_x: Tensor | None):
         (ids,) = ctx.saved_tensors
         if grad_rows is None:
-            return grad_x, None, None, None, None, None
+            return grad_x, None, None, None, None
+        ids = ids.reshape(-1)  # [K or B * Kmax]
         feat = ctx.shape[ctx.lead :]
         src = grad_rows.reshape(ids.numel(), *feat)  # [K or B * Kmax, *feat]
         num_rows = math.prod(ctx.shape[: ctx.lead])
         if grad_x is None or torch.is_grad_enabled() or not grad_x.is_contiguous():
             # no fresh dense gradient to add into, or double backward: out of place, in
-            # differentiable ops; padding slots (-1) add zeros (a fill, not a product: no NaN * 0)
-            if ctx.padded:
-                src = src.masked_fill((ids < 0).view(-1, *(1,) * len(feat)), 0)
+            # differentiable ops; padding slots (-1) and the ids of a malformed plan (which
+            # the Triton and CUDA gathers ran through) add zeros to row 0 (a fill, not a
+            # product: no NaN * 0) rather than wrap or fault
+            skipped = (ids < 0) | (ids >= num_rows)
+            src = src.masked_fill(skipped.view(-1, *(1,) * len(feat)), 0)
             base = grad_rows.new_zeros(ctx.shape) if grad_x is None else grad_x
-            grad_x = base.reshape(num_rows, *feat).index_put((ids,), src, accumulate=True)
+            grad_x = base.reshape(num_rows, *feat).index_put(
+                (ids.masked_fill(skipped, 0),), src, accumulate=True
+            )
             grad_x = grad_x.view(ctx.shape)
         else:
             add_rows_(grad_x.view(num_rows, *feat), ids, src, ctx.add)
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None
 
 
 def gather_rows_passthrough(x: Tensor, plan: RoutePlan, padded: bool = False):
@@ -110,10 +114,9 @@ def gather_rows_passthrough(x: Tensor, plan: RoutePlan, padded: bool = False):
     plain = not (x.requires_grad and torch.is_grad_enabled()) or gather == "reference"
     if plain or not fresh_grad_x or torch.compiler.is_compiling():
         return gather_rows(x, plan, padded), x
-    ids = plan.padded_index.reshape(-1) if padded else plan.index  # [B * Kmax] or [K]
-    slots = tuple(plan.padded_index.shape) if padded else (plan.num_active,)
+    ids = plan.padded_index if padded else plan.index  # [B, Kmax] or [K]
     add = select("add_rows", x.device)
-    return _GatherPassthrough.apply(x, ids, len(plan.shape), slots, gather, add)
+    return _GatherPassthrough.apply(x, ids, len(plan.shape), gather, add)
 
 
 def gather_for_layer(x: Tensor, plan: RoutePlan, padded: bool = False) -> tuple[Tensor, Combine]:

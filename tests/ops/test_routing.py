@@ -254,12 +254,17 @@ def test_gather_gradcheck_float64(impl, padded):
 SCATTER_OPS = {"cpp": "scatter_rows", "triton": "scatter_rows_triton"}
 
 
+# a plan's index (1-D: every id a row) and its padded layout (2-D: -1 marks padding)
+SCATTER_ROWS = {"flat": [4, 0, 6, 2], "padded": [[4, -1, 0], [6, -1, 2]]}
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_scatter_rows_op(impl, dtype):
+@pytest.mark.parametrize("layout", list(SCATTER_ROWS))
+def test_scatter_rows_op(impl, dtype, layout):
     need(impl)
-    rows = torch.tensor([4, -1, 0, 6, -1, 2], device=DEVICE)
-    src = make_x(torch.ones(6, dtype=torch.bool), (3,), dtype)
+    rows = torch.tensor(SCATTER_ROWS[layout], device=DEVICE)
+    src = make_x(torch.ones(rows.shape, dtype=torch.bool), (3,), dtype)  # [*rows.shape, 3]
     out = getattr(torch.ops.sts, SCATTER_OPS[impl])(src, rows, 7)
     keep = rows >= 0
     expected = torch.zeros((7, 3), dtype=dtype, device=DEVICE).index_copy_(0, rows[keep], src[keep])
@@ -267,12 +272,13 @@ def test_scatter_rows_op(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_scatter_rows_gradcheck_float64(impl):
+@pytest.mark.parametrize("layout", list(SCATTER_ROWS))
+def test_scatter_rows_gradcheck_float64(impl, layout):
     need(impl)
-    rows = torch.tensor([3, -1, 0], device=DEVICE)
-    src = torch.randn(3, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor(SCATTER_ROWS[layout], device=DEVICE)
+    src = torch.randn(*rows.shape, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
     op = getattr(torch.ops.sts, SCATTER_OPS[impl])
-    assert torch.autograd.gradcheck(lambda s: op(s, rows, 5), (src,))
+    assert torch.autograd.gradcheck(lambda s: op(s, rows, 7), (src,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,29 +288,35 @@ def test_scatter_rows_gradcheck_float64(impl):
 def test_opcheck_cpp_ops():
     need("cpp", torch.device("cpu"))
     mask = torch.rand(3, 5) < 0.5
-    rows = torch.tensor([7, -1, 0, 14, 3])
+    rows = torch.tensor([7, -1, 0, 14, 3])  # add_rows skips -1
     x = torch.randn(15, 4, requires_grad=True)
     src = torch.randn(5, 4, requires_grad=True)
     torch.library.opcheck(torch.ops.sts.route.default, (mask,))
-    torch.library.opcheck(torch.ops.sts.gather_rows.default, (x, rows))
-    torch.library.opcheck(torch.ops.sts.scatter_rows.default, (src, rows, 15))
+    # both layouts of the row ids: a plan's index and its padded layout (-1: padding)
+    for ids in (torch.tensor([7, 0, 14, 3]), torch.tensor([[7, -1], [0, 14], [-1, 3]])):
+        grad = torch.randn(*ids.shape, 4, requires_grad=True)
+        torch.library.opcheck(torch.ops.sts.gather_rows.default, (x, ids))
+        torch.library.opcheck(torch.ops.sts.scatter_rows.default, (grad, ids, 15))
     torch.library.opcheck(torch.ops.sts.add_rows.default, (x.detach(), rows, src.detach()))
 
 
 @NEEDS_TRITON
 def test_opcheck_triton_ops():
-    rows = torch.tensor([7, -1, 0, 3], device=DEVICE)
+    rows = torch.tensor([7, -1, 0, 3], device=DEVICE)  # add_rows skips -1
     x = torch.randn(8, 4, device=DEVICE, requires_grad=True)
     src = torch.randn(4, 4, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.sts.gather_rows_triton.default, (x, rows))
-    torch.library.opcheck(torch.ops.sts.scatter_rows_triton.default, (src, rows, 8))
+    for ids in (torch.tensor([7, 0, 3]), torch.tensor([[7, -1], [0, 3]])):
+        ids = ids.to(DEVICE)
+        grad = torch.randn(*ids.shape, 4, device=DEVICE, requires_grad=True)
+        torch.library.opcheck(torch.ops.sts.gather_rows_triton.default, (x, ids))
+        torch.library.opcheck(torch.ops.sts.scatter_rows_triton.default, (grad, ids, 8))
     torch.library.opcheck(torch.ops.sts.add_rows_triton.default, (x.detach(), rows, src.detach()))
 
 
 def test_compile_fullgraph_gather_and_backward():
     """Fake kernels + autograd registration let Dynamo/AOT trace the ops without graph breaks."""
     need("cpp", torch.device("cpu"))
-    rows = torch.tensor([5, -1, 1])
+    rows = torch.tensor([[5, -1, 1]])  # the padded layout: -1 is a padding slot
     x = torch.randn(6, 3, requires_grad=True)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
@@ -360,7 +372,9 @@ def test_cpp_ops_reject_bad_rows():
     x = torch.randn(4, 2)
     with pytest.raises(RuntimeError, match="rows must be a 1-D int64"):
         torch.ops.sts.gather_rows(x, torch.tensor([0, 1], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="out of range"):
+    with pytest.raises(RuntimeError, match="rows must be a 1-D int64"):
+        torch.ops.sts.gather_rows(x, torch.zeros(1, 1, 1, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"rows\[1\] = 4 is not a row id in \[0, 4\)"):
         torch.ops.sts.gather_rows(x, torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="mask must be bool"):
         torch.ops.sts.route(torch.ones(3))
