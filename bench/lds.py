@@ -223,7 +223,7 @@ class BytesMoved(TorchDispatchMode):
         elif _ROW_GATHERS in str(func):  # out[k] = x[ids[k]]: reads the rows of ids >= 0
             x, ids = inputs
             rows_read = int(((ids >= 0) & (ids < x.shape[0])).sum())
-            self.nbytes += outputs + rows_read * outputs // max(len(ids), 1) + _nbytes(ids)
+            self.nbytes += outputs + rows_read * outputs // max(ids.numel(), 1) + _nbytes(ids)
         elif any(name in str(func) for name in _GATHERS):
             self.nbytes += 2 * outputs + sum(_nbytes(t) for t in inputs if t.dtype == torch.int64)
         else:

@@ -10,7 +10,8 @@
 namespace sts {
 
 // Copies whole rows of `src` ([R_src, ...] contiguous) into `dst` ([R_dst, ...] contiguous)
-// as bytes. Gather (`scatter == false`): dst row k <- src row rows[k], a zero row for -1.
+// as bytes. Gather (`scatter == false`): dst row k <- src row rows[k]; -1 in padded ids
+// ([B, Kmax]) is a zero row, any other id outside the rows an error (C++) or a NaN row (CUDA).
 // Scatter (`scatter == true`): dst row rows[k] <- src row k, skipping -1 (rows are unique).
 using CopyRowsFn = void (*)(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows,
                             bool scatter);

@@ -5,7 +5,6 @@ processor's markers around every tile."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -29,7 +28,7 @@ from test_hf_group_b import assert_tokens, run_patched  # noqa: E402
 
 import sts_kernels as sts  # noqa: E402
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
-from sts_kernels.integrations.hf.adapters import ADAPTERS, adapter_for  # noqa: E402
+from sts_kernels.integrations.hf.adapters import adapter_for  # noqa: E402
 from sts_kernels.integrations.hf.adapters.llama4 import token_args  # noqa: E402
 
 
@@ -67,13 +66,11 @@ def tile_features(model, batch) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("family", "mode"), [(f, mode) for f, (*_, modes) in FAMILIES.items() for mode in modes]
 )
-def test_every_tile_compressed_in_place(family, mode, request):
+def test_every_tile_compressed_in_place(family, mode):
     """Every tile (Llama 4: image 0's 1x2 tiles and global view, image 1's single view) pooled
     2x2 (merged by half, by hand) on its own run, in order; the markers around each run stay:
     the shrunk text is the processor's layout at the kept count a tile."""
     make, make_batch, lm_of, _ = FAMILIES[family]
-    if family == "idefics2":
-        request.getfixturevalue("idefics2_merges")
     model = make()
     pad_left = mode == "merge"
     batch = make_batch(pad_left)
@@ -163,15 +160,6 @@ def test_llama4_router_logits_refused_under_lds():
 def test_idefics2_vtc_is_refused_saying_why():
     with pytest.raises(ValueError, match="perceiver resampler's latents are learned queries"):
         apply_sts(make_idefics2(), compress={"mode": "pool"})
-
-
-@pytest.fixture
-def idefics2_merges(monkeypatch):
-    """The Idefics2 adapter with merge claimed (what it will claim once apply_sts's default
-    compressor follows the family's mode): its inherited compress path, checked by the oracle."""
-    merging = copy.copy(ADAPTERS["Idefics2ForConditionalGeneration"])
-    merging.modes = ("merge",)
-    monkeypatch.setitem(ADAPTERS, "Idefics2ForConditionalGeneration", merging)
 
 
 def test_janus_and_idefics2_have_adapters_of_their_own():

@@ -45,7 +45,9 @@ def apply_sts(
     # a family without VTC (Mllama) takes stage=None as LDS only; asked for VTC (compress=True,
     # stage="align") it refuses with the reason
     vtc_default = compress_default and (bool(adapter.modes) or stage == "align")
-    compressor = _build_compressor(compress, vtc_default)
+    # the family's first VTC mode by default (pool where the layout has a grid)
+    defaults = DEFAULT_COMPRESS | ({"mode": adapter.modes[0]} if adapter.modes else {})
+    compressor = _build_compressor(compress, vtc_default, defaults)
     if compressor is not None:
         adapter.check_compressor(compressor, model)
     skipper, layer_calls = _build_skipper(
@@ -93,15 +95,15 @@ def _peft_base(model: nn.Module) -> nn.Module | None:
     return get_base_model() if callable(get_base_model) else None
 
 
-def _build_compressor(compress, default_on: bool) -> VisualTokenCompressor | None:
+def _build_compressor(compress, default_on: bool, defaults: dict) -> VisualTokenCompressor | None:
     if compress is False or (compress is None and not default_on):
         return None
     if isinstance(compress, VisualTokenCompressor):
         return compress
     if compress is None or compress is True:
-        return VisualTokenCompressor(**DEFAULT_COMPRESS)
+        return VisualTokenCompressor(**defaults)
     if isinstance(compress, dict):
-        return VisualTokenCompressor(**{**DEFAULT_COMPRESS, **compress})
+        return VisualTokenCompressor(**{**defaults, **compress})
     raise TypeError(
         "compress must be None, a bool, a dict of VisualTokenCompressor arguments or a "
         f"VisualTokenCompressor, got {type(compress).__name__}"

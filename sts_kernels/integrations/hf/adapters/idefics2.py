@@ -18,10 +18,9 @@ class Idefics2Adapter(SmolVLMAdapter):
 
     name = "Idefics2"
     classes = ("Idefics2ForConditionalGeneration",)
-    modes = ()  # ("merge",) once apply_sts's default compressor takes the family's mode
+    modes = ("merge",)
     mode_reason = (
-        "the perceiver resampler's latents are learned queries, not a spatial grid (no pool; "
-        "merge waits for a default compressor that does not pool)"
+        "the perceiver resampler's latents are learned queries, not a spatial grid: merge only"
     )
     packs = False
 
