@@ -3,9 +3,8 @@
 Visual Token Compressor: `token_pool`, `bipartite_merge`, `unmerge`.
 Layer Dynamic Skipper: `route`, `gather_rows`, `skip_residual`.
 Modules: `sts_kernels.nn.VisualTokenCompressor`, `sts_kernels.nn.LayerDynamicSkipper`.
-Hugging Face VLMs (`sts_kernels.integrations.hf.SUPPORTED_MODELS`: LLaVA and its NeXT / video /
-OneVision kin, the Qwen-VL families, InternVL, Gemma 3, SmolVLM / Idefics3, Mllama):
-`apply_sts(model, ...)` (imports transformers only when called).
+Hugging Face VLMs (`sts_kernels.integrations.hf.SUPPORTED_MODELS`, 25 families, and any class
+of the common VLM shape): `apply_sts(model, ...)` (imports transformers only when called).
 """
 
 from . import nn

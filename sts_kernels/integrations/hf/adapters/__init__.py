@@ -51,6 +51,16 @@ for _family in _FAMILIES:
     ADAPTERS.update(dict.fromkeys(_adapter.classes, _adapter))
 
 
+# classes the convention would take but must not: why, in the TypeError and the README
+REFUSED = {
+    "Gemma3nForConditionalGeneration": (
+        "its last decoder layers reuse keys/values that earlier layers store for every row, so "
+        "skipping a storing layer breaks them, and its vision tower (timm) cannot be tested "
+        "here; no adapter yet"
+    ),
+}
+
+
 def supported_models() -> tuple[str, ...]:
     return tuple(ADAPTERS)
 
@@ -61,6 +71,10 @@ def adapter_for(model: nn.Module) -> Adapter:
     for cls in type(model).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__]
+    if type(model).__name__ in REFUSED:
+        raise TypeError(
+            f"apply_sts: {type(model).__name__} is not served: {REFUSED[type(model).__name__]}"
+        )
     generic = convention_adapter(model)  # the common VLM shape, with a one-time warning
     if generic is not None:
         return generic
@@ -74,8 +88,8 @@ def support_table() -> str:
     """The README's support table (markdown), rendered from the registry."""
     yes = {True: "yes", False: "-"}
     rows = [
-        "| family | classes | VTC pool | VTC merge | LDS sample | LDS token | video | packed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | classes | VTC pool | VTC merge | LDS sample | LDS token | video | packed | why a '-' |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for adapter in [*dict.fromkeys(ADAPTERS.values()), generic.ADAPTER]:
         classes = ", ".join(f"`{c}`" for c in adapter.classes)
@@ -88,6 +102,11 @@ def support_table() -> str:
             yes["token" in adapter.lds_modes],
             yes[adapter.video],
             yes[adapter.packs],
+            "; ".join(filter(None, (adapter.mode_reason, adapter.lds_reason))),
         ]
         rows.append("| " + " | ".join(cells) + " |")
+    for name, why in REFUSED.items():
+        rows.append(
+            f"| {name[: -len('ForConditionalGeneration')]} | `{name}` |" + " - |" * 6 + f" {why} |"
+        )
     return "\n".join(rows) + "\n"

@@ -40,6 +40,7 @@ class Adapter:
     modes: tuple[str, ...] = ("pool", "merge")  # VTC modes the placeholder layout allows
     mode_reason: str = ""  # why a mode is missing (ValueError text)
     lds_modes: tuple[str, ...] = ("sample", "token")
+    lds_reason: str = ""  # why an LDS mode is missing (the support table)
     video: bool = False  # compresses video inputs too
     packs: bool = False  # packed rows tested (packed == unpacked, tests/hf/test_packed.py)
     tokens_in_sequence: bool = True  # visual tokens are placeholders (else cross-attention)
@@ -77,8 +78,9 @@ class Adapter:
         """ValueError, before any forward, for an LDS mode this family's layers cannot take."""
         mode = getattr(skipper, "mode", "sample")
         if mode not in self.lds_modes:
+            why = f" ({self.lds_reason})" if self.lds_reason else ""
             raise ValueError(
-                f"skip: {self.name} supports LDS mode in {self.lds_modes}, got mode={mode!r}"
+                f"skip: {self.name} supports LDS mode in {self.lds_modes}, got mode={mode!r}{why}"
             )
 
     def skipper_arguments(self) -> dict[str, Any]:

@@ -19,15 +19,11 @@ class Lfm2VlAdapter(Adapter):
     name = "LFM2-VL"
     classes = ("Lfm2VlForConditionalGeneration",)
     lds_modes = ("sample",)
-
-    def check_skipper(self, skipper):
-        if getattr(skipper, "mode", "sample") == "token":
-            raise ValueError(
-                "skip: LFM2-VL supports LDS mode='sample' only: its short-convolution layers "
-                "mix each token with its sequence neighbours, which a layer run on the kept "
-                "tokens of a row would replace by tokens that are not its neighbours"
-            )
-        super().check_skipper(skipper)
+    lds_reason = (
+        "its short-convolution layers mix each token with its sequence neighbours, which a "
+        "layer run on the kept tokens of a row would replace by tokens that are not its "
+        "neighbours"
+    )
 
     def compress(self, model, compressor, kw):
         factor = model.config.downsample_factor

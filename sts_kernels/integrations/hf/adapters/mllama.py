@@ -37,6 +37,7 @@ class MllamaAdapter(Adapter):
     name = "Mllama"
     classes = ("MllamaForConditionalGeneration",)
     lds_modes = ("sample",)
+    lds_reason = "its layers take a cross-attention mask per token"
     tokens_in_sequence = False
 
     def skipper_arguments(self):
