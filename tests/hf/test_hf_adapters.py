@@ -8,7 +8,12 @@ import re
 import pytest
 from torch import nn
 
-from sts_kernels.integrations.hf.adapters import ADAPTERS, adapter_for, support_table
+from sts_kernels.integrations.hf.adapters import (  # noqa: E402
+    ADAPTERS,
+    REFUSED,
+    adapter_for,
+    support_table,
+)
 
 README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
@@ -25,7 +30,15 @@ def test_readme_support_table_matches_the_registry():
 def test_every_registered_class_has_a_row():
     table = support_table()
     assert all(f"`{name}`" in table for name in ADAPTERS)
-    assert table.count("\n") == 2 + len(set(ADAPTERS.values()))
+    # plus the convention fallback's row and one per refused class
+    assert table.count("\n") == 2 + len(set(ADAPTERS.values())) + 1 + len(REFUSED)
+    assert all(f"`{name}`" in table and why in table for name, why in REFUSED.items())
+
+
+def test_a_refused_class_says_why():
+    refused = type("Gemma3nForConditionalGeneration", (nn.Module,), {})
+    with pytest.raises(TypeError, match="keys/values"):
+        adapter_for(refused())
 
 
 def test_unsupported_model_names_its_class_and_the_supported_ones():
