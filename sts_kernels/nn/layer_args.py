@@ -43,8 +43,8 @@ def token_layer_args(args: tuple, kwargs: dict, plan, windowed: bool = False) ->
     cos, sin = kwargs["position_embeddings"]  # [1 or B, T, hd]
     kwargs["position_embeddings"] = (gather_t(cos, 0), gather_t(sin, 0))
     mask = kwargs.get("attention_mask")
-    varlen = mask is None and _kept_varlen(kwargs, plan)  # packed rows, flash-attention style
-    if varlen and windowed:
+    varlen, whole = _kept_varlen(kwargs, plan) if mask is None else ({}, True)
+    if varlen and windowed and not whole:  # whole packed samples keep their own windows
         raise ValueError(
             "LDS token mode: flash-attention varlen would apply this model's sliding window "
             "over the kept tokens rather than their original positions; use eager or sdpa "
@@ -82,17 +82,21 @@ def token_layer_args(args: tuple, kwargs: dict, plan, windowed: bool = False) ->
     return args, kwargs
 
 
-def _kept_varlen(kwargs: dict, plan) -> dict:
+def _kept_varlen(kwargs: dict, plan) -> tuple[dict, bool]:
     """For a layer that takes packed rows as flash-attention varlen (no mask; `cu_seq_lens_q/k`,
     or position-id restarts): the varlen arguments of the kept tokens' layout `[B, Kmax]`
-    (each segment's kept tokens, padding slots a segment of their own per row); {} for a batch
-    that is not packed."""
+    (each segment's kept tokens, padding slots a segment of their own per row), {} for a batch
+    that is not packed; and whether every segment is kept whole or not at all (LDS sample mode
+    on packed rows), where a window over the kept tokens is the original one."""
     pos = plan.positions  # [B, Kmax]
     b, t = plan.shape
     segments = segments_of(
         (b, t), pos.device, kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
     )
     if segments is None:
-        return {}
+        return {}, True
     kept = segments.gather(1, pos)  # [B, Kmax] segment of each kept token
-    return varlen_kwargs(kwargs, kept, valid=plan.valid, always=True)
+    sizes = torch.bincount(segments.reshape(-1))
+    kept_sizes = torch.bincount(kept[plan.valid], minlength=sizes.numel())
+    whole = bool(((kept_sizes == 0) | (kept_sizes == sizes)).all())
+    return varlen_kwargs(kwargs, kept, valid=plan.valid, always=True), whole

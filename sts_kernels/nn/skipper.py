@@ -237,9 +237,11 @@ class LayerDynamicSkipper(nn.Module):
         router = self.routers[str(idx)]
         if self.mode == "sample" and self._segments is not None:  # mean over each packed sample
             segments, count = self._segments
-            flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B * T, D]
-            sums = flat.new_zeros(count, flat.shape[1]).index_add_(0, segments.reshape(-1), flat)
-            sizes = torch.bincount(segments.reshape(-1), minlength=count).clamp_min(1)
+            real = segments.reshape(-1) >= 0  # padding (-1) belongs to no sample
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])[real]  # [tokens, D]
+            ids = segments.reshape(-1)[real]
+            sums = flat.new_zeros(count, flat.shape[1]).index_add_(0, ids, flat)
+            sizes = torch.bincount(ids, minlength=count).clamp_min(1)
             scores = router(sums / sizes[:, None].to(flat.dtype)).squeeze(-1)  # [S]
         elif self.mode == "sample":
             pooled = hidden_states.reshape(hidden_states.shape[0], -1, hidden_states.shape[-1])
@@ -279,9 +281,9 @@ class LayerDynamicSkipper(nn.Module):
         if self.mode == "sample" and self._segments is not None:  # packed: to every token
             segments = self._segments[0]
             run = int(keep.sum())
-            keep = keep[segments]  # [B, T]
+            keep = keep[segments.clamp_min(0)] & (segments >= 0)  # [B, T]; padding never runs
             if isinstance(gate_of_rows, Tensor) and gate_of_rows.dim() == 1:
-                gate_of_rows = gate_of_rows[segments]
+                gate_of_rows = gate_of_rows[segments.clamp_min(0)]
         plan = route(keep)
         gate = self.gate_of_plan(gate_of_rows, plan, hidden_states.dtype)  # [K]
         if self.mode == "token" or self._segments is None:
@@ -306,7 +308,8 @@ class LayerDynamicSkipper(nn.Module):
         drops them when the forward ends (`clear_plan`); a layer whose input is not
         `[*shape, D]` draws its own. `segments` [B, T] (packed rows: the packed sample of every
         token, numbered from 0 along the flattened batch): in sample mode each packed sample
-        is kept or skipped as a whole (a token-layout plan) and the report counts samples."""
+        is kept or skipped as a whole (a token-layout plan) and the report counts samples; -1
+        marks padding, which is no sample and never runs."""
         self._segments = None
         if segments is not None and self.mode == "sample":
             self._segments = (segments, int(segments.max()) + 1)

@@ -2,9 +2,10 @@
 `[B, T]` batch belongs to, and the `cu_seq_lens_q/k` / `max_length_q/k` of a layout.
 
 Segments come from, in this order: varlen boundaries (`cu_seq_lens_q`, over the batch flattened
-to `[B * T]`, as `DataCollatorWithFlattening` gives them), position-id restarts (a 1-D position
-that is not its predecessor + 1, transformers' own rule; the text row of `[4, B, T]` M-RoPE
-positions, or the temporal row of `[3, B, T]` ones going down), else none (one per row).
+to `[B * T]`, as `DataCollatorWithFlattening` gives them), position-id restarts when there is
+no 2-D attention mask (a 1-D position that is not its predecessor + 1, transformers' own rule;
+the text row of `[4, B, T]` M-RoPE positions, or the temporal row of `[3, B, T]` ones going
+down), else none (one per row).
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def segments_of(
-    shape: tuple[int, int], device, cu_seq_lens: Tensor | None, position_ids: Tensor | None
+    shape: tuple[int, int],
+    device,
+    cu_seq_lens: Tensor | None,
+    position_ids: Tensor | None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor | None:
-    """`segment_ids` from the varlen boundaries or positions of a batch of `shape` [B, T]."""
+    """`segment_ids` from the varlen boundaries or positions of a batch of `shape` [B, T].
+    Positions mark packing only without a 2-D attention mask (transformers' rule: a padded
+    batch's positions restart in its padding without being packed)."""
     b, t = shape
     if cu_seq_lens is not None:
         if int(cu_seq_lens[-1]) != b * t:
@@ -30,7 +37,7 @@ def segments_of(
             )
         flat = torch.arange(b * t, device=device)
         return torch.bucketize(flat, cu_seq_lens[1:].to(device), right=True).view(b, t)
-    restarts = position_restarts(position_ids, b, t)
+    restarts = None if attention_mask is not None else position_restarts(position_ids, b, t)
     if restarts is None:
         return None
     starts = restarts.clone()

@@ -371,15 +371,17 @@ def _padded(ss: list[dict]) -> dict:
 
 
 @pytest.mark.parametrize("policy", ["schedule", "importance"])
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_packed_sample_mode_skips_per_packed_sample(family, policy):
+@pytest.mark.parametrize(
+    ("family", "attn"), [("llava", "ref"), ("qwen2_5_vl", "ref"), ("gemma3", NAME)]
+)
+def test_packed_sample_mode_skips_per_packed_sample(family, attn, policy):
     """Sample mode on a packed row decides per packed sample: with the same seed the packed row
     draws the same decisions as the padded batch of its samples (one row each), so the summed
     losses and the projector's gradients are equal with real skipping (p_max 0.9), and the
     report counts samples, not rows."""
     from sts_kernels.integrations.hf import apply_sts
 
-    model = _model(family, "ref")
+    model = _model(family, attn)
     ss = samples(family, model)
     skip = {"mode": "sample", "policy": policy, "p_max": 0.9, "target_skip": 0.6, "seed": 3}
     results = []
@@ -400,3 +402,66 @@ def test_packed_sample_mode_skips_per_packed_sample(family, policy):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name in g_want:
         _close_grads(g_got[name], g_want[name], name)
+
+
+def test_padded_positions_are_no_packing():
+    """A padded batch with a mask and HF-style positions (cumsum - 1, padding 1) restarts its
+    positions in the padding: not packing (transformers reads packing from positions only
+    without a 2-D mask), so sample mode decides per row."""
+    from hf_models import llava_batch
+
+    from sts_kernels.integrations.hf import apply_sts
+
+    model = _model("llava", "ref")
+    batch = llava_batch(False)
+    mask = batch["attention_mask"]
+    batch["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    handle = apply_sts(model, compress=VTC, skip={"mode": "sample", "p_max": 0.9, "seed": 0})
+    model(**batch, use_cache=False).loss.backward()
+    report = handle.skipper.report
+    handle.remove()
+    assert report.rows_total == [mask.shape[0]] * len(report.rows_total)
+
+
+def _two_packed_rows(model, ss: list[dict]) -> dict:
+    """Samples 0-1 packed in row 0, sample 2 in row 1 right-padded (pad id 0, positions
+    restarting, labels -100), cu_seq_lens over B * T with the padding a segment of its own."""
+    rows = [pack(ss[:2], model), pack(ss[2:], model)]
+    length = max(r["input_ids"].shape[1] for r in rows)
+    out, bounds = {"input_ids": [], "labels": [], "position_ids": []}, [0]
+    for i, r in enumerate(rows):
+        n = r["input_ids"].shape[1]
+        pad = length - n
+        out["input_ids"].append(F.pad(r["input_ids"], (0, pad), value=0))
+        out["labels"].append(F.pad(r["labels"], (0, pad), value=-100))
+        out["position_ids"].append(torch.cat([r["position_ids"], torch.arange(pad)[None]], 1))
+        ends = (r["cu_seq_lens_q"][1:] + i * length).tolist()
+        bounds += ends + ([(i + 1) * length] if pad else [])
+    out = {k: torch.cat(v) for k, v in out.items()}
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    out |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+    out |= {"max_length_q": int((cu[1:] - cu[:-1]).max()), "max_length_k": 0}
+    out["max_length_k"] = out["max_length_q"]
+    out["pixel_values"] = torch.cat([r["pixel_values"] for r in rows if "pixel_values" in r])
+    return out
+
+
+@pytest.mark.parametrize("compress", [False, VTC])
+@pytest.mark.parametrize("with_cu", [True, False])
+def test_packed_rows_padding_is_no_sample(compress, with_cu):
+    """Two packed rows, the shorter right-padded: sample mode counts and draws the 3 samples
+    only (padding, and VTC's re-padding, are no samples and never run)."""
+    from sts_kernels.integrations.hf import apply_sts
+
+    model = _model("llava", NAME)
+    batch = _two_packed_rows(model, samples("llava", model))
+    if not with_cu:
+        batch = {k: v for k, v in batch.items() if not k.startswith(("cu_", "max_"))}
+    skip = {"mode": "sample", "p_max": 0.9, "seed": 0, "keep_first_last": False}
+    handle = apply_sts(model, compress=compress, skip=skip)
+    loss = model(**batch).loss
+    loss.backward()
+    report = handle.skipper.report
+    handle.remove()
+    assert torch.isfinite(loss)
+    assert report.rows_total == [3] * len(report.rows_total)

@@ -47,6 +47,20 @@ def test_caller_mrope_positions_are_rebuilt_not_dropped():
     vtc = {"compress": {"window": 2}, "skip": False}
     expected = _loss(model, batch, **vtc)
     assert _loss(model, given, **vtc) == pytest.approx(expected, abs=1e-6)
+    # positions computed with 0.5 s frames and no second_per_grid_ts: the interval is read
+    # from them (it was lost: the rebuild spaced frames 1 s apart)
+    half = torch.tensor([0.5])
+    slow, _ = model.model.get_rope_index(
+        batch["input_ids"],
+        batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        video_grid_thw=batch["video_grid_thw"],
+        second_per_grid_ts=half,
+        attention_mask=batch["attention_mask"],
+    )
+    want = _loss(model, batch | {"second_per_grid_ts": half}, **vtc)
+    assert _loss(model, given | {"position_ids": slow}, **vtc) == pytest.approx(want, abs=1e-6)
+    assert abs(want - expected) > 1e-6
     one_d = dict(given, position_ids=batch["attention_mask"].cumsum(1) - 1)
     assert abs(_loss(model, one_d, **vtc) - expected) > 1e-5  # the test can tell them apart
 

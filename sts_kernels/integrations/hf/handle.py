@@ -169,7 +169,7 @@ class StsHandle:
         if self.skipper is not None and module.training:
             kw["use_cache"] = False  # a subset of rows must not write a shared KV cache
             check_router_logits(kw, self.model)
-            draw_decisions(self.skipper, kw)
+            draw_decisions(self.skipper, kw, self.model)
         self.report = report
         self.last_inputs = {
             name: value.detach() if isinstance(value, Tensor) else value

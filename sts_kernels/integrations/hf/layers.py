@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...nn.layer_args import token_layer_args
-from ...nn.varlen import segments_of
+from .packing import sample_segments
 
 
 def unpatched_forward(layer: nn.Module, previous) -> Any:
@@ -57,7 +57,7 @@ def check_router_logits(kw: dict[str, Any], model: nn.Module) -> None:
         )
 
 
-def draw_decisions(skipper: nn.Module, kw: dict[str, Any]) -> None:
+def draw_decisions(skipper: nn.Module, kw: dict[str, Any], model: nn.Module) -> None:
     """The skipper's decisions for every decoder layer of this forward, drawn before it runs
     (`LayerDynamicSkipper.plan_step`): the LM's hidden states are `[B, T, D]` for the
     (compressed) `input_ids` or `inputs_embeds` the model now runs on. On packed rows sample
@@ -69,13 +69,15 @@ def draw_decisions(skipper: nn.Module, kw: dict[str, Any]) -> None:
     # the gates' dtype follows the decoder's (fp64 layers get fp64 gates, all else fp32)
     weight = next(skipper.layers[0].layer.parameters(), None) if len(skipper.layers) else None
     dtype = weight.dtype if weight is not None else torch.float32
-    shape = tuple(tokens.shape[:2])
     segments = None
-    if skipper.mode == "sample":
-        segments = segments_of(
-            shape, tokens.device, kw.get("cu_seq_lens_q"), kw.get("position_ids")
-        )
-    skipper.plan_step(shape, tokens.device, dtype, segments=segments)
+    if skipper.mode == "sample" and kw.get("input_ids") is not None:
+        segments = sample_segments(kw, pad_token_id(model) or 0)  # the shrink re-pads with 0 too
+    skipper.plan_step(tuple(tokens.shape[:2]), tokens.device, dtype, segments=segments)
+
+
+def pad_token_id(model: nn.Module) -> int | None:
+    config = getattr(model.config, "text_config", model.config)
+    return getattr(config, "pad_token_id", None)
 
 
 __all__ = ["LayerCall", "check_router_logits", "draw_decisions", "token_layer_args"]

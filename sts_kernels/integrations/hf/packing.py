@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ...nn.varlen import segment_starts, segments_of, varlen_kwargs
 
-__all__ = ["segment_ids", "segment_starts", "varlen_kwargs"]
+__all__ = ["sample_segments", "segment_ids", "segment_starts", "varlen_kwargs"]
 
 
 def segment_ids(kw: dict[str, Any]) -> Tensor | None:
@@ -21,4 +22,24 @@ def segment_ids(kw: dict[str, Any]) -> Tensor | None:
     the flattened batch; None when the batch says nothing about packing (every row one
     sample, padding marked by the attention mask)."""
     ids = kw["input_ids"]
-    return segments_of(ids.shape, ids.device, kw.get("cu_seq_lens_q"), kw.get("position_ids"))
+    mask = kw.get("attention_mask")
+    mask = mask if mask is not None and mask.dim() == 2 else None
+    return segments_of(ids.shape, ids.device, kw.get("cu_seq_lens_q"), kw.get("position_ids"), mask)
+
+
+def sample_segments(kw: dict[str, Any], pad_token_id: int | None) -> Tensor | None:
+    """`segment_ids` for LDS sample mode: the packed samples numbered 0..S-1 along the
+    flattened batch, -1 on segments that hold only padding (`pad_token_id`: a packed row's
+    own padding, re-padding after a shrink), which are no samples; None when not packed."""
+    segments = segment_ids(kw)
+    if segments is None:
+        return None
+    flat = segments.reshape(-1)
+    pad = kw["input_ids"].reshape(-1) == pad_token_id if pad_token_id is not None else None
+    real = torch.ones(int(flat.max()) + 1, dtype=torch.bool, device=flat.device)
+    if pad is not None:  # a segment is a sample if any of its tokens is not padding
+        real = torch.zeros_like(real).index_put_((flat,), ~pad, accumulate=True)
+    if not bool(real.any()):
+        return None
+    number = real.long().cumsum(0) - 1
+    return torch.where(real[flat], number[flat], -1).view_as(segments)

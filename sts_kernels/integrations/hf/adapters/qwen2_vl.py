@@ -48,6 +48,8 @@ class Qwen2VLAdapter(Adapter):
     def compress(self, model, compressor, kw):
         given = kw.get("position_ids")
         rebuild = given is not None and given.dim() == 3  # the caller's M-RoPE positions
+        if rebuild and kw.get("pixel_values_videos") is not None:
+            _infer_frame_interval(model, kw)
         merge = compressor.mode == "merge" and compressor.active
         if merge:  # the unmerged layout's positions: merged tokens take their anchors'
             kw["position_ids"] = rebuild_mrope(model, kw, text_row=rebuild and given.shape[0] == 4)
@@ -99,6 +101,31 @@ class Qwen2VLAdapter(Adapter):
 
     def _compress_extra(self, compressor, features, grids) -> None:
         """Compress any further per-token features consistently (Qwen3-VL's DeepStack)."""
+
+
+def _infer_frame_interval(model, kw) -> None:
+    """The caller's M-RoPE positions are rebuilt for the compressed grids from the batch's
+    metadata; for a model whose video positions follow `second_per_grid_ts` and a batch that
+    does not carry it, read it from the positions: frame f of a video sits at
+    floor(f * tokens_per_second * seconds) after frame 0 on the temporal row, so the last
+    frame gives it (+ 0.5 undoes the floor; 1 s where a video has one frame)."""
+    if (
+        "second_per_grid_ts" not in forward_parameters(model)
+        or kw.get("second_per_grid_ts") is not None
+    ):
+        return
+    pos, grids = kw["position_ids"], kw["video_grid_thw"]
+    temporal = pos[pos.shape[0] - 3].reshape(-1)  # the temporal row of [3 or 4, B, T]
+    slots = (kw["input_ids"] == model.config.video_token_id).reshape(-1).nonzero().squeeze(1)
+    m = model.config.vision_config.spatial_merge_size
+    per_second = model.config.vision_config.tokens_per_second
+    seconds, start = [], 0
+    for t, h, w in grids.tolist():
+        frame = h * w // (m * m)
+        last = temporal[slots[start + (t - 1) * frame]] - temporal[slots[start]]
+        seconds.append((float(last) + 0.5) / ((t - 1) * per_second) if t > 1 else 1.0)
+        start += t * frame
+    kw["second_per_grid_ts"] = torch.tensor(seconds, device=grids.device)
 
 
 def _anchor_positions(kw, token_id: int, outs, grids) -> torch.Tensor:
