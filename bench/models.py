@@ -418,6 +418,7 @@ MAKERS.update(
 )
 # ---- end of issue 18, group B ----
 
+
 # ---- issue 18, group A: Pixtral layouts, VipLlava, Aya Vision, Cohere2-Vision, FastVLM,
 # PerceptionLM, PaliGemma --------------------------------------------------------------------
 
