@@ -19,6 +19,7 @@ from hf_models import (  # noqa: E402
     build_ids,
     llava_batch,
     make_llava,
+    make_qwen3_vl,
     needs_encoder_outputs,
     pooled,
     qwen_batch,
@@ -102,8 +103,8 @@ def test_unsupported_model_and_bad_arguments():
         apply_sts(lm)
     with pytest.raises(ValueError, match="stage"):
         apply_sts(make_llava(), stage="pretrain")
-    with pytest.raises(ValueError, match="mode='pool'"):
-        apply_sts(make_qwen(), compress={"mode": "merge", "ratio": 0.5})
+    with pytest.raises(ValueError, match="mode='pool'"):  # DeepStack: pool only
+        apply_sts(make_qwen3_vl(), compress={"mode": "merge", "ratio": 0.5})
     with pytest.raises(TypeError, match="compress"):
         apply_sts(make_llava(), compress=3)
 

@@ -211,11 +211,11 @@ def test_triton_rows_one_strided_element(scatter):
 
 def _scatter_rows(src, rows, num_rows):
     """`sts::scatter_rows` of the forced backend; the reference: zeros with out[rows[k]] =
-    src[k] (ids of -1 write nothing)."""
+    src[k]; `rows` [K] (every id a row) or padded [B, Kmax] (-1: padding, writes nothing)."""
     impl = sts_kernels.requested_backend()
     if impl == "reference":
         keep = rows >= 0
-        out = src.new_zeros((num_rows, *src.shape[1:]))
+        out = src.new_zeros((num_rows, *src.shape[rows.dim() :]))
         return out.index_put((rows[keep],), src[keep])
     op = torch.ops.sts.scatter_rows if impl == "cpp" else torch.ops.sts.scatter_rows_triton
     return op(src, rows, num_rows)
@@ -229,9 +229,9 @@ def test_scatter_rows(backend, data):
     plan = reference.route(_mask(data, token_mode=True))
     # the padded layout's ids: -1 past each sample's count
     padded = data.draw(st.booleans(), label="padded")
-    rows = plan.padded_index.reshape(-1) if padded else plan.index
+    rows = plan.padded_index if padded else plan.index
     dtype = data.draw(st.sampled_from(ALL_DTYPES), label="dtype")
-    src = _randn(data, (rows.numel(), *_feat(data)), dtype)
+    src = _randn(data, (*rows.shape, *_feat(data)), dtype)
 
     _compare(lambda t: _scatter_rows(t, rows, plan.num_rows), [src], backend)
 
@@ -328,7 +328,7 @@ def test_unmerge(backend, data):
 # ---- double backward -------------------------------------------------------------------------
 
 _PLAN = reference.route(torch.tensor([[True, False, True], [False, False, True]]))
-_ROWS = _PLAN.padded_index.reshape(-1)  # [B * Kmax] with a -1 slot
+_ROWS = _PLAN.padded_index  # [B, Kmax] with a -1 slot
 
 
 def _f64(*shape):
@@ -342,7 +342,7 @@ DOUBLE_BACKWARD = {
         lambda x: sts_kernels.gather_rows(x, _PLAN, padded=True),
         (2, 3, 2),
     ),
-    "scatter_rows": (("cpp", "triton"), lambda s: _scatter_rows(s, _ROWS, 6), (4, 2)),
+    "scatter_rows": (("cpp", "triton"), lambda s: _scatter_rows(s, _ROWS, 6), (2, 2, 2)),
     "skip_residual": (
         ("cpp", "triton"),
         lambda x, y, g: sts_kernels.skip_residual(x, y, _PLAN, g, from_output=True),
