@@ -165,6 +165,19 @@ def llava_onevision_batch(model, pad_left: bool) -> dict:
     return llava_next_batch(model, pad_left, sizes, ONEVISION_ROWS, 2, 17, batch_num_images=per_row)
 
 
+def llava_next_merge_pack(packed, newline, crop_grid, ratio: float = 0.5):
+    """One LLaVA-NeXT image merged plainly: the 4x4 base as one item, every crop row on its
+    own, a newline after every merged row."""
+    from sts_kernels import bipartite_merge
+
+    hc, wc = crop_grid
+    base = bipartite_merge(packed[None, :16], round(16 * (1 - ratio))).x[0]
+    rows = packed[16:].view(hc, wc + 1, -1)[:, :wc]  # [H, W, D]
+    rows = bipartite_merge(rows, round(wc * (1 - ratio))).x  # [H, W', D]
+    rows = torch.cat([rows, newline.expand(hc, 1, -1)], 1).reshape(-1, packed.shape[-1])
+    return torch.cat([base, rows])
+
+
 def llava_next_reference_pack(packed, newline, crop_grid):
     """One LLaVA-NeXT image, plainly: pool the 4x4 base and the (H, W) crops 2x2, a newline
     after every pooled crop row."""

@@ -14,6 +14,7 @@ from hf_models import (  # noqa: E402
     build_ids,
     frozen_features,
     llava_next_batch,
+    llava_next_merge_pack,
     llava_next_reference_pack,
     make_llava_next,
     needs_encoder_outputs,
@@ -61,19 +62,6 @@ def test_vtc_equals_unpatched_on_reference_packed_features(pad_left):
     handle.remove()
 
 
-def _merge_reference_pack(packed, newline, crop_grid, ratio: float = 0.5):
-    """One LLaVA-NeXT image merged plainly: the 4x4 base as one item, every crop row on its
-    own, a newline after every merged row."""
-    from sts_kernels import bipartite_merge
-
-    hc, wc = crop_grid
-    base = bipartite_merge(packed[None, :16], round(16 * (1 - ratio))).x[0]
-    rows = packed[16:].view(hc, wc + 1, -1)[:, :wc]  # [H, W, D]
-    rows = bipartite_merge(rows, round(wc * (1 - ratio))).x  # [H, W', D]
-    rows = torch.cat([rows, newline.expand(hc, 1, -1)], 1).reshape(-1, packed.shape[-1])
-    return torch.cat([base, rows])
-
-
 @needs_encoder_outputs
 def test_merge_keeps_every_crop_row_and_its_newline():
     """Merge mode: the LM receives the merged base then every crop row merged on its own and
@@ -90,7 +78,7 @@ def test_merge_keeps_every_crop_row_and_its_newline():
             batch["pixel_values"], batch["image_sizes"], return_dict=True
         )
         newline = ref.model.image_newline
-        packed = [_merge_reference_pack(f, newline, g) for f, g in zip(feats.pooler_output, grids)]
+        packed = [llava_next_merge_pack(f, newline, g) for f, g in zip(feats.pooler_output, grids)]
     feats.pooler_output = packed
     shrunk = handle.last_inputs
     expected = ref(

@@ -13,13 +13,12 @@ from .llava_next import LlavaNextAdapter
 
 class LlavaNextVideoAdapter(LlavaNextAdapter):
     """Images as LLaVA-NeXT. A video's features are `[frames * k, D]` (every frame the
-    resampler's square grid of k tokens, no newline): all frames of all videos are pooled in one
-    call, then with `time_window` consecutive frames are averaged."""
+    resampler's square grid of k tokens, no newline): all frames of all videos are pooled (or
+    merged, frame by frame) in one call, then with `time_window` consecutive frames are
+    averaged (pool mode)."""
 
     name = "LLaVA-NeXT-Video"
     classes = ("LlavaNextVideoForConditionalGeneration",)
-    modes = ("pool",)
-    mode_reason = "merging video frames is not built for this family yet"
     packs = False  # packed rows not tested for this family yet
     video = True
     pixel_keys = ("pixel_values", "pixel_values_videos")
