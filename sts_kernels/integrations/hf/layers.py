@@ -12,6 +12,7 @@ from torch import nn
 
 from ...nn.layer_args import token_layer_args
 from .packing import sample_segments
+from .sequence import pad_id
 
 
 def unpatched_forward(layer: nn.Module, previous) -> Any:
@@ -71,13 +72,8 @@ def draw_decisions(skipper: nn.Module, kw: dict[str, Any], model: nn.Module) -> 
     dtype = weight.dtype if weight is not None else torch.float32
     segments = None
     if skipper.mode == "sample" and kw.get("input_ids") is not None:
-        segments = sample_segments(kw, pad_token_id(model) or 0)  # the shrink re-pads with 0 too
+        segments = sample_segments(kw, pad_id(model))
     skipper.plan_step(tuple(tokens.shape[:2]), tokens.device, dtype, segments=segments)
-
-
-def pad_token_id(model: nn.Module) -> int | None:
-    config = getattr(model.config, "text_config", model.config)
-    return getattr(config, "pad_token_id", None)
 
 
 __all__ = ["LayerCall", "check_router_logits", "draw_decisions", "token_layer_args"]

@@ -27,7 +27,7 @@ def segment_ids(kw: dict[str, Any]) -> Tensor | None:
     return segments_of(ids.shape, ids.device, kw.get("cu_seq_lens_q"), kw.get("position_ids"), mask)
 
 
-def sample_segments(kw: dict[str, Any], pad_token_id: int | None) -> Tensor | None:
+def sample_segments(kw: dict[str, Any], pad_token_id: int) -> Tensor | None:
     """`segment_ids` for LDS sample mode: the packed samples numbered 0..S-1 along the
     flattened batch, -1 on segments that hold only padding (`pad_token_id`: a packed row's
     own padding, re-padding after a shrink), which are no samples; None when not packed."""
@@ -35,10 +35,10 @@ def sample_segments(kw: dict[str, Any], pad_token_id: int | None) -> Tensor | No
     if segments is None:
         return None
     flat = segments.reshape(-1)
-    pad = kw["input_ids"].reshape(-1) == pad_token_id if pad_token_id is not None else None
-    real = torch.ones(int(flat.max()) + 1, dtype=torch.bool, device=flat.device)
-    if pad is not None:  # a segment is a sample if any of its tokens is not padding
-        real = torch.zeros_like(real).index_put_((flat,), ~pad, accumulate=True)
+    pad = kw["input_ids"].reshape(-1) == pad_token_id
+    # a segment is a sample if any of its tokens is not padding
+    real = torch.zeros(int(flat.max()) + 1, dtype=torch.bool, device=flat.device)
+    real.index_put_((flat,), ~pad, accumulate=True)
     if not bool(real.any()):
         return None
     number = real.long().cumsum(0) - 1

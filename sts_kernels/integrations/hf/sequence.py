@@ -140,6 +140,12 @@ def expand_columns(x: Tensor, cols: Tensor, length: int) -> Tensor:
     return out.scatter(1, dest, x)[:, :length]
 
 
+def pad_id(model) -> int:
+    """The token id rows are (re-)padded with: the LM's pad_token_id, else 0."""
+    config = getattr(model.config, "text_config", model.config)
+    return getattr(config, "pad_token_id", None) or 0
+
+
 @torch.compiler.disable  # host read
 def count_placeholders(input_ids: Tensor, token_ids: dict[str, int]) -> dict[str, int]:
     """{modality: placeholders of its token id in `input_ids`}, one host read."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..packing import segment_ids, varlen_kwargs
-from ..sequence import shrink_placeholders
+from ..sequence import pad_id, shrink_placeholders
 
 
 class Shrink(NamedTuple):
@@ -139,7 +139,6 @@ def feed_features(
         [len(f) for f in compressed],
     )
     features.pooler_output = compressed
-    pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
     segments = segment_ids(kw)
     shrunk = shrink_placeholders(
         kw["input_ids"],
@@ -150,7 +149,7 @@ def feed_features(
         labels=kw.get("labels"),
         position_ids=kw.get("position_ids"),
         mm_token_type_ids=kw.get(type_ids),
-        pad_token_id=pad_id,
+        pad_token_id=pad_id(model),
         segments=segments,
     )
     kw[type_ids] = shrunk.pop("mm_token_type_ids")
