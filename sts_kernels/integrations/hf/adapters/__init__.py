@@ -84,6 +84,15 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
+def _io_reasons(adapter: Adapter) -> tuple[str, str]:
+    """Why the video and packed cells of `adapter`'s row are "-" (empty where they are not)."""
+    video = (
+        "" if adapter.video else f"video: {adapter.video_reason or 'the class takes images only'}"
+    )
+    packed = "" if adapter.packs or not adapter.packs_reason else f"packed: {adapter.packs_reason}"
+    return video, packed
+
+
 def support_table() -> str:
     """The README's support table (markdown), rendered from the registry."""
     yes = {True: "yes", False: "-"}
@@ -102,7 +111,9 @@ def support_table() -> str:
             yes["token" in adapter.lds_modes],
             yes[adapter.video],
             yes[adapter.packs],
-            "; ".join(filter(None, (adapter.mode_reason, adapter.lds_reason))),
+            "; ".join(
+                filter(None, (adapter.mode_reason, adapter.lds_reason, *_io_reasons(adapter)))
+            ),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     for name, why in REFUSED.items():

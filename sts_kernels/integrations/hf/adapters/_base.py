@@ -42,7 +42,9 @@ class Adapter:
     lds_modes: tuple[str, ...] = ("sample", "token")
     lds_reason: str = ""  # why an LDS mode is missing (the support table)
     video: bool = False  # compresses video inputs too
+    video_reason: str = ""  # why video is "-" where the class takes video input
     packs: bool = False  # packed rows tested (packed == unpacked, tests/hf/test_packed.py)
+    packs_reason: str = ""  # why packed rows are not served (the support table)
     tokens_in_sequence: bool = True  # visual tokens are placeholders (else cross-attention)
     pixel_keys: tuple[str, ...] = ("pixel_values",)  # forward arguments that carry visual input
     # VTC only through `mm_encoder_outputs` (transformers 5.24 has it, 5.17 not): the feature

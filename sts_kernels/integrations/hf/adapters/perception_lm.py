@@ -15,6 +15,7 @@ class PerceptionLMAdapter(TiledAdapter):
 
     name = "PerceptionLM"
     classes = ("PerceptionLMForConditionalGeneration",)
+    video_reason = "videos (frames as tiles) reach the LM uncompressed; images are compressed"
 
     def tokens_per_tile(self, model):
         tower, ratio = model.model.vision_tower, model.config.projector_pooling_ratio
