@@ -39,6 +39,7 @@ from hf_models import (  # noqa: E402
     pixtral_batch,
 )
 
+from sts_kernels import bipartite_merge  # noqa: E402
 from sts_kernels.integrations.hf import apply_sts  # noqa: E402
 
 
@@ -97,10 +98,41 @@ def test_pixtral_rows_pooled_with_a_break_after_every_pooled_row(family, pad_lef
     assert (report.image_tokens_in, report.image_tokens_kept) == (30 + 16 + 18, 9 + 4 + 6)
 
 
+@needs_encoder_outputs
+@pytest.mark.parametrize("pad_left", [True, False])
 @pytest.mark.parametrize("family", PIXTRAL)
-def test_pixtral_merge_is_refused_saying_why(family):
-    with pytest.raises(ValueError, match=r"IMG_BREAK.*merged tokens have no rows"):
-        apply_sts(PIXTRAL[family](), compress={"mode": "merge"})
+def test_pixtral_rows_merged_one_by_one_with_their_markers(family, pad_left):
+    """Merge mode: every row of every image merged on its own (bipartite_merge run by hand on
+    the unpatched features, row by row), the break after every row and the end kept: the
+    processor's layout of an (h, w') grid, and the unpatched model on that layout with the
+    hand-merged features gives the patched loss."""
+    model = PIXTRAL[family]()
+    batch = pixtral_batch(pad_left)
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], return_dict=True
+        )
+    merged = [
+        bipartite_merge(f.view(h, w, -1), round(w * 0.5)).x
+        for f, (h, w) in zip(feats.pooler_output, PIXTRAL_GRIDS)
+    ]  # [h, w', D] per image
+    fed, inputs, report = lm_visual_inputs(model, batch, compress={"mode": "merge", "ratio": 0.5})
+    oracle = torch.cat([m.reshape(-1, m.shape[-1]) for m in merged])
+    torch.testing.assert_close(fed, oracle, rtol=1e-5, atol=1e-6)
+    kept = [tuple(m.shape[:2]) for m in merged]
+    assert kept == [(h, w - w // 2) for h, w in PIXTRAL_GRIDS]  # ratio 0.5 of every row
+    shrunk = pixtral_batch(pad_left, grids=kept)
+    check_layout(inputs, shrunk)
+    assert (report.image_tokens_in, report.image_tokens_kept) == (64, oracle.shape[0])
+    # the unpatched model on the hand-built layout with the hand-merged features
+    handle = apply_sts(model, compress={"mode": "merge", "ratio": 0.5}, skip=False)
+    model.train()
+    loss = model(**batch).loss
+    handle.remove()
+    feats.pooler_output = [m.reshape(-1, m.shape[-1]) for m in merged]
+    del shrunk["pixel_values"]
+    expected = model(**shrunk, mm_encoder_outputs={"image": feats}).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_pixtral_rows_without_markers_are_refused():

@@ -13,13 +13,13 @@ class Mistral3Adapter(Adapter):
     """Image k is an `(H_k / step, W_k / step)` grid (step: the Pixtral patch times Mistral 3's
     `spatial_merge_size`), its features row-major. Pooled, the text becomes the layout the
     processor builds for the pooled grid: a break after every pooled row, the end last
-    (`feed_rows`). The break / end ids are not in the config: they are the tokens after each
-    row's placeholders, whatever they are."""
+    (`feed_rows`). Merged, every row is merged on its own (an item of W tokens: `ratio` and
+    `r` apply per row), so the grid keeps its H rows, each W' tokens and its marker — the
+    layout of an (H, W') grid; tokens never merge across a row break. The break / end ids are
+    not in the config: they are the tokens after each row's placeholders, whatever they are."""
 
     name = "Mistral 3"
     classes = ("Mistral3ForConditionalGeneration",)
-    modes = ("pool",)
-    mode_reason = "[IMG_BREAK] ends every row of the grid; merged tokens have no rows"
 
     def step(self, config) -> int:
         """Pixels per visual token along each side."""
@@ -40,18 +40,26 @@ class Mistral3Adapter(Adapter):
         features = self.image_features(model, kw, image_sizes)
         step = self.step(model.config)
         grids = [(int(h) // step, int(w) // step) for h, w in image_sizes.tolist()]
-        outs = compressor.compress_many([f[None] for f in features.pooler_output], grids)
-        compressed = [o.x[0] for o in outs]
+        images = features.pooler_output  # per image [h * w, D], row-major
+        if compressor.mode == "merge":  # every row its own item: rows and markers stay
+            rows = [f.view(h, w, -1) for f, (h, w) in zip(images, grids)]
+            outs = compressor.compress_many(rows, [None] * len(rows))
+            kept = [tuple(o.x.shape[:2]) for o in outs]  # (h, w') per image
+        else:
+            outs = compressor.compress_many([f[None] for f in images], grids)
+            kept = [o.grid for o in outs]
+        compressed = [o.x.reshape(-1, o.x.shape[-1]) for o in outs]
         token_id = model.config.image_token_id
-        shrink = feed_rows(model, kw, features, compressed, grids, [o.grid for o in outs], token_id)
+        shrink = feed_rows(model, kw, features, compressed, grids, kept, token_id)
         return kw, {"image": shrink}
 
 
-def feed_rows(model, kw, features, compressed, grids, pooled, token_id: int) -> Shrink:
+def feed_rows(model, kw, features, compressed, grids, kept, token_id: int) -> Shrink:
     """`feed_features` for a layout with a marker after every row of placeholders (break, and
     end after the last row): image k on `grids[k]` = (h, w) keeps its first h' rows' markers
     but the last, that row's end marker, and the first w' placeholders of each of those rows
-    (`pooled[k]` = (h', w')) — the processor's layout for the pooled grid, selected column by
+    (`kept[k]` = (h', w'), h' <= h, w' <= w: a pooled grid, or h rows merged to w' tokens
+    each) — the processor's layout for the kept grid, selected column by
     column (labels and masks of the markers move with them).
 
     How: the breaks of rows h'-1 .. h-2 are dropped as if they were placeholders (counted into
@@ -62,7 +70,7 @@ def feed_rows(model, kw, features, compressed, grids, pooled, token_id: int) -> 
     slots = (flat == token_id).nonzero().squeeze(1)
     n_in, n_out, row_ends, dropped = [], [], [], []
     start = 0
-    for (h, w), (hp, wp) in zip(grids, pooled):
+    for (h, w), (hp, wp) in zip(grids, kept):
         ends = [start + w * (r + 1) - 1 for r in range(h)]  # slot of each row's last token
         row_ends += ends
         dropped += ends[hp - 1 : h - 1]
@@ -85,8 +93,7 @@ def feed_rows(model, kw, features, compressed, grids, pooled, token_id: int) -> 
     relabeled[slots[torch.tensor(dropped, device=ids.device, dtype=torch.long)] + 1] = token_id
     kw["input_ids"] = relabeled.view_as(ids)
     shrink = feed_features(model, kw, "image", features, compressed, token_id, runs=(n_in, n_out))
-    kept = sum(hp * wp for hp, wp in pooled)
-    return Shrink(start, kept, shrink.columns)
+    return Shrink(start, sum(hp * wp for hp, wp in kept), shrink.columns)
 
 
 class LlavaPixtralAdapter(Mistral3Adapter):
