@@ -19,6 +19,7 @@ from hf_models import (  # noqa: E402
     IMG,
     LLAVA_ROWS,
     PIXTRAL_SIZES,
+    VID,
     build_ids,
     check_eval_equals_unpatched,
     check_remove_restores,
@@ -202,6 +203,70 @@ def test_tiles_pooled_in_place_markers_kept(family, pad_left):
     check_layout(inputs, make_batch(pad_left, tokens=4), names)
     tiles = len(oracle)
     assert (report.image_tokens_in, report.image_tokens_kept) == (16 * tiles, 4 * tiles)
+
+
+# an image (one tile) and videos (3 frames each, as the video processor samples them) mixed;
+# a row of text only
+PLM_ROWS = [[[5, 6], "image", [7], "video", [8]], [[10], "video", [11, 12]], [[14, 15, 16]]]
+PLM_FRAMES = 3
+
+
+def perception_lm_video_batch(pad_left: bool, tokens: int = 16) -> dict:
+    """PLM_ROWS: one run of `tokens` image placeholders an image, frames * `tokens` video
+    placeholders a video (the processor's layout), pixels of 32 px tiles / frames."""
+    batch = build_ids(PLM_ROWS, {"image": [tokens], "video": [PLM_FRAMES * tokens] * 2}, pad_left)
+    del batch["mm_token_type_ids"]
+    gen = torch.Generator().manual_seed(2)
+    videos = torch.randn(2, PLM_FRAMES, 3, 32, 32, generator=gen)
+    return batch | {
+        "pixel_values": torch.randn(1, 1, 3, 32, 32, generator=gen),
+        "pixel_values_videos": videos,
+    }
+
+
+@needs_encoder_outputs
+@pytest.mark.parametrize("mode", ["pool", "merge"])
+def test_perception_lm_video_frames_compressed_like_tiles(mode):
+    """Every video frame (and image tile) pooled 2x2 / merged to half on its own 4x4 grid
+    (oracle: avg_pool2d or bipartite_merge by hand on the unpatched model's own features,
+    frame by frame), fed in order at the video placeholders, the runs shrunk to frames * 4 or
+    8; the unpatched model fed the oracle's features on the shrunk batch gives the patched
+    loss."""
+    model = make_perception_lm()
+    batch = perception_lm_video_batch(True)
+    with torch.no_grad():
+        image = model.model.get_image_features(pixel_values=batch["pixel_values"])
+        video = model.model.get_image_features(pixel_values=batch["pixel_values_videos"])
+
+    def by_hand(frames: torch.Tensor) -> torch.Tensor:  # [F, 16, D] -> [F, n', D]
+        if mode == "pool":
+            return torch.stack([avg_pool_grid(f, (4, 4)) for f in frames])
+        return bipartite_merge(frames, 8).x
+
+    oracle = {"image": by_hand(image.pooler_output), "video": by_hand(video.pooler_output)}
+    kept = oracle["video"].shape[1]
+    fed, inputs, report = lm_visual_inputs(
+        model, batch, token_id=VID, compress={"mode": mode, "ratio": 0.5}
+    )
+    torch.testing.assert_close(fed, oracle["video"].flatten(0, 1), rtol=1e-5, atol=1e-6)
+    shrunk = perception_lm_video_batch(True, tokens=kept)
+    check_layout(inputs, shrunk)
+    frames = 2 * PLM_FRAMES
+    assert (report.video_tokens_in, report.video_tokens_kept) == (16 * frames, kept * frames)
+    assert (report.image_tokens_in, report.image_tokens_kept) == (16, kept)
+    handle = apply_sts(model, compress={"mode": mode, "ratio": 0.5}, skip=False)
+    model.train()
+    loss = model(**batch).loss
+    handle.remove()
+    image.pooler_output, video.pooler_output = oracle["image"], oracle["video"]
+    del shrunk["pixel_values"], shrunk["pixel_values_videos"]
+    expected = model(**shrunk, mm_encoder_outputs={"image": image, "video": video}).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_perception_lm_refuses_time_window():
+    with pytest.raises(ValueError, match="time_window"):
+        apply_sts(make_perception_lm(), compress={"time_window": 2})
 
 
 @needs_encoder_outputs

@@ -189,6 +189,20 @@ class TiledAdapter(Adapter):
 
     def compress(self, model, compressor, kw):
         features = self.image_features(model, kw)
+        token_id = model.config.image_token_id
+        return kw, {"image": self.compress_tiles(model, compressor, kw, features, token_id)}
+
+    def compress_tiles(
+        self,
+        model: nn.Module,
+        compressor: nn.Module,
+        kw: dict[str, Any],
+        features: Any,
+        token_id: int,
+        modality: str = "image",
+        pixels: str = "pixel_values",
+    ) -> Shrink:
+        """Compress every tile of `features` (one modality's) on its own grid and feed them."""
         per_sample = not isinstance(features.pooler_output, Tensor)  # list of [tiles_i * k, D]
         k = self.tokens_per_tile(model)
         tiles = torch.cat(list(features.pooler_output)) if per_sample else features.pooler_output
@@ -203,11 +217,9 @@ class TiledAdapter(Adapter):
             compressed = [t.reshape(-1, t.shape[-1]) for t in out.split(sizes)]
         else:
             compressed = out
-        token_id = model.config.image_token_id
-        shrink = feed_features(
-            model, kw, "image", features, compressed, token_id, runs=runs, type_ids=self.type_ids
+        return feed_features(
+            model, kw, modality, features, compressed, token_id, pixels, runs, self.type_ids
         )
-        return kw, {"image": shrink}
 
     def tokens_per_tile(self, model: nn.Module) -> int:
         raise NotImplementedError
