@@ -47,6 +47,11 @@ def merge_anchors(index: Tensor, n_out: int, protected: int) -> Tensor:
     return best % (n + 1)
 
 
+def _frames_of(parts: list[Tensor]) -> Tensor:
+    """The frames of a group's items `[F_i, N, D]` in one batch `[sum F_i, N, D]`."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class VisualTokenCompressor(nn.Module):
     """Compress visual tokens `[B, N, D]` by window pooling or bipartite merging.
 
@@ -185,7 +190,10 @@ class VisualTokenCompressor(nn.Module):
         return CompressedTokens(out_x, out_size, out_grid, kept)
 
     def compress_many(
-        self, xs: Sequence[Tensor], grids: Sequence[tuple[int, int] | None]
+        self,
+        xs: Sequence[Tensor],
+        grids: Sequence[tuple[int, int] | None],
+        metrics: Sequence[Tensor] | None = None,
     ) -> list[CompressedTokens]:
         """Compress several images or videos with one call per distinct shape.
 
@@ -195,6 +203,10 @@ class VisualTokenCompressor(nn.Module):
         call, so the launches grow with the distinct grids, not with the images. With
         `time_window=k` the frames of each item are then averaged in windows of `k` consecutive
         frames (one more pooling call per group; items then also group by `F_i`).
+        `metrics[i]` (merge mode): `[F_i, N_i, C]`, any `C`, what chooses the pairs of item `i`
+        (concatenated per group like `xs`, forward's `metric`). The pairs depend on the metric
+        alone, so merging other features of the same tokens (DeepStack levels) with the main
+        features as metric merges them exactly like the main tokens.
         Returns one `CompressedTokens` per item: x `[F_i', N_i', D]`, size `[F_i', N_i']`.
         """
         if len(xs) != len(grids):
@@ -208,11 +220,15 @@ class VisualTokenCompressor(nn.Module):
             shape = n if self.mode == "merge" else self._grid(n, grid)
             frames = x.shape[0] if self.time_window > 1 else 0
             groups.setdefault((shape, frames), []).append(i)
+        if metrics is not None:
+            self._check_metrics(xs, metrics)
         out: list[CompressedTokens | None] = [None] * len(xs)
         for (shape, _), members in groups.items():
             parts = [xs[i] for i in members]
-            batch = parts[0] if len(parts) == 1 else torch.cat(parts)  # [sum F, N, D]
-            res = self(batch, grid=None if self.mode == "merge" else shape)
+            metric = None if metrics is None else _frames_of([metrics[i] for i in members])
+            res = self(
+                _frames_of(parts), grid=None if self.mode == "merge" else shape, metric=metric
+            )
             frames = [x.shape[0] for x in parts]  # all equal when time_window > 1
             if self.time_window > 1 and frames[0] > 1 and self.active:
                 res = self._pool_frames(res, len(parts), frames[0])
@@ -222,6 +238,22 @@ class VisualTokenCompressor(nn.Module):
             for i, x, size, k, a in zip(members, xs_out, sizes, kept, anchors):
                 out[i] = CompressedTokens(x, size, res.grid, k, a)
         return out
+
+    def _check_metrics(self, xs: Sequence[Tensor], metrics: Sequence[Tensor]) -> None:
+        """ValueError naming `metrics` unless merge mode and one `[F_i, N_i, C]` per item."""
+        if self.mode != "merge":
+            raise ValueError("metrics applies to merge mode only, this compressor pools")
+        if len(metrics) != len(xs):
+            raise ValueError(
+                f"metrics must hold one tensor per item of xs ({len(xs)}), got {len(metrics)}"
+            )
+        for i, (x, metric) in enumerate(zip(xs, metrics)):
+            _checks.tensor(f"metrics[{i}]", metric, ndim=3)
+            if metric.shape[:2] != x.shape[:2]:
+                raise ValueError(
+                    f"metrics[{i}] must have shape ({x.shape[0]}, {x.shape[1]}, C) like "
+                    f"xs[{i}], got {tuple(metric.shape)}"
+                )
 
     def _pool_frames(self, res: CompressedTokens, items: int, frames: int) -> CompressedTokens:
         """[items * F, N, D] -> [items * ceil(F / time_window), N, D]: frame windows averaged,

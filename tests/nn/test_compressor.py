@@ -114,6 +114,29 @@ def test_compress_many_equals_one_call_per_item(mode):
         assert out.grid == expected.grid and out.kept.tolist() == expected.kept.tolist()
 
 
+def test_compress_many_metrics_choose_the_pairs():
+    """Other features of the same tokens (any D) merged with `metrics=` the main tokens: every
+    item's frames merge exactly as the main merge groups them (the main index: group means
+    of unit sizes, computed here), in the same slots, with the same sizes and anchors."""
+    vtc = VisualTokenCompressor("merge", ratio=0.5)
+    grids = [(4, 6), (3, 5), (4, 6)]
+    frames = [1, 3, 2]
+    xs = [torch.randn(f, h * w, 8) for f, (h, w) in zip(frames, grids)]
+    levels = [torch.randn(f, h * w, 5) for f, (h, w) in zip(frames, grids)]
+    main = vtc.compress_many(xs, grids)
+    merged = vtc.compress_many(levels, grids, metrics=xs)
+    own = vtc.compress_many(levels, grids)
+    assert any(not torch.equal(o.anchors, m.anchors) for o, m in zip(own, main))  # can tell
+    for x, level, m, out in zip(xs, levels, main, merged):
+        index = reference.bipartite_merge(x, round(x.shape[1] * 0.5)).index
+        n_out = m.x.shape[1]
+        means = torch.stack(
+            [torch.stack([f[i == j].mean(0) for j in range(n_out)]) for f, i in zip(level, index)]
+        )
+        torch.testing.assert_close(out.x, means)
+        assert torch.equal(out.size, m.size) and torch.equal(out.anchors, m.anchors)
+
+
 def test_compress_many_time_window_averages_frame_windows():
     vtc = VisualTokenCompressor("pool", window=(2, 2), time_window=2)
     video, image = torch.randn(3, 16, 4), torch.randn(1, 16, 4)  # 3 frames: windows {0,1}, {2}
@@ -153,6 +176,10 @@ def test_compress_many_kernel_count_does_not_grow_with_images(mode):
         ({}, ([torch.randn(1, 4, 2)], []), "same length"),
         ({}, ([torch.randn(4, 2)], [(2, 2)]), "xs"),
         ({}, ([torch.randn(1, 4, 2)], [(3, 3)]), "grid"),
+        ({}, ([torch.randn(1, 4, 2)], [(2, 2)], [torch.randn(1, 4, 2)]), "metrics"),
+        (dict(mode="merge"), ([torch.randn(1, 4, 2)], [None], []), "metrics"),
+        (dict(mode="merge"), ([torch.randn(2, 4, 2)], [None], [torch.randn(1, 4, 3)]), "metrics"),
+        (dict(mode="merge"), ([torch.randn(1, 4, 2)], [None], [torch.randn(4, 3)]), "metrics"),
     ],
 )
 def test_compress_many_bad_input(kwargs, call, words):

@@ -16,16 +16,17 @@ class Glm4vAdapter(Qwen2VLAdapter):
     start + max(h, w) / m of the pooled grid; caller 3-D positions are rebuilt per segment the
     same way). GLM marks video placeholders with the image token id (`mm_token_type_ids` 2
     tells them apart): they are shrunk under `video_token_id` and given back the image id.
-    Frames are separated by timestamp text, so averaging frames (`time_window`) is refused. The
-    MoE LM's router logits are refused under LDS (the handle's `check_router_logits`)."""
+    Frames are separated by timestamp text, so averaging frames (`time_window`) is refused.
+    Merge mode: Qwen2-VL's anchors (every frame its own placeholder run); GLM's `get_rope_index`
+    reads `mm_token_type_ids` and the grids only, never the token ids, so the unmerged layout's
+    positions are the same under the swapped video id. The MoE LM's router logits are refused
+    under LDS (the handle's `check_router_logits`)."""
 
     name = "GLM-4V"
     classes = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration")
     timestamped_frames = True
     frame_runs = True
     packs = False  # packed rows not tested for this family yet
-    modes = ("pool",)
-    mode_reason = "merge mode's M-RoPE positions are not yet checked against GLM's get_rope_index"
 
     def placeholder_ids(self, model):
         return {"image": model.config.image_token_id}  # video frames are image tokens too

@@ -10,14 +10,14 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
     """The Qwen2-VL path: each item (video frame) pooled on its merged (h/m, w/m) grid, its
     placeholders one run. Positions are 1-D (the model numbers `arange(T)` itself): the
     pooled grids reported back in `image_grid_thw` / `video_grid_thw` are read by nothing;
-    caller `position_ids` are renumbered like any family's. Merge mode: the shared Qwen merge
-    path calls `get_rope_index`, which this model has not."""
+    caller `position_ids` are renumbered like any family's. Merge mode: each item (frame)
+    merged on its own; with no M-RoPE (`mrope = False`) there are no anchor positions to
+    keep, the shrunk sequence is numbered like a pooled one."""
 
     name = "LLaVA-OneVision-1.5"
     classes = ("LlavaOnevision15ForConditionalGeneration",)
     packs = False  # packed rows not tested for this family yet
-    modes = ("pool",)
-    mode_reason = "the Qwen2-VL merge path rebuilds M-RoPE positions, which this 1-D LM has none of"
+    mrope = False
 
 
 ADAPTER = LlavaOnevision15Adapter()

@@ -19,7 +19,8 @@ class Qwen2VLAdapter(Adapter):
     Pooled video frames are `time_window` times as far apart (`second_per_grid_ts`, default
     1 s). Merge mode (each frame merged on its own) has no output grid: a merged token keeps
     the M-RoPE position of the token it stands at (the destination its sources merged into,
-    STS_SPEC §3), and text keeps the positions of the unmerged layout."""
+    STS_SPEC §3), and text keeps the positions of the unmerged layout (`mrope = False`: a
+    1-D LM numbers the shrunk sequence like a pooled one)."""
 
     name = "Qwen2-VL"
     classes = ("Qwen2VLForConditionalGeneration",)
@@ -34,6 +35,9 @@ class Qwen2VLAdapter(Adapter):
     }
 
     frame_runs = False  # video placeholders split per frame (Qwen3-VL's timestamps)
+    # the LM takes M-RoPE positions from get_rope_index (else 1-D ones it numbers itself, and
+    # merge mode leaves positions to the shrink)
+    mrope = True
     # timestamp text between video frames: averaging frames (time_window) would orphan it
     timestamped_frames = False
 
@@ -51,7 +55,8 @@ class Qwen2VLAdapter(Adapter):
         if rebuild and kw.get("pixel_values_videos") is not None:
             _infer_frame_interval(model, kw)
         merge = compressor.mode == "merge" and compressor.active
-        if merge:  # the unmerged layout's positions: merged tokens take their anchors'
+        anchored = merge and self.mrope  # merged tokens take their anchors' M-RoPE positions
+        if anchored:  # the unmerged layout's positions
             kw["position_ids"] = rebuild_mrope(model, kw, text_row=rebuild and given.shape[0] == 4)
         shrinks = {}
         m = model.config.vision_config.spatial_merge_size
@@ -64,15 +69,16 @@ class Qwen2VLAdapter(Adapter):
             outs = _compress_items(compressor, features.pooler_output, grids)
             compressed = [o.x.reshape(-1, o.x.shape[-1]) for o in outs]
             runs = None
-            if modality == "video" and self.frame_runs:  # one placeholder run per frame
+            frame_runs = modality == "video" and self.frame_runs  # one placeholder run a frame
+            if frame_runs:
                 runs = (
                     [h * w for t, h, w in grids for _ in range(t)],
                     [o.x.shape[1] for o in outs for _ in range(o.x.shape[0])],
                 )
             self._compress_extra(compressor, features, grids)
             token_id = getattr(model.config, token_attr)
-            if merge:
-                kw["position_ids"] = _anchor_positions(kw, token_id, outs, grids)
+            if anchored:
+                kw["position_ids"] = _anchor_positions(kw, token_id, outs, grids, frame_runs)
             shrinks[modality] = feed_features(
                 model, kw, modality, features, compressed, token_id, pixels, runs=runs
             )
@@ -128,29 +134,40 @@ def _infer_frame_interval(model, kw) -> None:
     kw["second_per_grid_ts"] = torch.tensor(seconds, device=grids.device)
 
 
-def _anchor_positions(kw, token_id: int, outs, grids) -> torch.Tensor:
-    """`kw["position_ids"]` [3 or 4, B, T] with the M-RoPE rows of item k's j-th placeholder set
-    to those of the placeholder its j-th merged token stands at (`CompressedTokens.anchors`,
-    per frame); the shrink then keeps the first placeholders of every item."""
+def _anchor_positions(kw, token_id: int, outs, grids, frame_runs: bool) -> torch.Tensor:
+    """`kw["position_ids"]` [3 or 4, B, T] with the M-RoPE rows of the placeholder that frame f's
+    j-th merged token will fill set to those of the placeholder it stands at (frame f's
+    `CompressedTokens.anchors[f, j]`). The filled placeholders are the ones the shrink keeps:
+    an item's first t * n_out (`j + f * n_out` within the item), or with `frame_runs` (one
+    placeholder run a frame) every frame's first n_out (`j + f * h * w`)."""
     pos = kw["position_ids"]
     rows = pos.shape[0]
     flat = pos.reshape(rows, -1).clone()  # [R, B * T]
     slots = (kw["input_ids"] == token_id).reshape(-1).nonzero().squeeze(1)  # row-major
+    first = rows - 3  # the M-RoPE rows (after the text row of a [4, B, T] layout)
     start = 0
     for out, (t, h, w) in zip(outs, grids):
-        frame_start = torch.arange(t, device=slots.device)[:, None] * (h * w)
-        anchors = (out.anchors + frame_start).reshape(-1)  # [t * n_out] within the item
-        item = slots[start : start + t * h * w]
-        first = rows - 3  # the M-RoPE rows (after the text row of a [4, B, T] layout)
-        flat[first:, item[: anchors.numel()]] = pos.reshape(rows, -1)[first:, item[anchors]]
+        n_out = out.anchors.shape[1]
+        frame = torch.arange(t, device=slots.device)[:, None]
+        anchors = (out.anchors.to(slots.device) + frame * (h * w)).reshape(-1)
+        kept = torch.arange(n_out, device=slots.device) + frame * (h * w if frame_runs else n_out)
+        item = slots[start : start + t * h * w]  # the item's placeholders, in order
+        flat[first:, item[kept.reshape(-1)]] = pos.reshape(rows, -1)[first:, item[anchors]]
         start += t * h * w
     return flat.view_as(pos)
 
 
-def _compress_items(compressor, items, grids):
-    """Each item [t*h*w, D] as t frames of (h, w), one compressor call per distinct grid."""
-    frames = [f.view(t, h * w, -1) for f, (t, h, w) in zip(items, grids)]
-    return compressor.compress_many(frames, [(h, w) for _, h, w in grids])
+def _compress_items(compressor, items, grids, metrics=None):
+    """Each item [t*h*w, D] as t frames of (h, w), one compressor call per distinct grid;
+    `metrics` (merge mode): per item [t*h*w, C], what chooses the pairs (default the items)."""
+    if metrics is not None:
+        metrics = _frames(metrics, grids)
+    return compressor.compress_many(_frames(items, grids), [(h, w) for _, h, w in grids], metrics)
+
+
+def _frames(items, grids):
+    """Each item [t*h*w, D] as its t frames [t, h*w, D]."""
+    return [f.view(t, h * w, -1) for f, (t, h, w) in zip(items, grids)]
 
 
 ADAPTER = Qwen2VLAdapter()
