@@ -103,8 +103,8 @@ def test_unsupported_model_and_bad_arguments():
         apply_sts(lm)
     with pytest.raises(ValueError, match="stage"):
         apply_sts(make_llava(), stage="pretrain")
-    with pytest.raises(ValueError, match="mode='pool'"):  # DeepStack: pool only
-        apply_sts(make_qwen3_vl(), compress={"mode": "merge", "ratio": 0.5})
+    with pytest.raises(ValueError, match="mode='pool'"):  # frame windows: pool only
+        apply_sts(make_qwen3_vl(), compress={"mode": "merge", "time_window": 2})
     with pytest.raises(TypeError, match="compress"):
         apply_sts(make_llava(), compress=3)
 
