@@ -15,6 +15,7 @@ class AyaVisionAdapter(TiledAdapter):
 
     name = "Aya Vision"
     classes = ("AyaVisionForConditionalGeneration",)
+    packs = True
 
     def image_features(self, model, kw):
         config = model.config

@@ -12,6 +12,7 @@ class Cohere2VisionAdapter(AyaVisionAdapter):
 
     name = "Cohere2-Vision"
     classes = ("Cohere2VisionForConditionalGeneration",)
+    packs = True
 
     def image_features(self, model, kw):
         return model.model.get_image_features(pixel_values=kw["pixel_values"], return_dict=True)

@@ -12,6 +12,7 @@ class FastVlmAdapter(TiledAdapter):
 
     name = "FastVLM"
     classes = ("FastVlmForConditionalGeneration",)
+    packs = True
 
     def tokens_per_tile(self, model):
         return model.config.image_seq_length

@@ -25,6 +25,7 @@ class GenericAdapter(Adapter):
     token, a crop layout) raise a ValueError at the forward: use skip only."""
 
     name = "generic (convention)"
+    packs = True
     mode_reason = "any mode, where each image's features form a square grid"
 
     def compress(self, model, compressor, kw):

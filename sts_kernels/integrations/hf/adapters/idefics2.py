@@ -22,7 +22,7 @@ class Idefics2Adapter(SmolVLMAdapter):
     mode_reason = (
         "the perceiver resampler's latents are learned queries, not a spatial grid: merge only"
     )
-    packs = False
+    packs = True
 
     def tokens_per_tile(self, model):
         return model.config.perceiver_config.resampler_n_latents

@@ -16,6 +16,7 @@ class JanusAdapter(TiledAdapter):
 
     name = "Janus"
     classes = ("JanusForConditionalGeneration",)
+    packs = True
 
     def tokens_per_tile(self, model):
         return model.config.vision_config.num_image_tokens

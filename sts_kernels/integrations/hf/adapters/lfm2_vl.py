@@ -24,6 +24,10 @@ class Lfm2VlAdapter(Adapter):
         "layer run on the kept tokens of a row would replace by tokens that are not its "
         "neighbours"
     )
+    packs_reason = (
+        "its short convolutions run along the whole row, carrying each packed sample's last "
+        "tokens into the next sample (transformers' own model, unpatched)"
+    )
 
     def compress(self, model, compressor, kw):
         factor = model.config.downsample_factor

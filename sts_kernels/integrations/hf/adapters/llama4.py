@@ -29,6 +29,7 @@ class Llama4Adapter(TiledAdapter):
 
     name = "Llama 4"
     classes = ("Llama4ForConditionalGeneration",)
+    packs = True
 
     def image_features(self, model, kw):
         return model.get_image_features(pixel_values=kw["pixel_values"], return_dict=True)

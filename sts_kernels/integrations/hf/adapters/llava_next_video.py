@@ -19,7 +19,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
     name = "LLaVA-NeXT-Video"
     classes = ("LlavaNextVideoForConditionalGeneration",)
-    packs = False  # packed rows not tested for this family yet
+    packs = True
     video = True
     pixel_keys = ("pixel_values", "pixel_values_videos")
     video_newline = False  # LLaVA-OneVision ends each video with one image_newline token

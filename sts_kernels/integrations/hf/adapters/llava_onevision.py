@@ -16,6 +16,7 @@ class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
 
     name = "LLaVA-OneVision"
     classes = ("LlavaOnevisionForConditionalGeneration",)
+    packs = True
     video_newline = True
     feature_options = LlavaNextVideoAdapter.feature_options + (
         "vision_aspect_ratio",

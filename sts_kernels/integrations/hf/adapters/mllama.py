@@ -38,6 +38,11 @@ class MllamaAdapter(Adapter):
     classes = ("MllamaForConditionalGeneration",)
     lds_modes = ("sample",)
     lds_reason = "its layers take a cross-attention mask per token"
+    packs_reason = (
+        "transformers' Mllama has no flash attention (4-D cross-attention masks), and a packed "
+        "row would need every sample's images and cross-attention masks re-laid into one row's "
+        "image slots, which no collator builds: untested"
+    )
     tokens_in_sequence = False
 
     def skipper_arguments(self):

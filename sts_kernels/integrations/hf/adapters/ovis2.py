@@ -16,6 +16,7 @@ class Ovis2Adapter(TiledAdapter):
 
     name = "Ovis2"
     classes = ("Ovis2ForConditionalGeneration",)
+    packs = True
 
     def tokens_per_tile(self, model):
         vision = model.config.vision_config

@@ -14,6 +14,7 @@ class PaliGemmaAdapter(TiledAdapter):
 
     name = "PaliGemma"
     classes = ("PaliGemmaForConditionalGeneration",)
+    packs = True
     type_ids = "token_type_ids"
 
     def tokens_per_tile(self, model):

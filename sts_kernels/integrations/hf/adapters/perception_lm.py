@@ -16,6 +16,7 @@ class PerceptionLMAdapter(TiledAdapter):
 
     name = "PerceptionLM"
     classes = ("PerceptionLMForConditionalGeneration",)
+    packs = True
     video = True
     pixel_keys = ("pixel_values", "pixel_values_videos")
 

@@ -12,6 +12,7 @@ class VipLlavaAdapter(TiledAdapter):
 
     name = "VipLlava"
     classes = ("VipLlavaForConditionalGeneration",)
+    packs = True
 
     def image_features(self, model, kw):
         return model.model.get_image_features(
