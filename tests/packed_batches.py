@@ -29,6 +29,7 @@ from hf_models import (
     QWEN_VIDEOS,
     TILED_ROWS,
     build_ids,
+    glm4v_batch,
     llava_batch,
     llava_next_batch,
     make_gemma3,
@@ -101,6 +102,8 @@ ROW_CASES = {
     "got_ocr2": ("GotOcr2ForConditionalGeneration", {"pixel_values": _IMAGES}),
     "glm4v": ("Glm4vForConditionalGeneration", {"image_grid_thw": [1, 1, 0]}),
     "glm4v_moe": ("Glm4vMoeForConditionalGeneration", {"image_grid_thw": [1, 1, 0]}),
+    # a video row (2 frames, each its own run) and a text row; videos never share its batch
+    "glm4v_video": ("Glm4vForConditionalGeneration", {"video_grid_thw": [1, 0]}),
     "llava_onevision1_5": ("LlavaOnevision15ForConditionalGeneration", _QWEN_LIKE),
     "lfm2_vl": (
         "Lfm2VlForConditionalGeneration",
@@ -163,11 +166,17 @@ def samples(family: str, model, rows: int = 3) -> list[dict]:
         for row, (images, videos) in zip(table, items):
             out.append(qwen_batch(False, images, videos, rows=[row], frame_runs=frame_runs))
     elif family in ROW_CASES:
-        cls, items = ROW_CASES[family]
-        return row_samples(CASES[cls].batch(model, False), items)
+        return row_samples(row_batch(family, model), ROW_CASES[family][1])
     else:
         out = [_tiled_sample(family, row, seed) for seed, row in enumerate(TILED_ROWS)]
     return out[:rows]
+
+
+def row_batch(family: str, model) -> dict:
+    """A ROW_CASES family's CASES batch, right-padded: its samples as one padded batch."""
+    if family == "glm4v_video":
+        return glm4v_batch(False, videos=[(2, 4, 4)])
+    return CASES[ROW_CASES[family][0]].batch(model, False)
 
 
 def _starts(counts) -> list[int]:
@@ -295,6 +304,7 @@ __all__ = [
     "packed_loss",
     "projector",
     "projector_grads",
+    "row_batch",
     "samples",
     "segments_of",
     "summed_loss",

@@ -30,6 +30,7 @@ from packed_batches import (  # noqa: E402
     pack,
     packed_loss,
     projector_grads,
+    row_batch,
     samples,
     segments_of,
     summed_loss,
@@ -180,8 +181,10 @@ def test_patched_packed_equals_unpacked(family, setting, attn):
         want = _grads_of(model, expected)
         out, loss, own = packed_loss(model, packed, handle, **extra)
         got = _grads_of(model, loss)
+        shrunk = handle.last_inputs["input_ids"].shape[1]
     finally:
         handle.remove()
+    assert (shrunk < packed["input_ids"].shape[1]) == bool(kwargs["compress"])  # VTC ran
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(own, expected, rtol=1e-5, atol=1e-6)
     assert want and want.keys() == got.keys()
@@ -405,7 +408,15 @@ def _padded(ss: list[dict]) -> dict:
 
 @pytest.mark.parametrize("policy", ["schedule", "importance"])
 @pytest.mark.parametrize(
-    ("family", "attn"), [("llava", "ref"), ("qwen2_5_vl", "ref"), ("gemma3", NAME)]
+    ("family", "attn"),
+    [
+        ("llava", "ref"),
+        ("qwen2_5_vl", "ref"),
+        ("gemma3", NAME),
+        ("llava_onevision", NAME),
+        ("llama4", "ref"),
+        ("glm4v", "ref"),
+    ],
 )
 def test_packed_sample_mode_skips_per_packed_sample(family, attn, policy):
     """Sample mode on a packed row decides per packed sample: with the same seed the packed row
@@ -418,7 +429,8 @@ def test_packed_sample_mode_skips_per_packed_sample(family, attn, policy):
     ss = samples(family, model)
     skip = {"mode": "sample", "policy": policy, "p_max": 0.9, "target_skip": 0.6, "seed": 3}
     results = []
-    for batch in (_padded(ss), pack(ss, model)):
+    padded = row_batch(family, model) if family in ROW_CASES else _padded(ss)
+    for batch in (padded, pack(ss, model)):
         handle = apply_sts(model, compress=VTC, skip=skip | {"keep_first_last": False})
         try:
             out = model(**batch, use_cache=False)
