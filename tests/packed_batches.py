@@ -113,6 +113,15 @@ ROW_CASES = {
 for _family, (_cls, _) in ROW_CASES.items():
     MAKERS[_family] = CASES[_cls].make
 MAKERS["glm4v_moe"] = lambda attn="sdpa": make_glm4v(attn, moe=True)
+
+
+def family_class(family: str) -> str:
+    """The registered class `family`'s tiny model is built as (no model built)."""
+    if family in ROW_CASES:
+        return ROW_CASES[family][0]
+    return next(cls for cls, case in CASES.items() if case.make is MAKERS[family])
+
+
 # models without sdpa in transformers 5.25 (their towers): the reference attention is eager
 EAGER = ("gemma3", "fast_vlm", "got_ocr2")
 
@@ -298,6 +307,7 @@ def projector_grads(model) -> dict[str, torch.Tensor]:
 __all__ = [
     "IMG",
     "MAKERS",
+    "family_class",
     "QWEN",
     "mrope_rows",
     "pack",
