@@ -50,8 +50,9 @@ def _model(family: str, attn: str):
         attn = "eager" if family in EAGER else "sdpa"
     model = MAKERS[family](attn=attn)
     if family == "mistral3" and attn == NAME:
-        # the Pixtral tower hands its attention a 4-D block mask (one block an image), which
-        # the oracle refuses; the tower runs SDPA, the LM the oracle
+        # the Pixtral tower sets its own per-image cu_seq_lens only under a "flash" name, else
+        # a 4-D block mask (one block an image), which the oracle refuses: the tower runs SDPA
+        # (the same blocks), the LM the oracle
         model.model.vision_tower.config._attn_implementation = "sdpa"
     model.train()
     return model
