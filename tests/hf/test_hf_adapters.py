@@ -12,6 +12,7 @@ from sts_kernels.integrations.hf.adapters import (  # noqa: E402
     ADAPTERS,
     REFUSED,
     adapter_for,
+    generic,
     support_table,
 )
 
@@ -33,6 +34,20 @@ def test_every_registered_class_has_a_row():
     # plus the convention fallback's row and one per refused class
     assert table.count("\n") == 2 + len(set(ADAPTERS.values())) + 1 + len(REFUSED)
     assert all(f"`{name}`" in table and why in table for name, why in REFUSED.items())
+
+
+def test_every_dash_says_why():
+    """A "-" cell of a served family comes with the reason its last column shows."""
+    for adapter in [*dict.fromkeys(ADAPTERS.values()), generic.ADAPTER]:
+        if {"pool", "merge"} - set(adapter.modes):
+            assert adapter.mode_reason, adapter.name
+        if {"sample", "token"} - set(adapter.lds_modes):
+            assert adapter.lds_reason, adapter.name
+        if not adapter.packs:
+            assert adapter.packs_reason, adapter.name
+    for line in support_table().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert "-" not in cells[2:8] or cells[8], line
 
 
 def test_a_refused_class_says_why():

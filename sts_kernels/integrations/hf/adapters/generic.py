@@ -26,6 +26,7 @@ class GenericAdapter(Adapter):
 
     name = "generic (convention)"
     packs = True
+    video_reason = "the convention knows one image token and a square grid; videos pass as they are"
     mode_reason = "any mode, where each image's features form a square grid"
 
     def compress(self, model, compressor, kw):

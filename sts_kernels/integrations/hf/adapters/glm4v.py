@@ -26,7 +26,7 @@ class Glm4vAdapter(Qwen2VLAdapter):
     classes = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration")
     timestamped_frames = True
     frame_runs = True
-    packs = False  # packed rows not tested for this family yet
+    packs = True
 
     def placeholder_ids(self, model):
         return {"image": model.config.image_token_id}  # video frames are image tokens too

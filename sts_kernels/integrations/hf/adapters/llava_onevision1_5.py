@@ -16,7 +16,7 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
 
     name = "LLaVA-OneVision-1.5"
     classes = ("LlavaOnevision15ForConditionalGeneration",)
-    packs = False  # packed rows not tested for this family yet
+    packs = True
     mrope = False
 
 

@@ -20,6 +20,7 @@ class Mistral3Adapter(Adapter):
 
     name = "Mistral 3"
     classes = ("Mistral3ForConditionalGeneration",)
+    packs = True
 
     def step(self, config) -> int:
         """Pixels per visual token along each side."""
