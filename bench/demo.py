@@ -1,5 +1,5 @@
-"""End-to-end STS demo: train a small LLaVA or Qwen2.5-VL (random init, built from a config) on
-the synthetic task of bench/task.py under dense / VTC / LDS / VTC+LDS with the same seed, data
+"""End-to-end STS demo: train a small LLaVA, Qwen2.5-VL or another VLM family (random init, built
+from a config; `--model`, bench/demo_models.py) on the synthetic task of bench/task.py under dense / VTC / LDS / VTC+LDS with the same seed, data
 and steps, and compare step time, throughput, memory, executed LM FLOPs, loss and held-out
 accuracy.
 
@@ -11,6 +11,7 @@ seed on the same machine and thread count (tests/bench/test_demo.py runs a short
 
     python -m bench                       # defaults: a few minutes on a 2-core CPU
     python -m bench --model qwen2_5_vl    # the same comparison on a tiny Qwen2.5-VL
+    python -m bench --model gemma3        # ... or any family of `--help`'s --model choices
     python -m bench --device cuda --steps 600 --model-size small
     torchrun --nproc-per-node 2 -m bench  # DDP (gloo on CPU), default flags; rank 0 reports
 
@@ -34,16 +35,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import detail_task, flops, models
-from .task import VOCAB_SIZE, Batch, TaskConfig, answer_accuracy, make_batch
+from . import detail_task, flops
+from .demo_models import END, FAMILIES, PLACEHOLDER, START
+from .task import Batch, TaskConfig, answer_accuracy, make_batch
 from .timing import peak_memory_mb
 
 SETTINGS = ("dense", "vtc", "lds", "vtc+lds")
-MODELS = ("llava", "qwen2_5_vl")
+MODELS = tuple(FAMILIES)  # --model: bench/demo_models.py's registry
 # which STS parts each setting turns on (apply_sts stage presets)
 _STAGE = {"vtc": "align", "lds": "instruct", "vtc+lds": None}
-# Qwen2.5-VL: vision start / end and placeholder ids inside the task's vocabulary (unused by it)
-QWEN_START, QWEN_END, QWEN_IMAGE = 60, 61, 62
+# Qwen: vision start / end and placeholder ids inside the task's vocabulary (unused by it)
+QWEN_START, QWEN_END, QWEN_IMAGE = START, END, PLACEHOLDER
 # --task: (config class, batch maker); both tasks share the vocabulary and the sequence layout
 TASKS = {
     "default": (TaskConfig, make_batch),
@@ -75,85 +77,19 @@ MODEL_SIZES = {
 
 
 def build_model(kind: str, size: ModelSize, task: TaskConfig, seed: int):
-    """A LLaVA (CLIP tower, 2-layer MLP projector, Llama LM) or a Qwen2.5-VL (window-attention
-    tower with 2x2 patch merger, Qwen2 LM with M-RoPE) with random weights, SDPA attention: the
-    tests' tiny makers (bench/models.py) at `size`, with the task's vocabulary and image. Both
-    feed the LM task.image_tokens visual tokens per image."""
-    text = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=size.text_hidden,
-        intermediate_size=size.text_intermediate,
-        num_hidden_layers=size.text_layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.heads,
-        max_position_embeddings=max(1024, task.seq_len + 2),
-        eos_token_id=3,
-    )
-    vision = dict(hidden_size=size.vision_hidden, intermediate_size=size.vision_intermediate)
-    if kind == "llava":
-        vision |= dict(
-            num_hidden_layers=size.vision_layers,
-            num_attention_heads=size.heads,
-            image_size=task.image_size,
-            patch_size=task.patch_size,
-        )
-        # every vision layer is trained (the makers' vision_feature_layer=-1)
-        return models.make_llava(vision=vision, text=text, seed=seed, image_token_index=2)
-    head_dim = size.text_hidden // size.heads
-    eighth = head_dim // 16  # M-RoPE sections (t, h, w): 2:3:3 of the head_dim / 2 frequencies
-    text["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": 1e4,
-        "mrope_section": [2 * eighth] + [3 * eighth] * 2,
-    }
-    vision |= dict(
-        depth=size.vision_layers,
-        num_heads=size.heads,
-        out_hidden_size=size.text_hidden,
-        patch_size=task.patch_size // 2,  # the 2x2 merge brings it back to patch_size
-        window_size=4 * task.patch_size,  # 4x4 merged tokens per attention window
-        fullatt_block_indexes=[size.vision_layers - 1],
-    )
-    return models.make_qwen2_5_vl(
-        vision=vision,
-        text=text,
-        seed=seed,
-        image_token_id=QWEN_IMAGE,
-        video_token_id=QWEN_IMAGE + 1,
-        vision_start_token_id=QWEN_START,
-        vision_end_token_id=QWEN_END,
-    )
+    """The family `kind` (bench/demo_models.py: e.g. a LLaVA with CLIP tower, 2-layer MLP
+    projector and Llama LM, or a Qwen2.5-VL with window-attention tower, 2x2 patch merger and
+    Qwen2 LM) with random weights, SDPA attention: the tests' tiny makers (bench/models.py) at
+    `size`, with the task's vocabulary and image. Every family feeds the LM task.image_tokens
+    visual tokens per image."""
+    return FAMILIES[kind].build(size, task, seed)
 
 
 def model_inputs(kind: str, batch: Batch, task: TaskConfig) -> dict[str, torch.Tensor]:
-    """The model's forward arguments for a task batch. Qwen2.5-VL: the image's placeholders
-    between vision start / end tokens, and the pixels cut into the processor's flat patches
-    (each image repeated over the 2-frame temporal patch)."""
-    inputs = batch.model_inputs()
-    if kind == "llava":
-        return inputs
-    ids, labels, pixels = inputs["input_ids"], inputs["labels"], inputs["pixel_values"]
-    b, n = ids.shape[0], task.image_tokens
-
-    def frame(t, start, end, image):  # [B, T] -> [B, T + 2], the image run wrapped
-        col = lambda v: t.new_full((b, 1), v)  # noqa: E731
-        return torch.cat([t[:, :1], col(start), image, col(end), t[:, 1 + n :]], 1)
-
-    ids = frame(ids, QWEN_START, QWEN_END, ids.new_full((b, n), QWEN_IMAGE))
-    labels = frame(labels, -100, -100, labels[:, 1 : 1 + n])
-    p, m, c = task.patch_size // 2, 2, pixels.shape[1]
-    gh = gw = task.image_size // p
-    x = pixels[:, None].expand(b, 2, c, *pixels.shape[2:])  # [B, tp, C, H, W]
-    x = x.reshape(b, 2, c, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # the processor's patch order
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-        "mm_token_type_ids": (ids == QWEN_IMAGE).long(),
-        "pixel_values": x.reshape(b * gh * gw, c * 2 * p * p),
-        "image_grid_thw": torch.tensor([[1, gh, gw]] * b, device=ids.device),
-    }
+    """The model's forward arguments for a task batch, laid out as the family's processor
+    would (bench/demo_models.py; Qwen: the image's placeholders between vision start / end
+    tokens, the pixels cut into the processor's flat patches)."""
+    return FAMILIES[kind].inputs(batch.model_inputs(), task)
 
 
 def pack_rows(inputs: dict[str, torch.Tensor], model) -> dict:
@@ -169,8 +105,13 @@ def pack_rows(inputs: dict[str, torch.Tensor], model) -> dict:
 
 def ideal_ratio(model, task: TaskConfig, batch: int, visual_tokens: float, layer_frac: float):
     """Step FLOPs over dense's (bench/flops.py; every part trained, no checkpointing) with
-    `visual_tokens` per image reaching the LM and `layer_frac` of the LM's layer rows run."""
-    cost = flops.from_hf_config(model.config)
+    `visual_tokens` per image reaching the LM and `layer_frac` of the LM's layer rows run.
+    Families bench/flops.py does not model (it has LLaVA with CLIP and Qwen2.5-VL): the LM's
+    FLOPs only."""
+    try:
+        cost = flops.from_hf_config(model.config)
+    except ValueError:
+        cost = flops.from_hf_config(model.config.get_text_config())
     work = flops.Workload(batch, task.seq_len - task.image_tokens, 1, (task.image_size,) * 2)
     sparsity = flops.Sparsity(visual_tokens, layer_frac)
     return flops.ratio(cost, work, flops.STAGES["full"], sparsity)
@@ -482,7 +423,13 @@ def plot(results: list[Result], path: Path, title: str) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=150, help="training steps per setting")
-    p.add_argument("--model", choices=MODELS, default="llava")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="llava",
+        metavar="MODEL",
+        help=f"model family (bench/demo_models.py): {', '.join(MODELS)}",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -565,12 +512,11 @@ def main(argv=None) -> dict:
         )
     size = MODEL_SIZES[args.model_size]
     tag = device_tag(device) + (f"x{world}" if world > 1 else "")
-    name = "LLaVA" if args.model == "llava" else "Qwen2.5-VL"
-    tower = "CLIP" if args.model == "llava" else "ViT"
-    lm = "Llama" if args.model == "llava" else "Qwen2"
+    family = FAMILIES[args.model]
     title = (
-        f"STS demo: {name} {args.model_size} ({tower} {size.vision_layers}x{size.vision_hidden}, "
-        f"{lm} {size.text_layers}x{size.text_hidden}), {task.image_tokens} image tokens, batch "
+        f"STS demo: {family.title} {args.model_size} ({family.tower} {size.vision_layers}x"
+        f"{size.vision_hidden}, {family.lm} {size.text_layers}x{size.text_hidden}), "
+        f"{task.image_tokens} image tokens, batch "
         f"{args.batch_size}{f' per rank x {world}' if world > 1 else ''}, {args.steps} steps, "
         f"{tag}, {torch.get_num_threads()} thread(s); {args.steps - args.warmup_steps} timed "
         "rounds, settings interleaved"

@@ -3,6 +3,7 @@ and the Qwen2.5-VL variant trains with the same comparison."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -109,3 +110,40 @@ def test_detail_task_and_served_accuracy():
     assert dense["accuracy_compressed_eval"] is None
     assert vtc["accuracy_compressed_eval"] is not None
     assert "task detail" in record["title"]
+
+
+NEW_FAMILIES = sorted(set(demo.MODELS) - {"llava", "qwen2_5_vl"})
+
+
+@pytest.mark.parametrize("model", NEW_FAMILIES)
+def test_every_family_trains_under_every_setting(model):
+    """Each registry family (bench/demo_models.py) trains 2 steps under dense / VTC / LDS /
+    VTC+LDS with finite losses; the VTC's 2x2 pool leaves a quarter of the 16 visual tokens an
+    image, the LDS runs fewer LM layers, and dense sees the task's own 16 tokens."""
+    record = run("--model", model, "--steps", "2", "--eval-samples", "2")
+    results = {r["setting"]: r for r in record["results"]}
+    assert list(results) == list(demo.SETTINGS)
+    for r in results.values():
+        assert len(r["losses"]) == 2 and all(map(math.isfinite, r["losses"])), r["setting"]
+    assert results["dense"]["visual_tokens_per_image"] == 16  # (16 px / 4 px patches)^2
+    for setting in ("vtc", "vtc+lds"):
+        assert results[setting]["visual_tokens_per_image"] == 4, setting
+    for setting in ("lds", "vtc+lds"):
+        assert results[setting]["layer_fraction"] < 1.0, setting
+    assert results["vtc"]["layer_fraction"] == 1.0
+    assert demo.FAMILIES[model].title in record["title"]
+
+
+@pytest.mark.parametrize("model", NEW_FAMILIES)
+def test_family_layout_keeps_the_answers(model):
+    """The family's layout moves the answers, never relabels them: the same answer tokens in
+    the same order, labels only on them, every marker and placeholder -100."""
+    task = demo.TaskConfig(image_size=16)
+    batch = demo.make_batch(task, seed=0, indices=[0, 1])
+    inputs = demo.model_inputs(model, batch, task)
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    answers = batch.labels[batch.labels != -100].view(2, -1)
+    assert torch.equal(labels[labels != -100].view(2, -1), answers)
+    assert torch.equal(ids[labels != -100].view(2, -1), answers)
+    assert torch.equal(ids[:, -4 * task.questions_per_image :], batch.input_ids[:, 1 + 16 :])
+    assert inputs["attention_mask"].shape == ids.shape
