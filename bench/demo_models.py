@@ -9,12 +9,15 @@ take patches of half the task's patch size.
 Layouts (n = task.image_tokens, g = sqrt(n); markers are labelled -100, answers keep theirs):
 
     llava, vipllava          [BOS] [IMG]*n ...                            (the task batch as is)
+    perception_lm            [BOS] [IMG]*n ...                     pixels [B, 1 tile, 3, H, W]
     qwen2_vl, qwen2_5_vl,    [BOS] [V_START] [IMG]*n [V_END] ...   flat processor patches,
     qwen3_vl, qwen3_vl_moe                                           image_grid_thw, mm types
     gemma3                   [BOS] [BOI] [IMG]*n [EOI] ...         token_type_ids on the image
     internvl                 [BOS] [<img>] [IMG]*n [</img>] ...
-    mistral3                 [BOS] ([IMG]*g [IMG_BREAK])*(g-1) [IMG]*g [IMG_END] ...  image_sizes
+    janus                    [BOS] [<begin_of_image>] [IMG]*n [<end_of_image>] ...
+    mistral3, llava_pixtral  [BOS] ([IMG]*g [IMG_BREAK])*(g-1) [IMG]*g [IMG_END] ...  image_sizes
     aya_vision               [BOS] [START_OF_IMG] [TILE_GLOBAL] [IMG]*n [END_OF_IMG] ...
+    cohere2_vision           [BOS] [START_OF_IMG] [IMG]*n [IMG_LINE_BREAK] [END_OF_IMG] ...
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 
 # marker ids inside the task's vocabulary (unused by it)
 BREAK, START, END, PLACEHOLDER, VIDEO = 59, 60, 61, 62, 63
-TILE = 58  # Aya Vision's TILE_GLOBAL
+TILE = 58  # Aya Vision's TILE_GLOBAL (Cohere2-Vision's IMG_LINE_BREAK: BREAK)
 
 
 def text_settings(size: ModelSize, task: TaskConfig, **extra) -> dict:
@@ -186,13 +189,46 @@ def build_mistral3(size, task, seed):
     )
 
 
-def build_aya_vision(size, task, seed):
-    """SigLIP tower at half the patch, pixel-shuffled 2x2; Cohere2 LM (window: the sequence)."""
+def build_cohere(size, task, seed, make=models.make_aya_vision, id_key="image_token_index"):
+    """Aya Vision / Cohere2-Vision: SigLIP tower at half the patch, pixel-shuffled 2x2; Cohere2
+    LM (sliding window: the whole sequence)."""
     text = text_settings(
         size, task, head_dim=size.text_hidden // size.heads, sliding_window=task.seq_len + 4
     )
-    return models.make_aya_vision(
-        vision=_tower(size, task), text=text, seed=seed, image_token_index=PLACEHOLDER
+    return make(vision=_tower(size, task), text=text, seed=seed, **{id_key: PLACEHOLDER})
+
+
+def build_llava_pixtral(size, task, seed):
+    """LLaVA with a Pixtral tower at the task's patch (no class token), Llama LM."""
+    vision = _tower(
+        size, task, patch_size=task.patch_size, head_dim=size.vision_hidden // size.heads
+    )
+    return models.make_llava_pixtral(
+        vision=vision, text=text_settings(size, task), seed=seed, image_token_index=PLACEHOLDER
+    )
+
+
+def build_janus(size, task, seed):
+    """Janus: SigLIP-style tower at the task's patch, n tokens an image (its VQ-VAE, for image
+    generation, is built and unused)."""
+    vision = _tower(
+        size,
+        task,
+        patch_size=task.patch_size,
+        projection_dim=size.text_hidden,
+        num_image_tokens=task.image_tokens,
+    )
+    return models.make_janus(
+        vision=vision, text=text_settings(size, task), seed=seed, image_token_id=PLACEHOLDER
+    )
+
+
+def build_perception_lm(size, task, seed):
+    """PerceptionLM: a CLIP tower at half the patch (its released Perception Encoder is timm's),
+    the projector pooling 2x2."""
+    vision = _tower(size, task)
+    return models.make_perception_lm(
+        vision=vision, text=text_settings(size, task), seed=seed, image_token_id=PLACEHOLDER
     )
 
 
@@ -254,6 +290,12 @@ def pixtral_inputs(inputs: dict, task: TaskConfig) -> dict:
     return out | {"image_sizes": torch.tensor(sizes, device=out["input_ids"].device)}
 
 
+def tiled_inputs(inputs: dict, task: TaskConfig) -> dict:
+    """PerceptionLM: one run of placeholders, pixels [images, tiles = 1, 3, H, W]."""
+    out = framed([], [])(inputs, task)
+    return out | {"pixel_values": out["pixel_values"][:, None]}
+
+
 def unchanged(inputs: dict, task: TaskConfig) -> dict:
     return inputs
 
@@ -293,6 +335,20 @@ FAMILIES: dict[str, Family] = {
     "internvl": Family("InternVL", "InternViT", "Qwen2", build_internvl, framed([START], [END])),
     "mistral3": Family("Mistral 3", "Pixtral", "Mistral", build_mistral3, pixtral_inputs),
     "aya_vision": Family(
-        "Aya Vision", "SigLIP", "Cohere2", build_aya_vision, framed([START, TILE], [END])
+        "Aya Vision", "SigLIP", "Cohere2", build_cohere, framed([START, TILE], [END])
     ),
+    "cohere2_vision": Family(
+        "Cohere2-Vision",
+        "SigLIP",
+        "Cohere2",
+        lambda size, task, seed: build_cohere(
+            size, task, seed, models.make_cohere2_vision, "image_token_id"
+        ),
+        framed([START], [BREAK, END]),
+    ),
+    "llava_pixtral": Family(
+        "LLaVA-Pixtral", "Pixtral", "Llama", build_llava_pixtral, pixtral_inputs
+    ),
+    "janus": Family("Janus", "SigLIP", "Llama", build_janus, framed([START], [END])),
+    "perception_lm": Family("PerceptionLM", "CLIP", "Llama", build_perception_lm, tiled_inputs),
 }
