@@ -203,8 +203,8 @@ class VisualTokenCompressor(nn.Module):
         call, so the launches grow with the distinct grids, not with the images. With
         `time_window=k` the frames of each item are then averaged in windows of `k` consecutive
         frames (one more pooling call per group; items then also group by `F_i`).
-        `metrics[i]` (merge mode): `[F_i, N_i, C]`, any `C`, what chooses the pairs of item `i`
-        (concatenated per group like `xs`, forward's `metric`). The pairs depend on the metric
+        `metrics[i]` (merge mode): `[F_i, N_i, C]` (one `C` for all items), what chooses the
+        pairs of item `i` (concatenated per group like `xs`, forward's `metric`). The pairs depend on the metric
         alone, so merging other features of the same tokens (DeepStack levels) with the main
         features as metric merges them exactly like the main tokens.
         Returns one `CompressedTokens` per item: x `[F_i', N_i', D]`, size `[F_i', N_i']`.
@@ -249,10 +249,11 @@ class VisualTokenCompressor(nn.Module):
             )
         for i, (x, metric) in enumerate(zip(xs, metrics)):
             _checks.tensor(f"metrics[{i}]", metric, ndim=3)
-            if metric.shape[:2] != x.shape[:2]:
+            c = metrics[0].shape[-1] if i else metric.shape[-1]  # one C: items share calls
+            if metric.shape != (*x.shape[:2], c):
                 raise ValueError(
-                    f"metrics[{i}] must have shape ({x.shape[0]}, {x.shape[1]}, C) like "
-                    f"xs[{i}], got {tuple(metric.shape)}"
+                    f"metrics[{i}] must have shape ({x.shape[0]}, {x.shape[1]}, {c}) like "
+                    f"xs[{i}], with the C of metrics[0], got {tuple(metric.shape)}"
                 )
 
     def _pool_frames(self, res: CompressedTokens, items: int, frames: int) -> CompressedTokens:

@@ -264,6 +264,22 @@ def test_perception_lm_video_frames_compressed_like_tiles(mode):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_perception_lm_videos_without_encoder_outputs_leave_nothing_behind(monkeypatch):
+    """A transformers without mm_encoder_outputs (5.17) cannot take compressed videos: the
+    ValueError comes before the images' features are answered, so no stale answer remains."""
+    from sts_kernels.integrations.hf.adapters import _base, perception_lm
+
+    for module in (_base, perception_lm):
+        monkeypatch.setattr(module, "takes_encoder_outputs", lambda model: False)
+    model = make_perception_lm()
+    handle = apply_sts(model, skip=False)
+    model.train()
+    with pytest.raises(ValueError, match="mm_encoder_outputs"):
+        model(**perception_lm_video_batch(True))
+    handle.remove()
+    assert "get_image_features" not in model.model.__dict__
+
+
 def test_perception_lm_refuses_time_window():
     with pytest.raises(ValueError, match="time_window"):
         apply_sts(make_perception_lm(), compress={"time_window": 2})

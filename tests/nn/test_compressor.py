@@ -180,6 +180,11 @@ def test_compress_many_kernel_count_does_not_grow_with_images(mode):
         (dict(mode="merge"), ([torch.randn(1, 4, 2)], [None], []), "metrics"),
         (dict(mode="merge"), ([torch.randn(2, 4, 2)], [None], [torch.randn(1, 4, 3)]), "metrics"),
         (dict(mode="merge"), ([torch.randn(1, 4, 2)], [None], [torch.randn(4, 3)]), "metrics"),
+        (  # one C for all items (same N: one call)
+            dict(mode="merge"),
+            ([torch.randn(1, 4, 2)] * 2, [None] * 2, [torch.randn(1, 4, 3), torch.randn(1, 4, 5)]),
+            r"metrics\[1\]",
+        ),
     ],
 )
 def test_compress_many_bad_input(kwargs, call, words):

@@ -13,10 +13,10 @@ class Mistral3Adapter(Adapter):
     """Image k is an `(H_k / step, W_k / step)` grid (step: the Pixtral patch times Mistral 3's
     `spatial_merge_size`), its features row-major. Pooled, the text becomes the layout the
     processor builds for the pooled grid: a break after every pooled row, the end last
-    (`feed_rows`). Merged, every row is merged on its own (an item of W tokens: `ratio` and
-    `r` apply per row), so the grid keeps its H rows, each W' tokens and its marker — the
-    layout of an (H, W') grid; tokens never merge across a row break. The break / end ids are
-    not in the config: they are the tokens after each row's placeholders, whatever they are."""
+    (`feed_rows`). Merged, every row is merged on its own (an item of W tokens: `ratio`, `r`
+    and `protected` apply per row), so the grid keeps its H rows, each W' tokens and its
+    marker — the layout of an (H, W') grid; tokens never merge across a row break. The break /
+    end ids are not in the config: they are the tokens after each row's placeholders."""
 
     name = "Mistral 3"
     classes = ("Mistral3ForConditionalGeneration",)

@@ -29,17 +29,19 @@ class PerceptionLMAdapter(TiledAdapter):
         super().check_compressor(compressor, model)
 
     def compress(self, model, compressor, kw):
+        videos = kw.get("pixel_values_videos") is not None
+        # transformers without mm_encoder_outputs fetch video features through the image
+        # getter, which one answered call cannot tell from the images' own; refused before
+        # the images are answered (an answer left behind would serve the next forward)
+        if videos and not takes_encoder_outputs(model):
+            raise ValueError(
+                f"compress: {self.name} videos need a transformers whose models take "
+                "mm_encoder_outputs (5.24 does, 5.17 not)"
+            )
         shrinks = {}
         if kw.get("pixel_values") is not None:
             kw, shrinks = super().compress(model, compressor, kw)
-        if kw.get("pixel_values_videos") is not None:
-            # transformers without mm_encoder_outputs fetch video features through the image
-            # getter, which one answered call cannot tell from the images' own
-            if not takes_encoder_outputs(model):
-                raise ValueError(
-                    f"compress: {self.name} videos need a transformers whose models take "
-                    "mm_encoder_outputs (5.24 does, 5.17 not)"
-                )
+        if videos:
             pixels = kw["pixel_values_videos"]
             features = model.model.get_image_features(pixel_values=pixels, return_dict=True)
             token_id = model.config.video_token_id
