@@ -157,14 +157,35 @@ SETTINGS = {
     "both": dict(compress=VTC, skip={"mode": "token", "seed": 0, "p_max": 0.0}),
 }
 SETTINGS["both_sample"] = dict(compress=VTC, skip=SETTINGS["lds_sample"]["skip"])
+MERGE = {"mode": "merge", "ratio": 0.5}
+SETTINGS["merge"] = dict(compress=MERGE, skip=SETTINGS["lds_token"]["skip"])
+SETTINGS["merge_sample"] = dict(compress=MERGE, skip=SETTINGS["lds_sample"]["skip"])
 # FAMILIES x the first four settings x (the varlen oracle, SDPA / eager); ROW_FAMILIES (a
 # reduced matrix): VTC with token LDS, VTC with sample LDS
 PATCHED_CASES = [(f, s, a) for f in FAMILIES for s in tuple(SETTINGS)[:4] for a in (NAME, "ref")]
 PATCHED_CASES += [
     (f, s, a) for f in ROW_FAMILIES for s in ("both", "both_sample") for a in (NAME, "ref")
 ]
+# merge mode (VTC merge by half + token / sample LDS): the M-RoPE families (merged tokens at
+# their anchors' positions, the packed row's [4, 1, T] positions the caller's), GLM-4V's
+# video row, row-wise merge (LLaVA-NeXT's crop rows, OneVision, Mistral 3's [IMG_BREAK] rows)
+# and plain grids (LLaVA, InternVL); Idefics2 merges in the rows above
+MERGE_FAMILIES = [
+    "llava",
+    "llava_next",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+    "glm4v",
+    "glm4v_video",
+    "llava_onevision",
+    "mistral3",
+]
+PATCHED_CASES += [
+    (f, s, a) for f in MERGE_FAMILIES for s in ("merge", "merge_sample") for a in (NAME, "ref")
+]
 # families without pool: merge by half
-MERGE_ONLY = {"idefics2": {"mode": "merge", "ratio": 0.5}}
+MERGE_ONLY = {"idefics2": MERGE}
 
 
 def _close_grads(got, want, name) -> None:
@@ -183,24 +204,52 @@ def _grads_of(model, loss) -> dict:
 
 @pytest.mark.parametrize(("family", "setting", "attn"), PATCHED_CASES)
 def test_patched_packed_equals_unpacked(family, setting, attn):
-    from sts_kernels.integrations.hf import apply_sts
-
     model = _model(family, attn)
-    ss, extra = _samples(family, model, attn), _extra(attn)
-    packed = pack(ss, model)
+    ss = _samples(family, model, attn)
     kwargs = SETTINGS[setting]
     if kwargs["compress"] and family in MERGE_ONLY:
         kwargs = kwargs | {"compress": MERGE_ONLY[family]}
+    _check_patched(model, ss, pack(ss, model), kwargs, _extra(attn))
+
+
+@pytest.mark.parametrize("setting", ["merge", "merge_sample"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "glm4v"])
+def test_patched_packed_merge_with_3_row_mrope_positions(family, setting):
+    """Merge on a packed row whose caller passes M-RoPE positions without the text row
+    ([3, 1, T]: each sample's get_rope_index alone; the segments come from cu_seq_lens, so
+    the varlen oracle only: SDPA reads packing from the text row) == the samples unpacked."""
+    model = _model(family, NAME)
+    ss = samples(family, model)
+    packed = pack(ss, model)
+    assert packed["position_ids"].shape[0] == 4
+    packed["position_ids"] = packed["position_ids"][1:]
+    _check_patched(model, ss, packed, SETTINGS[setting], _extra(NAME))
+
+
+def _check_patched(model, ss: list[dict], packed: dict, kwargs: dict, extra: dict) -> None:
+    """Under apply_sts(**kwargs): the packed row's loss (from its logits, and the model's own
+    .loss) and projector gradients == the samples' unpacked; VTC keeps exactly the visual
+    tokens it keeps of the samples alone, fewer than it was given, and the LM's row is as
+    long as the samples' LM rows together, shorter than the packed row."""
+    from sts_kernels.integrations.hf import apply_sts
+
     handle = apply_sts(model, **kwargs)
     try:
         outs, expected = unpacked_loss(model, ss, handle, **extra)
         want = _grads_of(model, expected)
+        kept_alone = handle.totals.visual_tokens_kept
+        handle.totals.reset()
         out, loss, own = packed_loss(model, packed, handle, **extra)
         got = _grads_of(model, loss)
+        totals = handle.totals
         shrunk = handle.last_inputs["input_ids"].shape[1]
     finally:
         handle.remove()
-    assert (shrunk < packed["input_ids"].shape[1]) == bool(kwargs["compress"])  # VTC ran
+    assert totals.visual_tokens_kept == kept_alone
+    dropped = totals.visual_tokens_in - totals.visual_tokens_kept
+    assert (dropped > 0) == bool(kwargs["compress"])  # VTC ran
+    assert (shrunk < packed["input_ids"].shape[1]) == bool(kwargs["compress"])
+    assert shrunk == sum(o.logits.shape[1] for o in outs)  # as short as the samples alone
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(own, expected, rtol=1e-5, atol=1e-6)
     assert want and want.keys() == got.keys()
