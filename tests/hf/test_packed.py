@@ -3,7 +3,9 @@ TRL's padding_free collator build them, for every family that packs: unpatched p
 unpacked (with the CPU flash-varlen oracle of tests/varlen_attention.py and with SDPA /
 eager), and the same equalities under apply_sts (VTC, LDS token, LDS per segment, both; the
 families of ROW_FAMILIES, whose samples are the rows of their tests/hf_models.py CASES batch:
-VTC with token LDS and VTC with sample LDS). LFM2-VL's test shows why it does not pack.
+VTC with token LDS and VTC with sample LDS; MERGE_FAMILIES: VTC merge with token LDS and with
+sample LDS, the Qwen families and GLM-4V also with [3, 1, T] M-RoPE positions from the caller).
+LFM2-VL's test shows why it does not pack.
 The unpacked reference is each sample alone: loss = sum of per-sample summed losses / total
 targets, which the packed row's mean loss equals exactly (each sample's first label is -100).
 
@@ -184,6 +186,11 @@ MERGE_FAMILIES = [
 PATCHED_CASES += [
     (f, s, a) for f in MERGE_FAMILIES for s in ("merge", "merge_sample") for a in (NAME, "ref")
 ]
+# What fails them (seen): anchors read from the wrong item of the packed row (every item's
+# from the row's first), no segments (the shrunk text row runs on across samples, stale
+# cu_seq_lens). Not visible here, by design: M-RoPE rows of a packed sample offset by a
+# constant (RoPE is relative, attention stays within the sample), and an anchor rule wrong
+# alike packed and unpacked (tests/hf/test_qwen_merge.py checks the anchors themselves).
 # families without pool: merge by half
 MERGE_ONLY = {"idefics2": MERGE}
 
