@@ -888,6 +888,25 @@ def perception_lm_batch(pad_left: bool, tiles: int = 1, tokens: int = 16) -> dic
     return batch | {"pixel_values": torch.randn(3, tiles, 3, 32, 32, generator=gen)}
 
 
+# an image (one tile) and videos (3 frames each, as the video processor samples them) mixed;
+# a row of text only
+PLM_ROWS = [[[5, 6], "image", [7], "video", [8]], [[10], "video", [11, 12]], [[14, 15, 16]]]
+PLM_FRAMES = 3
+
+
+def perception_lm_video_batch(pad_left: bool, tokens: int = 16) -> dict:
+    """PLM_ROWS: one run of `tokens` image placeholders an image, frames * `tokens` video
+    placeholders a video (the processor's layout), pixels of 32 px tiles / frames."""
+    batch = build_ids(PLM_ROWS, {"image": [tokens], "video": [PLM_FRAMES * tokens] * 2}, pad_left)
+    del batch["mm_token_type_ids"]
+    gen = torch.Generator().manual_seed(2)
+    videos = torch.randn(2, PLM_FRAMES, 3, 32, 32, generator=gen)
+    return batch | {
+        "pixel_values": torch.randn(1, 1, 3, 32, 32, generator=gen),
+        "pixel_values_videos": videos,
+    }
+
+
 CASES.update(
     {
         "FastVlmForConditionalGeneration": replace(

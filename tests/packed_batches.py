@@ -37,10 +37,13 @@ from hf_models import (
     make_internvl,
     make_llava,
     make_llava_next,
+    make_llava_pixtral,
     make_qwen2_5_vl,
     make_qwen2_vl,
     make_qwen3_vl,
     make_smolvlm,
+    perception_lm_video_batch,
+    pixtral_batch,
     qwen_batch,
 )
 
@@ -88,9 +91,19 @@ ROW_CASES = {
         "Mistral3ForConditionalGeneration",
         {"pixel_values": _IMAGES, "image_sizes": _IMAGES},
     ),
+    # LLaVA's class with a Pixtral tower: the Mistral 3 path (row markers, image_sizes)
+    "llava_pixtral": (
+        "LlavaForConditionalGeneration",
+        {"pixel_values": _IMAGES, "image_sizes": _IMAGES},
+    ),
     "vipllava": ("VipLlavaForConditionalGeneration", {"pixel_values": _IMAGES}),
     "fast_vlm": ("FastVlmForConditionalGeneration", {"pixel_values": _IMAGES}),
     "perception_lm": ("PerceptionLMForConditionalGeneration", {"pixel_values": _IMAGES}),
+    # an image + a video row, a video row, a text row (PLM_ROWS)
+    "perception_lm_video": (
+        "PerceptionLMForConditionalGeneration",
+        {"pixel_values": [1, 0, 0], "pixel_values_videos": [1, 1, 0]},
+    ),
     "aya_vision": ("AyaVisionForConditionalGeneration", {"pixel_values": _IMAGES}),
     "cohere2_vision": ("Cohere2VisionForConditionalGeneration", {"pixel_values": _IMAGES}),
     "paligemma": ("PaliGemmaForConditionalGeneration", {"pixel_values": [1, 2, 0]}),
@@ -113,6 +126,7 @@ ROW_CASES = {
 for _family, (_cls, _) in ROW_CASES.items():
     MAKERS[_family] = CASES[_cls].make
 MAKERS["glm4v_moe"] = lambda attn="sdpa": make_glm4v(attn, moe=True)
+MAKERS["llava_pixtral"] = make_llava_pixtral
 
 
 def family_class(family: str) -> str:
@@ -183,8 +197,13 @@ def samples(family: str, model, rows: int = 3) -> list[dict]:
 
 def row_batch(family: str, model) -> dict:
     """A ROW_CASES family's CASES batch, right-padded: its samples as one padded batch."""
-    if family == "glm4v_video":
-        return glm4v_batch(False, videos=[(2, 4, 4)])
+    special = {
+        "glm4v_video": lambda: glm4v_batch(False, videos=[(2, 4, 4)]),
+        "llava_pixtral": lambda: pixtral_batch(False),
+        "perception_lm_video": lambda: perception_lm_video_batch(False),
+    }
+    if family in special:
+        return special[family]()
     return CASES[ROW_CASES[family][0]].batch(model, False)
 
 

@@ -19,6 +19,7 @@ from hf_models import (  # noqa: E402
     IMG,
     LLAVA_ROWS,
     PIXTRAL_SIZES,
+    PLM_FRAMES,
     VID,
     build_ids,
     check_eval_equals_unpatched,
@@ -37,6 +38,7 @@ from hf_models import (  # noqa: E402
     needs_encoder_outputs,
     paligemma_batch,
     perception_lm_batch,
+    perception_lm_video_batch,
     pixtral_batch,
 )
 
@@ -203,25 +205,6 @@ def test_tiles_pooled_in_place_markers_kept(family, pad_left):
     check_layout(inputs, make_batch(pad_left, tokens=4), names)
     tiles = len(oracle)
     assert (report.image_tokens_in, report.image_tokens_kept) == (16 * tiles, 4 * tiles)
-
-
-# an image (one tile) and videos (3 frames each, as the video processor samples them) mixed;
-# a row of text only
-PLM_ROWS = [[[5, 6], "image", [7], "video", [8]], [[10], "video", [11, 12]], [[14, 15, 16]]]
-PLM_FRAMES = 3
-
-
-def perception_lm_video_batch(pad_left: bool, tokens: int = 16) -> dict:
-    """PLM_ROWS: one run of `tokens` image placeholders an image, frames * `tokens` video
-    placeholders a video (the processor's layout), pixels of 32 px tiles / frames."""
-    batch = build_ids(PLM_ROWS, {"image": [tokens], "video": [PLM_FRAMES * tokens] * 2}, pad_left)
-    del batch["mm_token_type_ids"]
-    gen = torch.Generator().manual_seed(2)
-    videos = torch.randn(2, PLM_FRAMES, 3, 32, 32, generator=gen)
-    return batch | {
-        "pixel_values": torch.randn(1, 1, 3, 32, 32, generator=gen),
-        "pixel_values_videos": videos,
-    }
 
 
 @needs_encoder_outputs

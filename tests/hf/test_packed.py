@@ -51,7 +51,7 @@ def _model(family: str, attn: str):
     if attn == "ref":
         attn = "eager" if family in EAGER else "sdpa"
     model = MAKERS[family](attn=attn)
-    if family == "mistral3" and attn == NAME:
+    if family in ("mistral3", "llava_pixtral") and attn == NAME:
         # the Pixtral tower sets its own per-image cu_seq_lens only under a "flash" name, else
         # a 4-D block mask (one block an image), which the oracle refuses: the tower runs SDPA
         # (the same blocks), the LM the oracle
