@@ -582,3 +582,43 @@ def test_packed_rows_padding_is_no_sample(compress, with_cu):
     handle.remove()
     assert torch.isfinite(loss)
     assert report.rows_total == [3] * len(report.rows_total)
+
+
+@pytest.mark.parametrize("attn", [NAME, "ref"])
+def test_packed_rows_of_images_and_of_videos_both_shrink(attn):
+    """Two packed rows (Qwen2-VL, [4, B, T] positions, cu_seq_lens over B * T), one holding an
+    image sample, the other a video sample: the image shrink re-pads the image row; the video
+    shrink then drops that re-padding (a segment of padding only) with the video row's
+    placeholders, so the LM runs on the rows' own shrunk length, not the caller's; the loss is
+    the samples' alone, patched."""
+    from hf_models import V_END, V_START, qwen_batch
+
+    from sts_kernels.integrations.hf import apply_sts
+
+    model = _model("qwen2_vl", attn)
+    image = qwen_batch(False, [(1, 8, 8)], [], rows=[[[5], [V_START], "image", [V_END], [20]]])
+    video = qwen_batch(False, [], [(4, 4, 4)], rows=[[[6], [V_START], "video", [V_END], [22]]])
+    rows = [pack([image], model), pack([video], model)]
+    t = rows[0]["input_ids"].shape[1]  # both rows: 16 placeholders among 5 text tokens
+    batch = {
+        k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "mm_token_type_ids")
+    }
+    batch["position_ids"] = torch.cat([r["position_ids"] for r in rows], 1)
+    cu = torch.tensor([0, t, 2 * t], dtype=torch.int32)
+    batch |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": t, "max_length_k": t}
+    batch |= {k: image[k] for k in ("pixel_values", "image_grid_thw")}
+    batch |= {k: video[k] for k in ("pixel_values_videos", "video_grid_thw")}
+    lengths = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape), with_kwargs=True
+    )
+    handle = apply_sts(model, skip=False)
+    try:
+        _, loss, own = packed_loss(model, batch, handle, **_extra(attn))
+        _, expected = unpacked_loss(model, [image, video], handle, **_extra(attn))
+    finally:
+        hook.remove()
+        handle.remove()
+    assert lengths[0] == (2, t - 12, lengths[0][2])  # each row: 16 placeholders pooled to 4
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(own, expected, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,13 @@ from torch import Tensor
 
 from ...nn.varlen import segment_starts, segments_of, varlen_kwargs
 
-__all__ = ["sample_segments", "segment_ids", "segment_starts", "varlen_kwargs"]
+__all__ = [
+    "padding_columns",
+    "sample_segments",
+    "segment_ids",
+    "segment_starts",
+    "varlen_kwargs",
+]
 
 
 def segment_ids(kw: dict[str, Any]) -> Tensor | None:
@@ -34,12 +40,21 @@ def sample_segments(kw: dict[str, Any], pad_token_id: int) -> Tensor | None:
     segments = segment_ids(kw)
     if segments is None:
         return None
-    flat = segments.reshape(-1)
-    pad = kw["input_ids"].reshape(-1) == pad_token_id
-    # a segment is a sample if any of its tokens is not padding
-    real = torch.zeros(int(flat.max()) + 1, dtype=torch.bool, device=flat.device)
-    real.index_put_((flat,), ~pad, accumulate=True)
-    if not bool(real.any()):
+    padding = padding_columns(kw["input_ids"], segments, pad_token_id).reshape(-1)
+    if bool(padding.all()):
         return None
-    number = real.long().cumsum(0) - 1
-    return torch.where(real[flat], number[flat], -1).view_as(segments)
+    flat = segments.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)  # the first column of every sample
+    starts[1:] = flat[1:] != flat[:-1]
+    number = (starts & ~padding).long().cumsum(0) - 1
+    return torch.where(padding, -1, number).view_as(segments)
+
+
+def padding_columns(input_ids: Tensor, segments: Tensor, pad_token_id: int) -> Tensor:
+    """[B, T] bool: the columns of packed segments that hold only `pad_token_id` (a packed
+    row's own padding, or the re-padding of an earlier shrink): no sample's."""
+    flat = segments.reshape(-1)
+    # a segment is a sample if any of its tokens is not padding (ids < numel: no host read)
+    real = torch.zeros(flat.numel() + 1, dtype=torch.bool, device=flat.device)
+    real.index_put_((flat,), input_ids.reshape(-1) != pad_token_id, accumulate=True)
+    return ~real[flat].view_as(segments)

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .packing import segment_starts
+from .packing import padding_columns, segment_starts
 
 
 @torch.compiler.disable  # output shapes depend on the data: eager under torch.compile
@@ -32,7 +32,8 @@ def shrink_placeholders(
     """Keep the first `n_out[k]` of image k's `n_in[k]` placeholders and drop the others.
 
     Images are numbered in row-major order over `input_ids` [B, L] (the order the model fills
-    placeholders in). Padding (attention_mask == 0) is dropped too and rows are re-padded to
+    placeholders in). Padding (attention_mask == 0; in packed rows, segments of
+    `pad_token_id` only) is dropped too and rows are re-padded to
     the longest one, on the left if any row of the batch starts with padding, else on the
     right. `position_ids` [B or 1, L] (and the text row of [4, B, L] ones) are renumbered (each
     position minus the tokens removed before it in its segment: `segments` [B, L], packed rows,
@@ -59,6 +60,8 @@ def shrink_placeholders(
     keep = ~dropped
     if attention_mask is not None:  # padding goes; a kept placeholder stays even if masked
         keep &= attention_mask.bool() | (input_ids == image_token_id)
+    elif segments is not None:  # packed: padding-only segments go (earlier re-padding too)
+        keep &= ~padding_columns(input_ids, segments, pad_token_id)
     left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
     row_len = keep.sum(1)  # [B]
     new_len = int(row_len.max())
