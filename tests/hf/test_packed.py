@@ -622,3 +622,38 @@ def test_packed_rows_of_images_and_of_videos_both_shrink(attn):
     assert lengths[0] == (2, t - 12, lengths[0][2])  # each row: 16 placeholders pooled to 4
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(own, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"compress": VTC, "skip": False},
+        {"compress": False, "skip": {"mode": "sample", "p_max": 1e-6, "keep_first_last": False}},
+    ],
+    ids=["vtc", "sample"],
+)
+def test_a_sample_made_of_the_pad_id_is_no_padding(setting):
+    """pad_token_id as a real token (as where pad == EOS): a packed sample made only of it,
+    with targets, is a sample — VTC keeps its columns and LDS sample mode runs it — so the
+    packed loss stays the samples' alone (a segment is padding only without targets)."""
+    from sts_kernels.integrations.hf import apply_sts
+
+    model = _model("llava", "ref")
+    model.config.text_config.pad_token_id = 7
+    ss = samples("llava", model)
+    ids = torch.full((1, 4), 7)
+    order = [ss[0], {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    order.append(ss[1])
+    packed = pack(order, model)
+    handle = apply_sts(model, **setting)
+    try:
+        with torch.no_grad():
+            _, expected = unpacked_loss(model, order, handle, use_cache=False)
+            _, loss, own = packed_loss(model, packed, handle, use_cache=False)
+        runs = handle.report.rows_total
+    finally:
+        handle.remove()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(own, expected, rtol=1e-5, atol=1e-6)
+    if setting["skip"]:
+        assert set(runs) == {3}, runs  # three samples at every layer

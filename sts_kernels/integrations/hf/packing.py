@@ -35,12 +35,13 @@ def segment_ids(kw: dict[str, Any]) -> Tensor | None:
 
 def sample_segments(kw: dict[str, Any], pad_token_id: int) -> Tensor | None:
     """`segment_ids` for LDS sample mode: the packed samples numbered 0..S-1 along the
-    flattened batch, -1 on segments that hold only padding (`pad_token_id`: a packed row's
-    own padding, re-padding after a shrink), which are no samples; None when not packed."""
+    flattened batch, -1 on segments of padding (`padding_columns`: a packed row's own
+    padding, re-padding after a shrink), which are no samples; None when not packed."""
     segments = segment_ids(kw)
     if segments is None:
         return None
-    padding = padding_columns(kw["input_ids"], segments, pad_token_id).reshape(-1)
+    padding = padding_columns(kw["input_ids"], segments, pad_token_id, kw.get("labels"))
+    padding = padding.reshape(-1)
     if bool(padding.all()):
         return None
     flat = segments.reshape(-1)
@@ -50,11 +51,18 @@ def sample_segments(kw: dict[str, Any], pad_token_id: int) -> Tensor | None:
     return torch.where(padding, -1, number).view_as(segments)
 
 
-def padding_columns(input_ids: Tensor, segments: Tensor, pad_token_id: int) -> Tensor:
-    """[B, T] bool: the columns of packed segments that hold only `pad_token_id` (a packed
-    row's own padding, or the re-padding of an earlier shrink): no sample's."""
+def padding_columns(
+    input_ids: Tensor, segments: Tensor, pad_token_id: int, labels: Tensor | None = None
+) -> Tensor:
+    """[B, T] bool: the columns of packed segments that hold only `pad_token_id` and, with
+    `labels`, no loss target (a packed row's own padding, or the re-padding of an earlier
+    shrink): no sample's. A real sample made only of the pad id (e.g. EOS where pad == EOS)
+    has targets, so only `labels` tell it from padding."""
     flat = segments.reshape(-1)
-    # a segment is a sample if any of its tokens is not padding (ids < numel: no host read)
+    real_token = input_ids.reshape(-1) != pad_token_id
+    if labels is not None:
+        real_token = real_token | (labels.reshape(-1) != -100)
+    # a segment is a sample if any of its tokens is (ids < numel: no host read)
     real = torch.zeros(flat.numel() + 1, dtype=torch.bool, device=flat.device)
-    real.index_put_((flat,), input_ids.reshape(-1) != pad_token_id, accumulate=True)
+    real.index_put_((flat,), real_token, accumulate=True)
     return ~real[flat].view_as(segments)

@@ -32,8 +32,8 @@ def shrink_placeholders(
     """Keep the first `n_out[k]` of image k's `n_in[k]` placeholders and drop the others.
 
     Images are numbered in row-major order over `input_ids` [B, L] (the order the model fills
-    placeholders in). Padding (attention_mask == 0; in packed rows, segments of
-    `pad_token_id` only) is dropped too and rows are re-padded to
+    placeholders in). Padding (attention_mask == 0; in packed rows with `labels`, segments
+    of `pad_token_id` only and no target) is dropped too and rows are re-padded to
     the longest one, on the left if any row of the batch starts with padding, else on the
     right. `position_ids` [B or 1, L] (and the text row of [4, B, L] ones) are renumbered (each
     position minus the tokens removed before it in its segment: `segments` [B, L], packed rows,
@@ -60,8 +60,10 @@ def shrink_placeholders(
     keep = ~dropped
     if attention_mask is not None:  # padding goes; a kept placeholder stays even if masked
         keep &= attention_mask.bool() | (input_ids == image_token_id)
-    elif segments is not None:  # packed: padding-only segments go (earlier re-padding too)
-        keep &= ~padding_columns(input_ids, segments, pad_token_id)
+    elif segments is not None and labels is not None:
+        # packed: segments of padding only go (earlier re-padding too); without labels a
+        # sample made only of the pad id could not be told from padding, so they stay
+        keep &= ~padding_columns(input_ids, segments, pad_token_id, labels)
     left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
     row_len = keep.sum(1)  # [B]
     new_len = int(row_len.max())
