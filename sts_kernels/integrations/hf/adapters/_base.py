@@ -43,6 +43,7 @@ class Adapter:
     lds_reason: str = ""  # why an LDS mode is missing (the support table)
     video: bool = False  # compresses video inputs too
     video_reason: str = ""  # why video is "-" where the class takes video input
+    frame_window_reason: str = ""  # why its videos cannot average frames (time_window > 1)
     packs: bool = False  # packed rows tested (packed == unpacked, tests/hf/test_packed.py)
     packs_reason: str = ""  # why packed rows are not served (the support table)
     tokens_in_sequence: bool = True  # visual tokens are placeholders (else cross-attention)
@@ -73,8 +74,14 @@ class Adapter:
             raise ValueError(
                 f"compress: {self.name} needs {allowed} ({self.mode_reason}), got mode={mode!r}"
             )
-        if getattr(compressor, "time_window", 1) > 1 and not self.video:
+        window = getattr(compressor, "time_window", 1)
+        if window > 1 and not self.video:
             raise ValueError(f"compress: time_window applies to video; {self.name} takes none")
+        if window > 1 and self.frame_window_reason:
+            raise ValueError(
+                f"compress: {self.name} needs time_window=1 ({self.frame_window_reason}), "
+                f"got {window}"
+            )
 
     def check_skipper(self, skipper: nn.Module) -> None:
         """ValueError, before any forward, for an LDS mode this family's layers cannot take."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .qwen2_vl import Qwen2VLAdapter
+from .qwen2_vl import TIMESTAMPED_FRAMES, Qwen2VLAdapter
 
 
 class Glm4vAdapter(Qwen2VLAdapter):
@@ -24,7 +24,7 @@ class Glm4vAdapter(Qwen2VLAdapter):
 
     name = "GLM-4V"
     classes = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration")
-    timestamped_frames = True
+    frame_window_reason = TIMESTAMPED_FRAMES
     frame_runs = True
     packs = True
 

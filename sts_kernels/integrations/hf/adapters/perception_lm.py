@@ -20,13 +20,10 @@ class PerceptionLMAdapter(TiledAdapter):
     video = True
     pixel_keys = ("pixel_values", "pixel_values_videos")
 
-    def check_compressor(self, compressor, model):
-        if getattr(compressor, "time_window", 1) > 1:
-            raise ValueError(
-                f"compress: {self.name} compresses every video frame on its own grid; averaging "
-                f"frames (time_window) is not implemented for it, got {compressor.time_window}"
-            )
-        super().check_compressor(compressor, model)
+    frame_window_reason = (
+        "every video frame is compressed on its own grid; averaging frames is not implemented "
+        "for it"
+    )
 
     def compress(self, model, compressor, kw):
         videos = kw.get("pixel_values_videos") is not None

@@ -7,6 +7,9 @@ import torch
 from ._base import Adapter, feed_features, forward_parameters
 from .mrope import rebuild_mrope
 
+# Qwen3-VL's and GLM-4V's `frame_window_reason`
+TIMESTAMPED_FRAMES = "timestamp text separates video frames; averaging frames would orphan it"
+
 
 class Qwen2VLAdapter(Adapter):
     """The vision merger emits each image / video row-major over (t, h/m, w/m) (`m` =
@@ -38,16 +41,6 @@ class Qwen2VLAdapter(Adapter):
     # the LM takes M-RoPE positions from get_rope_index (else 1-D ones it numbers itself, and
     # merge mode leaves positions to the shrink)
     mrope = True
-    # timestamp text between video frames: averaging frames (time_window) would orphan it
-    timestamped_frames = False
-
-    def check_compressor(self, compressor, model):
-        if self.timestamped_frames and getattr(compressor, "time_window", 1) > 1:
-            raise ValueError(
-                f"compress: {self.name} needs time_window=1 (timestamp text separates video "
-                f"frames; averaging frames would orphan it), got {compressor.time_window}"
-            )
-        super().check_compressor(compressor, model)
 
     def compress(self, model, compressor, kw):
         given = kw.get("position_ids")

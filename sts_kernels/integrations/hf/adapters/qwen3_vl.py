@@ -3,7 +3,7 @@ Qwen2-VL layout plus DeepStack features, and video frames separated by timestamp
 
 from __future__ import annotations
 
-from .qwen2_vl import Qwen2VLAdapter, _compress_items
+from .qwen2_vl import TIMESTAMPED_FRAMES, Qwen2VLAdapter, _compress_items
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
@@ -19,7 +19,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     name = "Qwen3-VL"
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-    timestamped_frames = True
+    frame_window_reason = TIMESTAMPED_FRAMES
     frame_runs = True
 
     needs_encoder_outputs = True
