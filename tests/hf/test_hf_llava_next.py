@@ -26,6 +26,27 @@ from sts_kernels.integrations.hf.adapters import adapter_for  # noqa: E402
 from sts_kernels.nn import VisualTokenCompressor  # noqa: E402
 
 
+def _unpatched_on(ref, batch, handle, pack, grids):
+    """The unpatched model `ref` on the ids / masks / labels the patch fed the LM, with each
+    image's unpatched features packed by hand (`pack(features, newline, crop grid)`): its
+    output, and the unpacked features."""
+    with torch.no_grad():
+        feats = ref.model.get_image_features(
+            batch["pixel_values"], batch["image_sizes"], return_dict=True
+        )
+        unpacked = list(feats.pooler_output)
+        newline = ref.model.image_newline
+        feats.pooler_output = [pack(f, newline, g) for f, g in zip(unpacked, grids)]
+    shrunk = handle.last_inputs
+    expected = ref(
+        input_ids=shrunk["input_ids"],
+        attention_mask=shrunk["attention_mask"],
+        labels=shrunk["labels"],
+        mm_encoder_outputs={"image": feats},
+    )
+    return expected, unpacked
+
+
 @needs_encoder_outputs
 @pytest.mark.parametrize("pad_left", [False, True])
 def test_vtc_equals_unpatched_on_reference_packed_features(pad_left):
@@ -36,24 +57,10 @@ def test_vtc_equals_unpatched_on_reference_packed_features(pad_left):
     out = model(**batch)
 
     grids = [(4, 8), (8, 4), (6, 8)]  # unpadded crop grids of LLAVA_NEXT_SIZES
-    with torch.no_grad():
-        feats = ref.model.get_image_features(
-            batch["pixel_values"], batch["image_sizes"], return_dict=True
-        )
-        newline = ref.model.image_newline
-        packed = [
-            llava_next_reference_pack(f, newline, g) for f, g in zip(feats.pooler_output, grids)
-        ]
-        assert [f.shape[0] for f in feats.pooler_output] == [16 + h * (w + 1) for h, w in grids]
-    feats.pooler_output = packed
-    shrunk = handle.last_inputs  # the ids / masks the patch fed the model
-    expected = ref(
-        input_ids=shrunk["input_ids"],
-        attention_mask=shrunk["attention_mask"],
-        labels=shrunk["labels"],
-        mm_encoder_outputs={"image": feats},
-    )
+    expected, unpacked = _unpatched_on(ref, batch, handle, llava_next_reference_pack, grids)
+    assert [f.shape[0] for f in unpacked] == [16 + h * (w + 1) for h, w in grids]
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    shrunk = handle.last_inputs  # the ids / masks the patch fed the model
     kept = [4 + -(-h // 2) * (-(-w // 2) + 1) for h, w in grids]
     assert handle.report.image_tokens_kept == sum(kept)
     for name, tensor in build_ids(LLAVA_ROWS, {"image": kept}, pad_left).items():
@@ -73,20 +80,7 @@ def test_merge_keeps_every_crop_row_and_its_newline():
     handle = apply_sts(model, compress={"mode": "merge", "ratio": 0.5}, skip=False)
     out = model(**batch)
     grids = [(4, 8), (8, 4), (6, 8)]  # unpadded crop grids of LLAVA_NEXT_SIZES
-    with torch.no_grad():
-        feats = ref.model.get_image_features(
-            batch["pixel_values"], batch["image_sizes"], return_dict=True
-        )
-        newline = ref.model.image_newline
-        packed = [llava_next_merge_pack(f, newline, g) for f, g in zip(feats.pooler_output, grids)]
-    feats.pooler_output = packed
-    shrunk = handle.last_inputs
-    expected = ref(
-        input_ids=shrunk["input_ids"],
-        attention_mask=shrunk["attention_mask"],
-        labels=shrunk["labels"],
-        mm_encoder_outputs={"image": feats},
-    )
+    expected, _ = _unpatched_on(ref, batch, handle, llava_next_merge_pack, grids)
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
     kept = [8 + h * (w // 2 + 1) for h, w in grids]
     assert handle.report.image_tokens_kept == sum(kept)
